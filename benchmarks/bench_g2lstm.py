@@ -1,0 +1,92 @@
+"""Time one training window (forward + backward) of G2LSTM's paths next to `nn.LSTM`, in one process.
+
+    python benchmarks/bench_g2lstm.py                      # CPU, T=35 B=20, 2 layers of 200
+    python benchmarks/bench_g2lstm.py --shape awd --device cuda --json
+
+Ratios are against `nn.LSTM` measured in the same run (cuDNN on GPU, PyTorch's native kernel on CPU).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from trainables.config import G2Config
+from trainables.g2lstm import G2LSTM
+
+SHAPES = {  # name: (T, B, input, [hidden per layer])
+    "cpu": (35, 20, 200, [200, 200]),
+    "medium": (35, 20, 650, [650, 650]),
+    "nmt": (50, 64, 512, [512, 512]),
+    "awd": (70, 80, 400, [1150, 1150, 400]),
+}
+
+
+def stack(layer_cls, sizes, input_size, **kw):
+    dims = [input_size, *sizes]
+    return nn.ModuleList(layer_cls(dims[k], dims[k + 1], **kw) for k in range(len(sizes)))
+
+
+def window(layers, x):
+    for layer in layers:
+        x = layer(x)[0]
+    x.float().square().mean().backward()
+
+
+def timed(fn, device, repeats, warmup):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=SHAPES, default="cpu")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    steps, batch, input_size, sizes = SHAPES[args.shape]
+    torch.manual_seed(0)
+    x = torch.randn(steps, batch, input_size, device=device)
+    g2 = G2Config(gate_mode="g2", tau=0.9, p=0.2)
+    candidates = {
+        "nn.LSTM": stack(nn.LSTM, sizes, input_size),
+        "g2 reference": stack(G2LSTM, sizes, input_size, g2=g2, impl="reference"),
+        "lstm via G2LSTM(auto)": stack(G2LSTM, sizes, input_size, g2=G2Config(gate_mode="lstm")),
+    }
+    results = {}
+    for name, layers in candidates.items():
+        layers.to(device).train()
+        results[name] = timed(lambda: window(layers, x), device, args.repeats, args.warmup)
+    base = results["nn.LSTM"]["median_ms"]
+    for r in results.values():
+        r["vs_nn_lstm"] = base / r["median_ms"]
+    meta = {"shape": args.shape, "T": steps, "B": batch, "input": input_size, "hidden": sizes,
+            "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    if args.json:
+        print(json.dumps({"meta": meta, "results": results}, indent=2))
+        return
+    print(f"forward+backward, {meta}")
+    print(f"{'implementation':<24}{'median ms':>10}{'min':>9}{'max':>9}{'speed vs nn.LSTM':>18}")
+    for name, r in results.items():
+        print(f"{name:<24}{r['median_ms']:>10.2f}{r['min_ms']:>9.2f}{r['max_ms']:>9.2f}{r['vs_nn_lstm']:>17.2f}x")
+
+
+if __name__ == "__main__":
+    main()

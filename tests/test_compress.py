@@ -1,0 +1,145 @@
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+
+from trainables.compress import (account, compress_block, compress_model, gate_rows, low_rank, low_rank_factors,
+                                 quantize, round_to_step)
+from trainables.config import CompressConfig
+from trainables.g2lstm import G2LSTM
+
+
+def test_low_rank_is_exact_on_rank_r_matrices():
+    w = torch.randn(40, 5, dtype=torch.float64) @ torch.randn(5, 30, dtype=torch.float64)
+    assert torch.allclose(low_rank(w, 5), w, atol=1e-10)
+    assert torch.allclose(low_rank(w, 12), w, atol=1e-10)
+
+
+@pytest.mark.parametrize("rank", [1, 4, 10])
+def test_low_rank_error_is_eckart_young(rank):
+    w = torch.randn(30, 20, dtype=torch.float64)
+    s = torch.linalg.svdvals(w)
+    err = torch.linalg.norm(w - low_rank(w, rank))
+    assert err.item() == pytest.approx(s[rank:].square().sum().sqrt().item(), rel=1e-9)
+    a, b = low_rank_factors(w, rank)
+    assert a.shape == (30, rank) and b.shape == (20, rank)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_quantize_uses_at_most_2_pow_bits_minus_1_levels_per_row(bits):
+    w = torch.randn(16, 200)
+    q = quantize(w, bits)
+    max_levels = 2 if bits == 1 else 2 ** bits - 1
+    for row in q:
+        assert row.unique().numel() <= max_levels
+    scale = w.abs().amax(1) if bits > 1 else w.abs().mean(1)
+    assert torch.allclose(q.abs().amax(1), scale, rtol=1e-6)        # the extreme level is the row's max
+
+
+def test_quantize_binary_is_sign_times_mean_abs():
+    w = torch.tensor([[1.0, -3.0, 2.0, 0.0]])
+    assert torch.equal(quantize(w, 1), torch.tensor([[1.5, -1.5, 1.5, 1.5]]))
+
+
+def test_quantize_error_shrinks_with_bits_and_keeps_zero_rows():
+    w = torch.randn(8, 64)
+    w[3] = 0
+    errors = [(quantize(w, b) - w).norm().item() for b in (2, 4, 8)]
+    assert errors[0] > errors[1] > errors[2]
+    assert torch.equal(quantize(w, 4)[3], torch.zeros(64))
+
+
+def test_papers_round_clip_values():
+    w = torch.linspace(-2, 2, 401)
+    out = round_to_step(w, 0.2, clip=0.4)
+    assert set(torch.round(out * 10).int().tolist()) == {-4, -2, 0, 2, 4}
+    rounded = round_to_step(w, 0.2)
+    assert torch.allclose(rounded, torch.round(w / 0.2) * 0.2)
+    assert rounded.abs().max().item() == pytest.approx(2.0)
+
+
+def test_block_bits_match_the_design_table():
+    w = torch.randn(12, 10)
+    m, n = w.shape
+    assert compress_block(w, CompressConfig(rank=3))[1] == 3 * (m + n) * 32
+    assert compress_block(w, CompressConfig(bits=4))[1] == m * n * 4 + 32 * m
+    assert compress_block(w, CompressConfig(rank=3, bits=4))[1] == 3 * (m + n) * 4 + 32 * (m + n)
+    out, bits = compress_block(w, CompressConfig(paper="round_clip", step=0.2, clip=0.4))
+    assert bits == m * n * math.ceil(math.log2(out.unique().numel()))
+
+
+def hand_model():
+    """Embedding 10×4, a 1-layer G2LSTM 4→3 and a 3→10 head: sizes to account by hand."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(10, 4), G2LSTM(4, 3), nn.Linear(3, 10))
+
+
+def test_accounting_matches_hand_computed_figures():
+    model = hand_model()
+    total = 40 + (12 * 4 + 12 * 3 + 12 + 12) + (30 + 10)          # 188 parameters
+    assert sum(p.numel() for p in model.parameters()) == total
+    _, report = compress_model(model, CompressConfig(rank=1))
+    # four i/f blocks: two 3×4 (weight_ih) and two 3×3 (weight_hh), 42 parameters
+    gate_params = 2 * 12 + 2 * 9
+    gate_bits = 2 * 1 * (3 + 4) * 32 + 2 * 1 * (3 + 3) * 32      # 832
+    assert (report.gate_params, report.gate_bits) == (gate_params, gate_bits)
+    assert report.model_params == total
+    assert report.model_bits == gate_bits + 32 * (total - gate_params)
+    assert report.gate_compression == pytest.approx(32 * 42 / 832)
+    assert report.model_compression == pytest.approx(32 * total / report.model_bits)
+    assert account(gate_params, gate_bits, total) == replace(report, relative_error=0.0)
+
+
+def test_targets_restrict_the_compressed_matrices():
+    model = hand_model()
+    _, recurrent = compress_model(model, CompressConfig(bits=2, targets="recurrent"))
+    assert recurrent.gate_bits == 2 * 12 * 32 + 2 * (9 * 2 + 32 * 3)    # weight_ih blocks stay float
+
+
+def test_only_the_if_rows_change_and_the_original_is_untouched():
+    model = nn.Sequential(G2LSTM(6, 8, 2), nn.Linear(8, 3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    compressed, report = compress_model(model, CompressConfig(bits=2))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert report.relative_error > 0
+    i_rows, f_rows = gate_rows(8)
+    for name, new in compressed.state_dict().items():
+        old = before[name]
+        if name.startswith("0.weight_"):
+            assert not torch.equal(new[i_rows], old[i_rows]) and not torch.equal(new[f_rows], old[f_rows])
+            assert torch.equal(new[16:], old[16:])                       # g and o rows
+        else:
+            assert torch.equal(new, old)                                # biases, head
+
+
+def test_identity_setting_changes_nothing():
+    model = hand_model()
+    compressed, report = compress_model(model, CompressConfig())
+    assert report.gate_compression == 1.0 and report.model_compression == 1.0 and report.relative_error == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), compressed.parameters()))
+
+
+def test_works_on_bidirectional_nn_lstm():
+    model = nn.LSTM(4, 5, bidirectional=True)
+    compressed, report = compress_model(model, CompressConfig(rank=2))
+    assert report.gate_params == 2 * 2 * (5 * 4 + 5 * 5)
+    assert not torch.equal(compressed.weight_hh_l0_reverse[:10], model.weight_hh_l0_reverse[:10])
+
+
+def test_model_without_lstm_is_refused():
+    with pytest.raises(ValueError, match="no LSTM layer"):
+        compress_model(nn.Linear(3, 3), CompressConfig(rank=1))
+
+
+def test_compressed_g2lstm_still_runs_and_degrades_gracefully():
+    torch.manual_seed(0)
+    model = G2LSTM(16, 32, 2).eval()
+    x = torch.randn(10, 4, 16)
+    y = model(x)[0]
+    errs = []
+    for rank in (4, 16, 32):
+        compressed, _ = compress_model(model, CompressConfig(rank=rank))
+        errs.append((compressed(x)[0] - y).abs().max().item())
+    assert errs[0] > errs[1] > errs[2] and errs[2] < 1e-5

@@ -1,0 +1,67 @@
+import pytest
+
+from trainables.config import CompressConfig, G2Config
+
+
+def test_defaults_are_the_papers():
+    g2 = G2Config()
+    assert (g2.gate_mode, g2.tau, g2.p, g2.sharpen_tau, g2.eval_gate) == ("g2", 0.9, 0.2, 0.2, "soft")
+    assert CompressConfig().is_identity
+
+
+@pytest.mark.parametrize("field, value, allowed", [
+    ("gate_mode", "gru", "'lstm', 'sharpened', 'g2'"),
+    ("tau", 0.0, "(0.0, 10.0]"),
+    ("tau", -1.0, "(0.0, 10.0]"),
+    ("tau", 11.0, "(0.0, 10.0]"),
+    ("tau", float("nan"), "(0.0, 10.0]"),
+    ("tau", "0.9", "(0.0, 10.0]"),
+    ("p", 1.5, "[0.0, 1.0]"),
+    ("p", -0.1, "[0.0, 1.0]"),
+    ("sharpen_tau", 0.0, "(0.0, 10.0]"),
+    ("eval_gate", "binary", "'soft', 'tempered', 'hard'"),
+])
+def test_g2_config_refuses_bad_values(field, value, allowed):
+    with pytest.raises(ValueError) as err:
+        G2Config(**{field: value})
+    assert f"g2.{field}" in str(err.value)
+    assert allowed in str(err.value)
+
+
+@pytest.mark.parametrize("field, value, allowed", [
+    ("rank", -1, "[0, 65536]"),
+    ("rank", 2.5, "[0, 65536]"),
+    ("rank", True, "[0, 65536]"),
+    ("bits", 0, "[1, 16] or 32"),
+    ("bits", 17, "[1, 16] or 32"),
+    ("bits", 4.0, "[1, 16] or 32"),
+    ("paper", "svd", "'none', 'round', 'round_clip'"),
+    ("step", 0.0, "(0.0, 100.0]"),
+    ("clip", -0.4, "(0.0, 100.0]"),
+    ("targets", "all", "'both', 'recurrent', 'input'"),
+])
+def test_compress_config_refuses_bad_values(field, value, allowed):
+    with pytest.raises(ValueError) as err:
+        CompressConfig(**{field: value})
+    assert f"compress.{field}" in str(err.value)
+    assert allowed in str(err.value)
+
+
+def test_paper_rounding_stands_alone():
+    with pytest.raises(ValueError, match="compress.paper='round' stands alone"):
+        CompressConfig(paper="round", rank=8)
+    with pytest.raises(ValueError, match="compress.paper='round_clip' stands alone"):
+        CompressConfig(paper="round_clip", bits=4)
+
+
+@pytest.mark.parametrize("cfg, label", [
+    (CompressConfig(), "none"), (CompressConfig(rank=8), "svd"), (CompressConfig(bits=4), "quant"),
+    (CompressConfig(rank=8, bits=4), "svd+quant"), (CompressConfig(paper="round_clip"), "round_clip"),
+])
+def test_method_label(cfg, label):
+    assert cfg.method == label
+
+
+def test_configs_are_frozen():
+    with pytest.raises(AttributeError):
+        G2Config().tau = 1.0

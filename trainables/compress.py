@@ -1,0 +1,142 @@
+"""Post-training compression of the i/f gate blocks (DESIGN §3), as pure tensor functions plus one handler.
+
+The targets are the input- and forget-gate blocks (rows 0:H and H:2H) of `weight_ih_l{k}` / `weight_hh_l{k}`
+of every recurrent layer, each block compressed on its own; biases are never touched. `compress_model`
+works on a deep copy, so the model being trained or checkpointed is never changed.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor, nn
+
+from trainables.config import FULL_PRECISION_BITS, CompressConfig
+
+FLOAT_BITS = 32
+
+
+def gate_rows(hidden_size: int) -> tuple[slice, slice]:
+    """Row slices of the input and forget gates in the [i, f, g, o] layout."""
+    return slice(0, hidden_size), slice(hidden_size, 2 * hidden_size)
+
+
+def low_rank_factors(w: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Truncated SVD: (U_r S_r (m, r), V_r (n, r)) with w ≈ (U_r S_r) V_rᵀ, optimal in Frobenius norm."""
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    r = min(rank, s.numel())
+    return (u[:, :r] * s[:r]).to(w.dtype), vh[:r].t().to(w.dtype)
+
+
+def low_rank(w: Tensor, rank: int) -> Tensor:
+    """The best rank-`rank` approximation of w (Eckart–Young)."""
+    a, b = low_rank_factors(w, rank)
+    return a @ b.t()
+
+
+def quantize(w: Tensor, bits: int) -> Tensor:
+    """Symmetric uniform quantisation per row, dequantised: at most 2^bits − 1 levels per row.
+
+    bits = 1 is binarisation, sign(w)·mean|w_row| (two levels).
+    """
+    if bits >= FULL_PRECISION_BITS:
+        return w.clone()
+    if bits == 1:
+        return torch.where(w >= 0, 1.0, -1.0).to(w.dtype) * w.abs().mean(dim=1, keepdim=True)
+    scale = w.abs().amax(dim=1, keepdim=True) / (2 ** (bits - 1) - 1)    # (m, 1)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))         # all-zero rows stay zero
+    return torch.round(w / scale) * scale
+
+
+def round_to_step(w: Tensor, step: float, clip: float | None = None) -> Tensor:
+    """The paper's `round` (multiples of `step`) and `round_clip` (first clamped to [−clip, clip])."""
+    if clip is not None:
+        w = w.clamp(-clip, clip)
+    return torch.round(w / step) * step
+
+
+def compress_block(w: Tensor, cfg: CompressConfig) -> tuple[Tensor, int]:
+    """One m×n block compressed as `cfg` says, and the bits needed to store it (DESIGN §3 table)."""
+    m, n = w.shape
+    if cfg.paper != "none":
+        out = round_to_step(w, cfg.step, cfg.clip if cfg.paper == "round_clip" else None)
+        levels = torch.unique(out).numel()
+        return out, m * n * max(1, math.ceil(math.log2(levels)))
+    if cfg.rank:
+        a, b = low_rank_factors(w, cfg.rank)
+        r = a.shape[1]
+        if cfg.bits == FULL_PRECISION_BITS:
+            return a @ b.t(), r * (m + n) * FLOAT_BITS
+        return quantize(a, cfg.bits) @ quantize(b, cfg.bits).t(), r * (m + n) * cfg.bits + FLOAT_BITS * (m + n)
+    if cfg.bits != FULL_PRECISION_BITS:
+        return quantize(w, cfg.bits), m * n * cfg.bits + FLOAT_BITS * m
+    return w.clone(), m * n * FLOAT_BITS
+
+
+@dataclass(frozen=True)
+class CompressionReport:
+    """Storage accounting of one compressed model; the same columns for every task (DESIGN §3)."""
+
+    gate_params: int           # parameters in all i/f blocks of all recurrent layers
+    gate_bits: int             # their stored size: compressed blocks as compressed, the rest as float32
+    model_params: int
+    model_bits: int            # gate_bits + 32 bits for every other parameter (embeddings included)
+    gate_compression: float    # 32 · gate_params / gate_bits
+    model_compression: float   # 32 · model_params / model_bits
+    relative_error: float      # ‖W − Ŵ‖_F / ‖W‖_F over the compressed blocks (0 when nothing changed)
+
+
+def account(gate_params: int, gate_bits: int, model_params: int) -> CompressionReport:
+    """The one accounting function: bits of the gates and of the model, and both compression ratios."""
+    model_bits = gate_bits + FLOAT_BITS * (model_params - gate_params)
+    return CompressionReport(
+        gate_params=gate_params, gate_bits=gate_bits, model_params=model_params, model_bits=model_bits,
+        gate_compression=FLOAT_BITS * gate_params / gate_bits,
+        model_compression=FLOAT_BITS * model_params / model_bits, relative_error=0.0)
+
+
+def recurrent_layers(model: nn.Module):
+    """Yield (module, layer index, hidden size) for every LSTM-like layer: G2LSTM and nn.LSTM alike."""
+    for module in model.modules():
+        if hasattr(module, "weight_hh_l0") and hasattr(module, "num_layers"):
+            for k in range(module.num_layers):
+                yield module, k, module.hidden_size
+
+
+def _target_names(targets: str) -> tuple[str, ...]:
+    return {"both": ("weight_ih", "weight_hh"), "input": ("weight_ih",), "recurrent": ("weight_hh",)}[targets]
+
+
+def compress_model(model: nn.Module, cfg: CompressConfig) -> tuple[nn.Module, CompressionReport]:
+    """Return a compressed deep copy of `model` and its accounting; `model` itself is left untouched.
+
+    Bidirectional `nn.LSTM` layers (`*_reverse` weights) are compressed too.
+    """
+    compressed = copy.deepcopy(model)
+    targets = _target_names(cfg.targets)
+    gate_params = gate_bits = 0
+    err_sq = norm_sq = 0.0
+    with torch.no_grad():
+        for module, k, hidden in recurrent_layers(compressed):
+            suffixes = ("", "_reverse") if getattr(module, "bidirectional", False) else ("",)
+            for name in ("weight_ih", "weight_hh"):
+                for suffix in suffixes:
+                    w = getattr(module, f"{name}_l{k}{suffix}")
+                    for rows in gate_rows(hidden):
+                        block = w[rows]
+                        gate_params += block.numel()
+                        if name not in targets or cfg.is_identity:
+                            gate_bits += block.numel() * FLOAT_BITS
+                            continue
+                        new_block, bits = compress_block(block, cfg)
+                        err_sq += float((new_block - block).double().pow(2).sum())
+                        norm_sq += float(block.double().pow(2).sum())
+                        gate_bits += bits
+                        w[rows] = new_block
+    if gate_params == 0:
+        raise ValueError("compress_model found no LSTM layer (no `weight_hh_l0`) in the model")
+    model_params = sum(p.numel() for p in compressed.parameters())
+    report = account(gate_params, gate_bits, model_params)
+    return compressed, replace(report, relative_error=math.sqrt(err_sq / norm_sq) if norm_sq else 0.0)
