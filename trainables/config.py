@@ -2,13 +2,18 @@
 
 Every default is stated once, here. Values are validated when a config is built, so nothing below this
 module ever sees an invalid knob; each error names the dotted field (``g2.tau``) the user typed and the
-allowed range. The trial-level configuration that nests these lives in :mod:`trainables.trial_config`.
+allowed range. `TrialConfig` nests them all and converts to and from the flat, dotted form (`g2.tau`)
+that the study, Ray Tune, MLflow and the results dataset use.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from dataclasses import dataclass, fields
-from typing import Literal
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 GATE_MODES = ("lstm", "sharpened", "g2")
 EVAL_GATES = ("soft", "tempered", "hard")
@@ -101,3 +106,286 @@ class CompressConfig:
             return self.paper
         parts = (["svd"] if self.rank else []) + (["quant"] if self.bits != FULL_PRECISION_BITS else [])
         return "+".join(parts) or "none"
+
+
+EVAL_ONLY = {"eval_only": True}   # field metadata: changes evaluation, not the trained weights
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """The compression grid every trained model is scored on: ranks × bits, plus the paper's modes."""
+
+    ranks: tuple[int, ...] = (0, 16, 32, 64, 128)
+    bits: tuple[int, ...] = (32, 8, 4, 2, 1)
+    paper: tuple[str, ...] = ("round", "round_clip")
+
+    def __post_init__(self):
+        for r in self.ranks:
+            check_range("sweep.ranks[]", r, 0, 65536, integer=True)
+        for b in self.bits:
+            CompressConfig(bits=b)  # same rule as compress.bits
+        for m in self.paper:
+            check_choice("sweep.paper[]", m, PAPER_MODES[1:])
+
+    def settings(self, base: CompressConfig) -> list[CompressConfig]:
+        """Every setting of the grid, the uncompressed one first; step/clip/targets come from `base`."""
+        grid = [replace(base, rank=r, bits=b, paper="none") for r in self.ranks for b in self.bits]
+        grid += [replace(base, rank=0, bits=FULL_PRECISION_BITS, paper=m) for m in self.paper]
+        unique = list(dict.fromkeys([replace(base, rank=0, bits=FULL_PRECISION_BITS, paper="none"), *grid]))
+        return unique
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    """AWD-LSTM language model (Merity et al. 2018) with G2LSTM layers; defaults are the paper's PTB setup."""
+
+    embed_dim: int = 400
+    hidden_size: int = 1150
+    num_layers: int = 3
+    dropout: float = 0.4            # locked dropout on the last layer's output
+    dropout_hidden: float = 0.25    # locked dropout between recurrent layers
+    dropout_input: float = 0.4      # locked dropout on the embedded input
+    dropout_embed: float = 0.1      # drops whole word types from the embedding
+    weight_drop: float = 0.5        # DropConnect on W_hh
+    tie_weights: bool = True
+    bptt: int = 70
+    alpha: float = 2.0              # activation regularisation (AR)
+    beta: float = 1.0               # temporal activation regularisation (TAR)
+    eval_batch_size: int = field(default=10, metadata=EVAL_ONLY)
+    test_batch_size: int = field(default=1, metadata=EVAL_ONLY)
+    cache_window: int = field(default=0, metadata=EVAL_ONLY)    # neural cache pointer window; 0 = off
+    cache_theta: float = field(default=1.0, metadata=EVAL_ONLY)
+    cache_lambda: float = field(default=0.1, metadata=EVAL_ONLY)
+
+    def __post_init__(self):
+        for name in ("embed_dim", "hidden_size"):
+            check_range(f"lm.{name}", getattr(self, name), 1, 1 << 16, integer=True)
+        check_range("lm.num_layers", self.num_layers, 1, 16, integer=True)
+        for name in ("dropout", "dropout_hidden", "dropout_input", "dropout_embed", "weight_drop"):
+            check_range(f"lm.{name}", getattr(self, name), 0.0, 1.0, hi_open=True)
+        check_range("lm.bptt", self.bptt, 2, 10_000, integer=True)
+        check_range("lm.alpha", self.alpha, 0.0, 100.0)
+        check_range("lm.beta", self.beta, 0.0, 100.0)
+        check_range("lm.eval_batch_size", self.eval_batch_size, 1, 100_000, integer=True)
+        check_range("lm.test_batch_size", self.test_batch_size, 1, 100_000, integer=True)
+        check_range("lm.cache_window", self.cache_window, 0, 100_000, integer=True)
+        check_range("lm.cache_theta", self.cache_theta, 0.0, 100.0)
+        check_range("lm.cache_lambda", self.cache_lambda, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class NMTConfig:
+    """LSTM encoder-decoder with additive attention and input feeding (DESIGN §4)."""
+
+    embed_dim: int = 256
+    hidden_size: int = 256
+    encoder_layers: int = 2         # the first is bidirectional
+    decoder_layers: int = 2
+    dropout: float = 0.2
+    weight_drop: float = 0.0
+    label_smoothing: float = 0.0
+    beam_size: int = field(default=5, metadata=EVAL_ONLY)
+    length_penalty: float = field(default=1.0, metadata=EVAL_ONLY)   # score / length^α
+    max_decode_ratio: float = field(default=1.5, metadata=EVAL_ONLY)  # output length ≤ ratio·source + 10
+
+    def __post_init__(self):
+        for name in ("embed_dim", "hidden_size"):
+            check_range(f"nmt.{name}", getattr(self, name), 1, 1 << 16, integer=True)
+        check_range("nmt.encoder_layers", self.encoder_layers, 1, 16, integer=True)
+        check_range("nmt.decoder_layers", self.decoder_layers, 1, 16, integer=True)
+        check_range("nmt.dropout", self.dropout, 0.0, 1.0, hi_open=True)
+        check_range("nmt.weight_drop", self.weight_drop, 0.0, 1.0, hi_open=True)
+        check_range("nmt.label_smoothing", self.label_smoothing, 0.0, 1.0, hi_open=True)
+        check_range("nmt.beam_size", self.beam_size, 1, 100, integer=True)
+        check_range("nmt.length_penalty", self.length_penalty, 0.0, 10.0)
+        check_range("nmt.max_decode_ratio", self.max_decode_ratio, 0.1, 10.0)
+
+
+OPTIMIZERS = ("sgd", "adam", "adadelta")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation loop shared by both tasks."""
+
+    epochs: int = 500
+    optimizer: Literal["sgd", "adam", "adadelta"] = "sgd"
+    lr: float = 30.0
+    weight_decay: float = 1.2e-6
+    clip: float = 0.25              # gradient-norm clip; 0 = off
+    batch_size: int = 20            # LM: streams; NMT: sentence pairs
+    nt_asgd: bool = True            # SGD → averaged SGD when validation stops improving (AWD-LSTM)
+    nonmono: int = 5
+    finetune_epochs: int = 0        # AWD's fine-tune stage: ASGD restarted from the best model
+    max_batches: int = 0            # cap on training batches per epoch; 0 = all (smoke runs)
+    max_eval_batches: int = field(default=0, metadata=EVAL_ONLY)
+    device: str = field(default="auto", metadata=EVAL_ONLY)
+
+    def __post_init__(self):
+        check_range("train.epochs", self.epochs, 1, 100_000, integer=True)
+        check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
+        check_range("train.lr", self.lr, 0.0, 1000.0, lo_open=True)
+        check_range("train.weight_decay", self.weight_decay, 0.0, 1.0)
+        check_range("train.clip", self.clip, 0.0, 1000.0)
+        check_range("train.batch_size", self.batch_size, 1, 100_000, integer=True)
+        check_range("train.nonmono", self.nonmono, 1, 1000, integer=True)
+        check_range("train.finetune_epochs", self.finetune_epochs, 0, 100_000, integer=True)
+        check_range("train.max_batches", self.max_batches, 0, 10_000_000, integer=True)
+        check_range("train.max_eval_batches", self.max_eval_batches, 0, 10_000_000, integer=True)
+        check_choice("train.device", self.device, DEVICES)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where a trial's corpus comes from, and how translation text is segmented."""
+
+    corpus: str = "ptb"             # ptb | wikitext-2 | multi30k | toy | toy-copy | toy-reverse | a directory
+    data_dir: str = field(default="", metadata=EVAL_ONLY)    # overrides $G2_DATA_DIR and ../shared/data
+    src_ext: str = "de"
+    tgt_ext: str = "en"
+    bpe_vocab_size: int = 8000      # joint sentencepiece BPE
+    max_len: int = 80               # training pairs longer than this (BPE tokens) are dropped
+    cache_dir: str = field(default="", metadata=EVAL_ONLY)   # BPE models, generated corpora; "" = ~/.cache/g2-study
+
+    def __post_init__(self):
+        if not self.corpus:
+            raise ValueError("data.corpus must name a corpus (ptb, wikitext-2, multi30k, toy, ...) or a directory")
+        check_range("data.bpe_vocab_size", self.bpe_vocab_size, 50, 1_000_000, integer=True)
+        check_range("data.max_len", self.max_len, 1, 10_000, integer=True)
+
+
+SECTIONS = {"g2": G2Config, "compress": CompressConfig, "sweep": SweepConfig, "lm": LMConfig, "nmt": NMTConfig,
+            "train": TrainConfig, "data": DataConfig}
+TASKS = ("lm", "nmt")
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """Everything one trial needs. Flat, dotted names (`g2.tau`) are the same in the study's TOML, the
+    search space, MLflow params and the results columns."""
+
+    task: Literal["lm", "nmt"] = "lm"
+    seed: int = 1111
+    g2: G2Config = G2Config()
+    compress: CompressConfig = CompressConfig()
+    sweep: SweepConfig = SweepConfig()
+    lm: LMConfig = LMConfig()
+    nmt: NMTConfig = NMTConfig()
+    train: TrainConfig = TrainConfig()
+    data: DataConfig = DataConfig()
+
+    def __post_init__(self):
+        check_choice("task", self.task, TASKS)
+        check_range("seed", self.seed, 0, 2**31 - 1, integer=True)
+
+    @classmethod
+    def preset(cls, task: str, name: str) -> "TrialConfig":
+        check_choice("task", task, TASKS)
+        check_choice("preset", name, tuple(PRESETS[task]))
+        return cls.from_flat({"task": task, **PRESETS[task][name]})
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any], base: "TrialConfig | None" = None) -> "TrialConfig":
+        """Build from dotted keys over `base` (defaults if None); unknown keys and bad values raise ValueError."""
+        base = base or cls()
+        top: dict[str, Any] = {}
+        sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+        for key, value in flat.items():
+            section, _, name = key.partition(".")
+            if name and section in SECTIONS:
+                sections[section][name] = value
+            elif not name and key in ("task", "seed"):
+                top[key] = _coerce(key, value, int if key == "seed" else str)
+            else:
+                raise ValueError(f"unknown field {key!r}; fields are task, seed and "
+                                 f"{', '.join(s + '.*' for s in SECTIONS)}")
+        for section, values in sections.items():
+            cls_ = SECTIONS[section]
+            reject_unknown(section, cls_, values)
+            hints = get_type_hints(cls_)
+            coerced = {k: _coerce(f"{section}.{k}", v, hints[k]) for k, v in values.items()}
+            top[section] = replace(getattr(base, section), **coerced)
+        return replace(base, **top)
+
+    def to_flat(self) -> dict[str, Any]:
+        flat: dict[str, Any] = {"task": self.task, "seed": self.seed}
+        for section in SECTIONS:
+            for f in fields(SECTIONS[section]):
+                flat[f"{section}.{f.name}"] = getattr(getattr(self, section), f.name)
+        return flat
+
+    def training_key(self) -> str:
+        """A digest of every knob that changes the trained weights: trials sharing it share a checkpoint.
+
+        Compression, the sweep and evaluation-only fields are left out, so a trial that differs from an
+        earlier one only in those re-scores the earlier model instead of training again.
+        """
+        knobs = {"task": self.task, "seed": self.seed}
+        for section in ("g2", "lm" if self.task == "lm" else "nmt", "train", "data"):
+            for f in fields(SECTIONS[section]):
+                if not f.metadata.get("eval_only") and not (section == "g2" and f.name == "eval_gate"):
+                    knobs[f"{section}.{f.name}"] = getattr(getattr(self, section), f.name)
+        return hashlib.sha256(json.dumps(knobs, sort_keys=True, default=list).encode()).hexdigest()[:16]
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Accept what TOML, JSON, Ray and Optuna hand over: numpy scalars, ints for floats, lists for tuples."""
+    if hasattr(value, "item") and not isinstance(value, (list, tuple)):
+        value = value.item()
+    origin = get_origin(hint)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name} must be a list, got {value!r}")
+        (item_hint, *_) = get_args(hint)
+        return tuple(_coerce(f"{name}[]", v, item_hint) for v in value)
+    if hint is bool and not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    if hint is str and not isinstance(value, str):
+        raise ValueError(f"{name} must be a string, got {value!r}")
+    return value
+
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "lm": {
+        "awd": {},   # the dataclass defaults are the paper's PTB setup
+        "medium": {"lm.embed_dim": 650, "lm.hidden_size": 650, "lm.num_layers": 2, "lm.dropout": 0.4,
+                   "lm.dropout_hidden": 0.3, "lm.dropout_input": 0.4, "lm.weight_drop": 0.5, "lm.bptt": 35,
+                   "lm.test_batch_size": 10, "train.epochs": 40, "train.lr": 30.0},
+        "tiny": {"lm.embed_dim": 24, "lm.hidden_size": 32, "lm.num_layers": 2, "lm.dropout": 0.1,
+                 "lm.dropout_hidden": 0.1, "lm.dropout_input": 0.1, "lm.dropout_embed": 0.0,
+                 "lm.weight_drop": 0.1, "lm.bptt": 20, "lm.eval_batch_size": 10, "lm.test_batch_size": 10,
+                 "train.epochs": 4, "train.lr": 20.0, "train.batch_size": 8, "train.nonmono": 2,
+                 "data.corpus": "toy", "sweep.ranks": [0, 4, 8], "sweep.bits": [32, 4, 2]},
+    },
+    "nmt": {
+        "default": {"train.optimizer": "adam", "train.lr": 1e-3, "train.clip": 1.0, "train.weight_decay": 0.0,
+                    "train.batch_size": 64, "train.epochs": 20, "train.nt_asgd": False,
+                    "data.corpus": "multi30k", "compress.step": 0.5, "compress.clip": 1.0,
+                    "sweep.ranks": [0, 8, 16, 32, 64]},
+        "paper": {"train.optimizer": "adadelta", "train.lr": 1.0, "train.clip": 2.0, "train.weight_decay": 0.0,
+                  "train.batch_size": 64, "train.epochs": 30, "train.nt_asgd": False,
+                  "data.corpus": "multi30k", "compress.step": 0.5, "compress.clip": 1.0,
+                  "sweep.ranks": [0, 16, 32]},
+        "tiny": {"nmt.embed_dim": 32, "nmt.hidden_size": 48, "nmt.encoder_layers": 1, "nmt.decoder_layers": 1,
+                 "nmt.dropout": 0.0, "nmt.beam_size": 3, "train.optimizer": "adam", "train.lr": 5e-3,
+                 "train.clip": 1.0, "train.weight_decay": 0.0, "train.batch_size": 32, "train.epochs": 8,
+                 "train.nt_asgd": False, "data.corpus": "toy-copy", "data.bpe_vocab_size": 60,
+                 "compress.step": 0.5, "compress.clip": 1.0, "sweep.ranks": [0, 4, 8], "sweep.bits": [32, 4, 2]},
+    },
+}
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` from the command line; the value is read as a TOML literal (`0.5`, `true`, `[1, 2]`), or
+    taken as a bare string (`g2.gate_mode=lstm`)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"an override must look like key=value, got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.strip(), value

@@ -1,0 +1,140 @@
+import json
+import math
+
+import pytest
+import torch
+
+from trainables import trainable
+from trainables.checkpoint import load_checkpoint
+from trainables.config import TrialConfig
+from trainables.trainable import SMOKE, main, run_trial
+
+EVERY_EPOCH = {"epoch", "train_loss", "val_loss", "val_metric", "compressed_val_metric", "gate_bits", "model_bits",
+               "gate_compression", "model_compression", "epoch_time_s", "train_time_s", "gate_l0_i_lt01",
+               "gate_l1_f_gt09", "gate_histograms", "status", "metric_name"}
+ACCOUNTING = {"gate_params", "gate_bits", "model_params", "model_bits", "gate_compression", "model_compression"}
+
+
+def smoke_cfg(tmp_path, **overrides) -> TrialConfig:
+    flat = {**SMOKE, "train.epochs": 3, "data.cache_dir": str(tmp_path / "cache"), **overrides}
+    return TrialConfig.from_flat(flat, base=TrialConfig.preset("lm", "tiny"))
+
+
+class Recorder:
+    def __init__(self, stop_after: int | None = None):
+        self.reports, self.stop_after = [], stop_after
+
+    def __call__(self, metrics, ckpt_dir):
+        self.reports.append(metrics)
+        if self.stop_after is not None and metrics["epoch"] == self.stop_after:
+            raise KeyboardInterrupt("stopped on purpose")
+
+
+def curve(reports):
+    return [(r["epoch"], r["train_loss"], r["val_metric"], r["compressed_val_metric"]) for r in reports]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("full")
+    rec = Recorder()
+    final = run_trial(smoke_cfg(tmp, **{"compress.rank": 4}), tmp / "work", report=rec)
+    return rec.reports, final
+
+
+def test_every_report_carries_every_objective(uninterrupted):
+    reports, final = uninterrupted
+    assert [r["epoch"] for r in reports] == [1, 2, 3]
+    for r in reports:
+        assert EVERY_EPOCH <= set(r)
+        assert r["gate_compression"] > 1.0                        # the trial's own compress.rank = 4
+    assert final is reports[-1] and final["status"] == "ok" and final["done"]
+
+
+def test_final_report_has_the_sweep_with_accounting(uninterrupted):
+    _, final = uninterrupted
+    rows = final["sweep"]
+    # SMOKE sweep: ranks [0, 8] x bits [32, 4] + round_clip, plus the trial's own rank 4
+    assert sorted((r["compress.rank"], r["compress.bits"], r["method"]) for r in rows) == sorted(
+        [(0, 32, "none"), (0, 4, "quant"), (8, 32, "svd"), (8, 4, "svd+quant"), (0, 32, "round_clip"),
+         (4, 32, "svd")])
+    for r in rows:
+        assert ACCOUNTING <= set(r) and {"val_metric", "test_metric", "val_ppl", "test_loss"} <= set(r)
+        assert math.isfinite(r["val_metric"]) and math.isfinite(r["test_metric"])
+    plain = next(r for r in rows if r["method"] == "none")
+    assert plain["gate_compression"] == 1.0 and plain["relative_error"] == 0.0
+    own = [r for r in rows if r["is_trial_setting"]]
+    assert len(own) == 1 and own[0]["compress.rank"] == 4
+    assert final["compressed_val_metric"] == own[0]["val_metric"] and final["val_metric"] == plain["val_metric"]
+
+
+def test_resume_reaches_the_same_metrics(tmp_path, uninterrupted):
+    full, final = uninterrupted
+    work = tmp_path / "work"
+    first = Recorder(stop_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        run_trial(smoke_cfg(tmp_path, **{"compress.rank": 4}), work, report=first)
+    assert load_checkpoint(work / "checkpoint")["epoch"] == 2
+    second = Recorder()
+    resumed = run_trial(smoke_cfg(tmp_path, **{"compress.rank": 4}), work, report=second,
+                        resume=work / "checkpoint")
+    assert curve(first.reports + second.reports) == curve(full)
+    assert [r["val_metric"] for r in resumed["sweep"]] == [r["val_metric"] for r in final["sweep"]]
+
+
+def test_reentering_a_finished_trial_trains_nothing(tmp_path):
+    work = tmp_path / "work"
+    cfg = smoke_cfg(tmp_path, **{"train.epochs": 1})
+    final = run_trial(cfg, work)
+    again = Recorder()
+    assert run_trial(cfg, work, report=again, resume=work / "checkpoint") == final
+    assert len(again.reports) == 1
+
+
+def test_same_training_knobs_reuse_the_stored_model(tmp_path):
+    store = tmp_path / "store"
+    first = run_trial(smoke_cfg(tmp_path, **{"train.epochs": 2}), tmp_path / "a", model_store=store)
+    rec = Recorder()
+    second = run_trial(smoke_cfg(tmp_path, **{"train.epochs": 2, "compress.bits": 2, "g2.eval_gate": "hard"}),
+                       tmp_path / "b", report=rec, model_store=store)
+    assert second["reused_checkpoint"] and len(rec.reports) == 1      # no epoch was trained
+    assert second["epoch"] == 2 and second["training_key"] == first["training_key"]
+    assert second["gate_compression"] > first["gate_compression"]
+    other = run_trial(smoke_cfg(tmp_path, **{"train.epochs": 2, "g2.tau": 0.5}), tmp_path / "c",
+                      model_store=store)
+    assert "reused_checkpoint" not in other and other["training_key"] != first["training_key"]
+
+
+def test_nan_loss_ends_the_trial_as_diverged(tmp_path, monkeypatch):
+    make_task = trainable.make_task
+
+    def poisoned(cfg, device):
+        task = make_task(cfg, device)
+        with torch.no_grad():
+            task.model.embedding.weight.fill_(float("nan"))
+        return task
+
+    monkeypatch.setattr(trainable, "make_task", poisoned)
+    rec = Recorder()
+    result = run_trial(smoke_cfg(tmp_path), tmp_path / "work", report=rec)
+    assert result["status"] == "diverged" and "nan" in result["error"]
+    assert len(rec.reports) == 1 and math.isnan(result["compressed_val_metric"])
+
+
+def test_command_line_runs_one_trial(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["lm", "--smoke", "--out", str(out), "--set", "g2.tau=0.5", "--set", f"data.cache_dir={tmp_path}",
+                 "--json", str(tmp_path / "final.json")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "round_clip" in printed and "status ok" in printed
+    final = json.loads((tmp_path / "final.json").read_text())
+    assert final["status"] == "ok" and len(final["sweep"]) == 5
+    assert load_checkpoint(out / "checkpoint")["config"]["g2.tau"] == 0.5
+
+
+def test_command_line_refuses_bad_overrides(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["lm", "--smoke", "--set", "g2.tau=-1"])
+    assert exit_info.value.code == 2
+    assert "g2.tau must be a number in (0.0, 10.0]" in capsys.readouterr().err

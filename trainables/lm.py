@@ -1,0 +1,258 @@
+"""AWD-LSTM word-level language model with G2LSTM layers, and the task object the trial loop drives.
+
+Recipe (Merity et al. 2018; DESIGN §4): tied embedding/decoder, locked dropout on the input, between layers and
+on the output, embedding dropout, weight-drop on W_hh, AR/TAR, SGD with variable BPTT length (lr scaled by
+len/bptt) switching to averaged SGD by the non-monotone rule, gradient clipping, optional fine-tune stage and
+an optional neural cache pointer (Grave et al. 2017) at evaluation. Tensors are time-major: tokens (T, B).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from trainables.config import G2Config, LMConfig, TrialConfig
+from trainables.data import batchify, find_corpus, lm_batch, load_lm_corpus, toy_grammar_corpus
+from trainables.g2lstm import G2LSTM, GateStatistics
+from trainables.regularize import (NonMonotoneTrigger, activation_regularization, embedding_dropout,
+                                   locked_dropout, temporal_activation_regularization)
+from trainables.task import Task
+
+log = logging.getLogger(__name__)
+State = list[tuple[Tensor, Tensor]]     # per layer (h, c), each (1, B, H_k)
+GATE_BATCHES = 8                        # validation windows scored for gate statistics
+
+
+class RNNLM(nn.Module):
+    """Embedding → G2LSTM layers (one module per layer: sizes differ, e.g. 1150/1150/400) → tied decoder."""
+
+    def __init__(self, cfg: LMConfig, g2: G2Config, vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = nn.Embedding(vocab_size, cfg.embed_dim)
+        last = cfg.embed_dim if cfg.tie_weights else cfg.hidden_size
+        sizes = [cfg.embed_dim] + [cfg.hidden_size] * (cfg.num_layers - 1) + [last]
+        self.layers = nn.ModuleList(G2LSTM(sizes[k], sizes[k + 1], g2=g2, weight_drop=cfg.weight_drop)
+                                    for k in range(cfg.num_layers))
+        self.decoder = nn.Linear(last, vocab_size)
+        if cfg.tie_weights:
+            self.decoder.weight = self.embedding.weight
+        nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
+        nn.init.zeros_(self.decoder.bias)
+
+    def init_state(self, batch_size: int) -> State:
+        w = self.embedding.weight
+        return [(w.new_zeros(1, batch_size, layer.hidden_size), w.new_zeros(1, batch_size, layer.hidden_size))
+                for layer in self.layers]
+
+    def forward(self, tokens: Tensor, state: State, *, return_gates: bool = False):
+        """tokens (T, B) -> (logits (T, B, V), new state, raw last output (T, B, E), dropped (T, B, E)[, gates])."""
+        cfg = self.cfg
+        x = embedding_dropout(self.embedding, tokens, cfg.dropout_embed, self.training)   # (T, B, E)
+        x = locked_dropout(x, cfg.dropout_input, self.training)
+        new_state, gates = [], []
+        for k, layer in enumerate(self.layers):
+            out = layer(x, state[k], return_gates=return_gates)
+            x, layer_state = out[0], out[1]
+            new_state.append(layer_state)
+            if return_gates:
+                gates.extend(out[2])
+            raw = x
+            if k < len(self.layers) - 1:
+                x = locked_dropout(x, cfg.dropout_hidden, self.training)
+        dropped = locked_dropout(raw, cfg.dropout, self.training)
+        logits = self.decoder(dropped)                                                   # (T, B, V)
+        result = (logits, new_state, raw, dropped)
+        return (*result, gates) if return_gates else result
+
+
+def detach_state(state: State) -> State:
+    """Truncated BPTT: keep the values, cut the graph."""
+    return [(h.detach(), c.detach()) for h, c in state]
+
+
+def variable_bptt(rng: random.Random, bptt: int) -> int:
+    """AWD-LSTM's random window: N(bptt, 5), or half of it with probability 0.05, at least 5."""
+    base = bptt if rng.random() < 0.95 else bptt / 2
+    return max(5, int(rng.gauss(base, 5)))
+
+
+def cache_pointer_logprobs(logits: Tensor, hiddens: Tensor, targets: Tensor, memory: tuple[Tensor, Tensor] | None,
+                           window: int, theta: float, lam: float) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """Neural cache (Grave et al. 2017): mix the model with a pointer over the last `window` (hidden, next word)
+    pairs. logits (T, B, V), hiddens (T, B, E), targets (T, B) -> log p(target) (T, B), updated memory."""
+    vocab = logits.shape[-1]
+    probs = F.softmax(logits, dim=-1)
+    mem_h, mem_y = memory if memory is not None else (hiddens[:0], targets[:0])      # (W, B, E), (W, B)
+    out = []
+    for t in range(logits.shape[0]):
+        p = probs[t]                                                                   # (B, V)
+        if mem_h.shape[0] > 0:
+            scores = torch.einsum("be,wbe->bw", hiddens[t], mem_h) * theta             # (B, W)
+            attn = F.softmax(scores, dim=-1)
+            cache = torch.zeros_like(p).scatter_add_(1, mem_y.t(), attn)               # (B, V)
+            p = (1 - lam) * p + lam * cache
+        out.append(p.gather(1, targets[t][:, None]).squeeze(1).clamp_min(1e-12).log())
+        mem_h = torch.cat([mem_h, hiddens[t:t + 1]])[-window:]
+        mem_y = torch.cat([mem_y, targets[t:t + 1]])[-window:]
+    del vocab
+    return torch.stack(out), (mem_h, mem_y)
+
+
+def resolve_lm_corpus(cfg: TrialConfig, work_dir: Path) -> Path:
+    """The corpus folder: `toy` is generated (deterministically from the seed) under `work_dir`."""
+    if cfg.data.corpus == "toy":
+        target = Path(work_dir) / f"toy-grammar-{cfg.seed}"
+        if not (target / "test.txt").exists():
+            tmp = target.with_name(f"{target.name}.tmp{random.getrandbits(32)}")
+            toy_grammar_corpus(tmp, cfg.seed)
+            tmp.replace(target) if not target.exists() else None
+        return target
+    return find_corpus(cfg.data.corpus, cfg.data.data_dir or None)
+
+
+class LMTask(Task):
+    """Penn Treebank / WikiText-2 language modelling, as driven by `trainables.trainable.run_trial`."""
+
+    metric = "ppl"
+    higher_is_better = False
+
+    def __init__(self, cfg: TrialConfig, device: torch.device, work_dir: Path):
+        self.cfg, self.device = cfg, device
+        corpus = load_lm_corpus(resolve_lm_corpus(cfg, work_dir))
+        self.vocab_size = len(corpus.vocab)
+        self.data = {"train": batchify(corpus.train, cfg.train.batch_size).to(device),     # (T, B)
+                     "valid": batchify(corpus.valid, cfg.lm.eval_batch_size).to(device),
+                     "test": batchify(corpus.test, cfg.lm.test_batch_size).to(device)}
+        self.model = RNNLM(cfg.lm, cfg.g2, self.vocab_size).to(device)
+        self.trigger = NonMonotoneTrigger(cfg.train.nonmono)
+        self.optimizer = self._make_optimizer(asgd=False)
+
+    def _make_optimizer(self, asgd: bool) -> torch.optim.Optimizer:
+        t = self.cfg.train
+        params = self.model.parameters()
+        if asgd:
+            return torch.optim.ASGD(params, lr=t.lr, t0=0, lambd=0.0, weight_decay=t.weight_decay)
+        if t.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=t.lr, weight_decay=t.weight_decay)
+        if t.optimizer == "adam":
+            return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.Adadelta(params, lr=t.lr, weight_decay=t.weight_decay)
+
+    @property
+    def averaging(self) -> bool:
+        return isinstance(self.optimizer, torch.optim.ASGD)
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        cfg, model = self.cfg, self.model
+        model.train()
+        rng = random.Random(cfg.seed * 100_003 + epoch)     # window lengths: reproducible, resumable
+        source = self.data["train"]
+        state = model.init_state(source.shape[1])
+        total_loss, total_tokens, batches, i = 0.0, 0, 0, 0
+        while i < source.shape[0] - 2:
+            seq_len = variable_bptt(rng, cfg.lm.bptt)
+            x, y = lm_batch(source, i, seq_len)                                  # (L, B), (L, B)
+            for group in self.optimizer.param_groups:      # a longer window takes a proportionally larger step
+                group["lr"] = cfg.train.lr * x.shape[0] / cfg.lm.bptt
+            state = detach_state(state)
+            logits, state, raw, dropped = model(x, state)
+            loss = F.cross_entropy(logits.reshape(-1, self.vocab_size), y.reshape(-1))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch}, batch {batches}")
+            full = (loss + activation_regularization(dropped, cfg.lm.alpha)
+                    + temporal_activation_regularization(raw, cfg.lm.beta))
+            self.optimizer.zero_grad(set_to_none=True)
+            full.backward()
+            if cfg.train.clip:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip)
+            self.optimizer.step()
+            total_loss += loss.item() * y.numel()
+            total_tokens += y.numel()
+            batches += 1
+            i += x.shape[0]
+            if cfg.train.max_batches and batches >= cfg.train.max_batches:
+                break
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.train.lr
+        return {"train_loss": total_loss / total_tokens, "train_ppl": math.exp(min(total_loss / total_tokens, 50)),
+                "train_tokens": float(total_tokens)}
+
+    def evaluation_model(self) -> nn.Module:
+        """The model to score: under ASGD a copy holding the averaged weights (AWD evaluates those)."""
+        if not self.averaging:
+            return self.model
+        averaged = copy.deepcopy(self.model)
+        with torch.no_grad():
+            for p, q in zip(self.model.parameters(), averaged.parameters()):
+                ax = self.optimizer.state.get(p, {}).get("ax")
+                if ax is not None:
+                    q.copy_(ax)
+        return averaged
+
+    def end_epoch(self, val: dict[str, float]) -> None:
+        """NT-ASGD: switch to averaged SGD when validation stops improving."""
+        t = self.cfg.train
+        if t.optimizer == "sgd" and t.nt_asgd and self.trigger.update(val["loss"]) and not self.averaging:
+            log.info("non-monotone trigger: switching to ASGD")
+            self.optimizer = self._make_optimizer(asgd=True)
+
+    def start_finetune(self) -> None:
+        """AWD's fine-tune stage restarts averaged SGD from the best weights."""
+        self.optimizer = self._make_optimizer(asgd=True)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
+        """Perplexity on a split (with the cache pointer when `lm.cache_window` > 0)."""
+        cfg = self.cfg
+        model.eval()
+        source = self.data[split]
+        state = model.init_state(source.shape[1])
+        memory = None
+        total_nll, total_tokens, batches = 0.0, 0, 0
+        for i in range(0, source.shape[0] - 1, cfg.lm.bptt):
+            x, y = lm_batch(source, i, cfg.lm.bptt)
+            logits, state, raw, _ = model(x, state)
+            if cfg.lm.cache_window:
+                logp, memory = cache_pointer_logprobs(logits, raw, y, memory, cfg.lm.cache_window,
+                                                      cfg.lm.cache_theta, cfg.lm.cache_lambda)
+                nll = -logp.sum()
+            else:
+                nll = F.cross_entropy(logits.reshape(-1, self.vocab_size), y.reshape(-1), reduction="sum")
+            total_nll += nll.item()
+            total_tokens += y.numel()
+            batches += 1
+            if cfg.train.max_eval_batches and batches >= cfg.train.max_eval_batches:
+                break
+        loss = total_nll / total_tokens
+        return {"loss": loss, "ppl": math.exp(min(loss, 50))}
+
+    @torch.no_grad()
+    def gate_statistics(self, model: nn.Module) -> GateStatistics:
+        """i/f gate histograms of every layer over the first validation windows, in eval mode."""
+        model.eval()
+        source = self.data["valid"]
+        stats = GateStatistics(len(model.layers))
+        state = model.init_state(source.shape[1])
+        for n, i in enumerate(range(0, source.shape[0] - 1, self.cfg.lm.bptt)):
+            if n == GATE_BATCHES:
+                break
+            x, _ = lm_batch(source, i, self.cfg.lm.bptt)
+            _, state, _, _, gates = model(x, state, return_gates=True)
+            stats.update(gates)
+        return stats
+
+    def state_dict(self) -> dict:
+        return {"trigger": self.trigger.state_dict(), "asgd": self.averaging}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores the switch first, so the caller can then load the matching optimizer state."""
+        self.trigger.load_state_dict(state["trigger"])
+        if state["asgd"] and not self.averaging:
+            self.optimizer = self._make_optimizer(asgd=True)

@@ -1,0 +1,53 @@
+"""The interface between a task (language modelling, translation) and the generic trial loop."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from trainables.g2lstm import GateStatistics
+
+
+class Task:
+    """One trial's data, model and optimiser. `run_trial` drives any subclass the same way.
+
+    Subclasses set `metric` (the validation metric's name, e.g. "ppl" or "bleu") and `higher_is_better`,
+    build `model` and `optimizer`, and implement the three abstract methods.
+    """
+
+    metric: str
+    higher_is_better: bool
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """One pass over the training data; {"train_loss": ...}. Raises FloatingPointError on NaN/inf loss."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
+        """{"loss": ..., <metric>: ...} of `model` on "valid" or "test", in eval mode, deterministically."""
+        raise NotImplementedError
+
+    def gate_statistics(self, model: nn.Module) -> GateStatistics:
+        """i/f gate histograms of every recurrent layer on a fixed set of held-out batches."""
+        raise NotImplementedError
+
+    def evaluation_model(self) -> nn.Module:
+        """The weights to score after an epoch (AWD's averaged SGD scores the running average)."""
+        return self.model
+
+    def end_epoch(self, val: dict[str, float]) -> None:
+        """Hook after validation (the LM's non-monotone ASGD switch)."""
+
+    def start_finetune(self) -> None:
+        """Hook when the optional fine-tune stage begins from the best weights."""
+
+    def state_dict(self) -> dict:
+        """Loop state beyond the model and optimiser state dicts."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`; called before the optimiser state is loaded."""
+
+    def better(self, a: float, b: float | None) -> bool:
+        """Is validation metric `a` better than `b` (None: nothing yet)?"""
+        return b is None or (a > b if self.higher_is_better else a < b)

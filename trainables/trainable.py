@@ -1,0 +1,296 @@
+"""Ray Tune trainables `train_lm` / `train_nmt`, built on `run_trial`, a plain loop that runs without Ray.
+
+Per epoch a trial reports train loss, the validation metric, the validation metric of a compressed copy under
+the trial's own `compress.*` setting with its storage accounting, gate saturation per layer and wall time, so
+every report carries every objective. After the last epoch the best weights are scored on the whole
+compression sweep (validation and test) and those rows ride in the final report under `sweep`.
+
+One trial from the command line, no study:
+
+    python -m trainables.trainable lm --preset tiny --set g2.tau=0.5 --smoke
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainables.checkpoint import (BEST_MODEL_FILE, atomic_save, load_checkpoint, load_model, save_checkpoint,
+                                   save_model, set_rng_state)
+from trainables.compress import compress_model
+from trainables.config import TrialConfig, parse_override
+from trainables.task import Task
+
+log = logging.getLogger(__name__)
+Reporter = Callable[[dict[str, Any], "Path | None"], None]   # (metrics, checkpoint directory or None)
+STORE_META = "meta.json"
+SMOKE = {"train.epochs": 2, "train.max_batches": 8, "train.max_eval_batches": 4,
+         "sweep.ranks": [0, 8], "sweep.bits": [32, 4], "sweep.paper": ["round_clip"]}
+
+
+def default_cache_dir(cfg: TrialConfig) -> Path:
+    """Where generated corpora and BPE models are cached: `data.cache_dir`, else ~/.cache/g2-study."""
+    return Path(cfg.data.cache_dir or Path.home() / ".cache" / "g2-study").expanduser()
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device='cuda' but CUDA is not available on this worker")
+    return torch.device(name)
+
+
+def make_task(cfg: TrialConfig, device: torch.device) -> Task:
+    if cfg.task == "lm":
+        from trainables.lm import LMTask
+        return LMTask(cfg, device, default_cache_dir(cfg))
+    from trainables.nmt import NMTTask
+    return NMTTask(cfg, device, default_cache_dir(cfg))
+
+
+def prefixed(prefix: str, scores: dict[str, float], metric: str) -> dict[str, float]:
+    """{"loss": .., "ppl": ..} -> {"val_loss": .., "val_ppl": .., "val_metric": <the task's metric>}."""
+    return {f"{prefix}_{k}": v for k, v in scores.items()} | {f"{prefix}_metric": scores[metric]}
+
+
+def sweep_rows(task: Task, model: torch.nn.Module, cfg: TrialConfig) -> list[dict[str, Any]]:
+    """Score compressed copies of `model` on validation and test for every setting of the sweep."""
+    settings = cfg.sweep.settings(cfg.compress)
+    if cfg.compress not in settings:
+        settings.append(cfg.compress)
+    rows = []
+    for setting in settings:
+        compressed, report = compress_model(model, setting)
+        row = {"compress.rank": setting.rank, "compress.bits": setting.bits, "compress.paper": setting.paper,
+               "method": setting.method, "is_trial_setting": setting == cfg.compress, **asdict(report)}
+        for split, prefix in (("valid", "val"), ("test", "test")):
+            row |= prefixed(prefix, task.evaluate(compressed, split), task.metric)
+        rows.append(row)
+    return rows
+
+
+def final_metrics(task: Task, model: torch.nn.Module, cfg: TrialConfig, loop: dict) -> dict[str, Any]:
+    """The last report: the sweep, and the trial's own setting lifted to top-level columns."""
+    rows = sweep_rows(task, model, cfg)
+    plain = next(r for r in rows if r["method"] == "none")
+    own = next(r for r in rows if r["is_trial_setting"])
+    return {"done": True, "status": "ok", "best_epoch": loop["best_epoch"],
+            "val_metric": plain["val_metric"], "test_metric": plain["test_metric"],
+            "compressed_val_metric": own["val_metric"], "compressed_test_metric": own["test_metric"],
+            **{k: own[k] for k in ("gate_bits", "model_bits", "gate_compression", "model_compression")},
+            "sweep": rows}
+
+
+def _store_model(model_store: Path, key: str, ckpt_dir: Path, loop: dict) -> None:
+    """Publish the best weights under the training key, for later trials with the same training knobs."""
+    target = Path(model_store) / key
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(ckpt_dir / BEST_MODEL_FILE, target / f".{BEST_MODEL_FILE}.tmp{os.getpid()}")
+    os.replace(target / f".{BEST_MODEL_FILE}.tmp{os.getpid()}", target / BEST_MODEL_FILE)
+    meta = {k: loop[k] for k in ("epoch", "best_epoch", "best_metric", "train_time_s")}
+    (target / STORE_META).write_text(json.dumps(meta))
+
+
+def run_trial(cfg: TrialConfig, work_dir: Path, *, report: Reporter | None = None, resume: Path | None = None,
+              model_store: Path | None = None) -> dict[str, Any]:
+    """Train (or resume, or reuse) one configuration, report every epoch, return the final metrics.
+
+    Args:
+        work_dir: the checkpoint directory lives in `work_dir/checkpoint` (rewritten each epoch).
+        report: called with (metrics, checkpoint dir) after every epoch; the last call carries `sweep`.
+        resume: a checkpoint directory to continue from exactly.
+        model_store: a directory of best models keyed by `cfg.training_key()`; a hit skips training.
+    """
+    report = report or (lambda metrics, ckpt: None)
+    device = pick_device(cfg.train.device)
+    ckpt_dir = Path(work_dir) / "checkpoint"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    flat, key = cfg.to_flat(), cfg.training_key()
+    task = make_task(cfg, device)
+    common = {"metric_name": task.metric, "device": str(device), "training_key": key}
+
+    stored = Path(model_store) / key if model_store else None
+    if resume is None and stored is not None and (stored / STORE_META).exists():
+        loop = json.loads((stored / STORE_META).read_text())
+        load_model(stored / BEST_MODEL_FILE, task.model, device)
+        log.info("reusing the model trained for %s; scoring the compression sweep only", key)
+        metrics = {**common, "epoch": loop["epoch"], "train_time_s": loop["train_time_s"],
+                   "reused_checkpoint": True, **final_metrics(task, task.model, cfg, loop)}
+        report(metrics, None)
+        return metrics
+
+    loop = {"epoch": 0, "best_epoch": 0, "best_metric": None, "train_time_s": 0.0, "final": None}
+    if resume is not None:
+        saved = load_checkpoint(resume, device)
+        task.load_state_dict(saved["task"])
+        task.model.load_state_dict(saved["model"])
+        task.optimizer.load_state_dict(saved["optimizer"])
+        set_rng_state(saved["rng"])
+        loop = saved["loop"]
+        if Path(resume).resolve() != ckpt_dir.resolve() and (Path(resume) / BEST_MODEL_FILE).exists():
+            shutil.copyfile(Path(resume) / BEST_MODEL_FILE, ckpt_dir / BEST_MODEL_FILE)
+        if loop["final"] is not None:       # re-entered after the last report: say it again, train nothing
+            report(loop["final"], None)
+            return loop["final"]
+
+    total_epochs = cfg.train.epochs + cfg.train.finetune_epochs
+    metrics: dict[str, Any] = {}
+    for epoch in range(loop["epoch"] + 1, total_epochs + 1):
+        start = time.perf_counter()
+        if epoch == cfg.train.epochs + 1:
+            load_model(ckpt_dir / BEST_MODEL_FILE, task.model, device)
+            task.start_finetune()
+        try:
+            train = task.train_epoch(epoch)
+        except FloatingPointError as err:
+            metrics = {**common, "epoch": epoch, "status": "diverged", "error": str(err), "done": True,
+                       "val_metric": math.nan, "compressed_val_metric": math.nan}
+            report(metrics, None)
+            return metrics
+        model = task.evaluation_model()
+        val = task.evaluate(model, "valid")
+        compressed, accounting = compress_model(model, cfg.compress)
+        compressed_val = val if cfg.compress.is_identity else task.evaluate(compressed, "valid")
+        gate_stats = task.gate_statistics(model)
+        task.end_epoch(val)
+        if task.better(val[task.metric], loop["best_metric"]):
+            save_model(ckpt_dir / BEST_MODEL_FILE, model, flat)
+            loop |= {"best_metric": val[task.metric], "best_epoch": epoch}
+        loop["epoch"] = epoch
+        loop["train_time_s"] += time.perf_counter() - start
+        metrics = {**common, "epoch": epoch, "status": "running", "done": False, **train,
+                   **prefixed("val", val, task.metric), "compressed_val_metric": compressed_val[task.metric],
+                   **asdict(accounting), **gate_stats.summary(), "gate_histograms": gate_stats.histograms(),
+                   "epoch_time_s": time.perf_counter() - start,
+                   "train_time_s": loop["train_time_s"]}
+        if epoch == total_epochs:
+            load_model(ckpt_dir / BEST_MODEL_FILE, task.model, device)
+            metrics |= final_metrics(task, task.model, cfg, loop)
+            loop["final"] = metrics
+        save_checkpoint(ckpt_dir, model=task.model, optimizer=task.optimizer, config=flat, epoch=epoch,
+                        loop=loop, task=task.state_dict())
+        report(metrics, ckpt_dir)
+    if stored is not None:
+        _store_model(Path(model_store), key, ckpt_dir, loop)
+    return metrics
+
+
+# --------------------------------------------------------------------------- Ray Tune entry points
+
+def train_lm(config: dict[str, Any]) -> None:
+    """Ray Tune function trainable for language modelling (the flat config of `TrialConfig`)."""
+    _tune_trial("lm", config)
+
+
+def train_nmt(config: dict[str, Any]) -> None:
+    """Ray Tune function trainable for translation."""
+    _tune_trial("nmt", config)
+
+
+def _tune_trial(task: str, config: dict[str, Any]) -> None:
+    from ray import tune
+
+    flat = {k: v for k, v in config.items() if not k.startswith("_")}   # `_model_store`: set by the study
+    if flat.get("task", task) != task:
+        raise ValueError(f"config task={flat['task']!r} given to the {task} trainable")
+    cfg = TrialConfig.from_flat({**flat, "task": task})
+    store = config.get("_model_store")
+
+    def report(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
+        checkpoint = tune.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None
+        tune.report(metrics, checkpoint=checkpoint)
+
+    work_dir = Path(tempfile.mkdtemp(prefix="g2-trial-"))
+    try:
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is None:
+            run_trial(cfg, work_dir, report=report, model_store=store)
+        else:
+            with checkpoint.as_directory() as resume_dir:
+                run_trial(cfg, work_dir, report=report, resume=Path(resume_dir), model_store=store)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- command line
+
+def print_progress(bar) -> Reporter:
+    def report(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
+        name = metrics.get("metric_name", "metric")
+        if metrics.get("status") == "diverged":
+            bar.write(f"epoch {metrics['epoch']}: diverged ({metrics['error']})")
+            return
+        bar.update(1)
+        bar.write(f"epoch {metrics['epoch']:>3}  train loss {metrics.get('train_loss', math.nan):.3f}  "
+                  f"val {name} {metrics.get('val_metric', math.nan):.2f}  "
+                  f"compressed val {name} {metrics['compressed_val_metric']:.2f} "
+                  f"(gate ×{metrics['gate_compression']:.1f})  {metrics.get('epoch_time_s', 0):.1f}s")
+    return report
+
+
+def print_sweep(metrics: dict[str, Any]) -> None:
+    name = metrics["metric_name"]
+    print(f"\n{'method':<11}{'rank':>5}{'bits':>5}{'gate ×':>8}{'model ×':>9}{'val ' + name:>11}{'test ' + name:>11}")
+    for r in metrics["sweep"]:
+        print(f"{r['method']:<11}{r['compress.rank']:>5}{r['compress.bits']:>5}{r['gate_compression']:>8.1f}"
+              f"{r['model_compression']:>9.2f}{r['val_metric']:>11.2f}{r['test_metric']:>11.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainables.trainable", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("task", choices=["lm", "nmt"])
+    parser.add_argument("--preset", help="lm: awd | medium | tiny; nmt: default | paper | tiny "
+                                         "(default: tiny with --smoke, else awd / default)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a dotted field, e.g. --set g2.tau=0.5 (repeatable)")
+    parser.add_argument("--smoke", action="store_true", help="2 short epochs and a small sweep, for CI")
+    parser.add_argument("--out", type=Path, help="work directory (checkpoint); default: a temporary one")
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    parser.add_argument("--json", type=Path, help="write the final metrics (with the sweep) to this file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from tqdm import tqdm
+
+    try:
+        preset = args.preset or ("tiny" if args.smoke else {"lm": "awd", "nmt": "default"}[args.task])
+        overrides = dict(parse_override(o) for o in args.overrides)
+        cfg = TrialConfig.preset(args.task, preset)
+        cfg = TrialConfig.from_flat({**(SMOKE if args.smoke else {}), **overrides}, base=cfg)
+    except ValueError as err:
+        parser.error(str(err))
+    work_dir = args.out or Path(tempfile.mkdtemp(prefix="g2-trial-"))
+    resume = work_dir / "checkpoint" if args.resume else None
+    if resume is not None and not (resume / "checkpoint.pt").exists():
+        parser.error(f"--resume: no checkpoint in {resume}")
+    total = cfg.train.epochs + cfg.train.finetune_epochs
+    with tqdm(total=total, desc=f"{args.task} {preset}", unit="epoch") as bar:
+        if resume is not None:
+            bar.update(load_checkpoint(resume)["epoch"])
+        metrics = run_trial(cfg, work_dir, report=print_progress(bar), resume=resume)
+    if metrics.get("status") == "ok":
+        print_sweep(metrics)
+    if args.json:
+        atomic_json = json.dumps(metrics, indent=2, default=float)
+        args.json.write_text(atomic_json)
+    print(f"\nstatus {metrics.get('status')}; checkpoint in {work_dir / 'checkpoint'}")
+    return 0 if metrics.get("status") == "ok" else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
