@@ -184,9 +184,9 @@ def run_trial(cfg: TrialConfig, work_dir: Path, *, report: Reporter | None = Non
             loop["final"] = metrics
         save_checkpoint(ckpt_dir, model=task.model, optimizer=task.optimizer, config=flat, epoch=epoch,
                         loop=loop, task=task.state_dict())
+        if epoch == total_epochs and stored is not None:   # before the report: Tune stops a `done` trial at once
+            _store_model(Path(model_store), key, ckpt_dir, loop)
         report(metrics, ckpt_dir)
-    if stored is not None:
-        _store_model(Path(model_store), key, ckpt_dir, loop)
     return metrics
 
 

@@ -1,0 +1,122 @@
+"""The driver side of a study: a Ray Tune callback that writes every report to Parquet and MLflow.
+
+Trainables only call `tune.report`; this callback turns the same dicts into the results dataset and the MLflow
+runs, so their names cannot drift. It is pickled with the experiment (Tune saves its run config for
+`Tuner.restore`), so it holds plain settings and reopens its writer and tracker lazily after a restore.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from ray import tune
+
+from analysis.pareto import pareto_mask
+from study.config import HIGHER_IS_BETTER, StudyConfig
+from study.results import ResultsWriter
+from study.tracking import StudyTracker
+
+log = logging.getLogger(__name__)
+
+
+def open_tracker(cfg: StudyConfig, root: str) -> StudyTracker:
+    from study.runner import StudyPaths
+
+    paths = StudyPaths(Path(root))
+    return StudyTracker(paths.tracking_uri(cfg), experiment=cfg.name, study_name=cfg.name,
+                        artifact_location=paths.artifact_location(cfg))
+
+
+def trial_error_text(trial) -> str:
+    """Ray writes a trial's traceback to a local file first and syncs it to storage later: read what exists."""
+    if trial.error_file and Path(trial.error_file).exists():
+        return Path(trial.error_file).read_text()
+    return str(trial.get_error() or "the trial failed without an error message")
+
+
+def error_message(error: Any) -> str:
+    """The exception line of a trial's error (Ray wraps it in a traceback)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    for line in reversed(lines):
+        if ":" in line and not line.startswith(("File ", "^", "During handling")):
+            return line
+    return lines[-1] if lines else repr(error)
+
+
+def describe_trial(config: dict[str, Any]) -> str:
+    mode = config.get("g2.gate_mode", "?")
+    knobs = f" τ={config['g2.tau']:.2f} p={config['g2.p']:.2f}" if mode == "g2" else ""
+    return f"{mode}{knobs} rank {config.get('compress.rank')} bits {config.get('compress.bits')}"
+
+
+class StudyCallback(tune.Callback):
+    """Records reports and trial ends; prints one progress line per finished trial."""
+
+    def __init__(self, cfg: StudyConfig, root: str, *, total: int, printer: Callable[[str], None] = print):
+        self.cfg, self.root, self.total, self.printer = cfg, root, total, printer
+        self._writer: ResultsWriter | None = None
+        self._tracker: StudyTracker | None = None
+        self._statuses: Counter = Counter()
+        self._points: list[tuple[float, float]] = []     # (compressed metric, gate bits) of every ok sweep row
+
+    def __getstate__(self):
+        return {**self.__dict__, "_writer": None, "_tracker": None}
+
+    @property
+    def writer(self) -> ResultsWriter:
+        if self._writer is None:
+            self._writer = ResultsWriter(self.root, self.cfg.name)
+        return self._writer
+
+    @property
+    def tracker(self) -> StudyTracker:
+        if self._tracker is None:
+            self._tracker = open_tracker(self.cfg, self.root)
+            self._tracker.start(self.cfg.to_flat())
+        return self._tracker
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.tracker.trial_run_id(trial.trial_id, params={k: v for k, v in trial.config.items()
+                                                          if not k.startswith("_")})
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.writer.record_report(trial.trial_id, trial.config, result)
+        self.tracker.log_epoch(trial.trial_id, result, step=int(result.get("epoch") or result["training_iteration"]))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        rows = self.writer.record_end(trial.trial_id, trial.config)
+        status = rows[0]["status"]
+        self.tracker.end_trial(trial.trial_id, status, trial.last_result, rows[0].get("error"))
+        self._finished(trial, status, rows, trials)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        message = error_message(trial_error_text(trial))
+        rows = self.writer.record_end(trial.trial_id, trial.config, status="error", error=message)
+        self.tracker.end_trial(trial.trial_id, "error", trial.last_result or None, message)
+        self._finished(trial, "error", rows, trials)
+
+    def on_experiment_end(self, trials, **info):
+        self.tracker.mark_stale_runs()
+
+    def _finished(self, trial, status: str, rows: list[dict], trials) -> None:
+        self._statuses[status] += 1
+        sign = -1.0 if HIGHER_IS_BETTER[self.cfg.task] else 1.0
+        self._points += [(sign * r["val_metric"], r["gate_bits"]) for r in rows
+                         if status == "ok" and r.get("val_metric") is not None]
+        front = int(pareto_mask(np.array(self._points), [True, True]).sum()) if self._points else 0
+        running = sum(1 for t in trials if t.status == "RUNNING")
+        done = sum(self._statuses.values())
+        last = trial.last_result or {}
+        name = last.get("metric_name", "metric")
+        if status == "ok":
+            outcome = (f"val {name} {last['val_metric']:.2f}, compressed {last['compressed_val_metric']:.2f} "
+                       f"at gate ×{last['gate_compression']:.1f}"
+                       + (" (reused model)" if last.get("reused_checkpoint") else ""))
+        else:
+            outcome = rows[0].get("error") or status
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(self._statuses.items()))
+        self.printer(f"[{done:>3}/{self.total}] {trial.trial_id} {status:<8} {describe_trial(trial.config)} -> "
+                     f"{outcome} | {counts}, running {running} | front: {front} point(s)")

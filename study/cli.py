@@ -1,0 +1,158 @@
+"""`g2-study`: launch, resume and inspect G2-LSTM compression studies.
+
+    g2-study run [CONFIG.toml] [--set key=value ...]     (no config: study/configs/quickstart.toml)
+    g2-study resume NAME
+    g2-study results NAME [--front] [--where EXPR] [--format table|csv|parquet]
+    g2-study ui NAME                                    (the MLflow UI on 127.0.0.1)
+    g2-study check CONFIG.toml                          (validate only)
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from study.config import load_study_config
+
+QUICKSTART = Path(__file__).resolve().parent / "configs" / "quickstart.toml"
+STUDY_SMOKE = ["study.num_samples=4", "train.epochs=2", "train.max_batches=8", "train.max_eval_batches=4",
+               "sweep.ranks=[0, 8]", "sweep.bits=[32, 4]", 'sweep.paper=["round_clip"]']
+EXIT_BAD_INPUT = 2
+
+
+def _config_args(parser: argparse.ArgumentParser, config_required: bool) -> None:
+    parser.add_argument("config", type=Path, nargs=None if config_required else "?",
+                        help="study TOML" + ("" if config_required else " (default: the quickstart study)"))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field: study.num_samples=4, g2.p=0.5 (a fixed trial field), "
+                             "space.g2.tau.high=2.0; repeatable")
+    parser.add_argument("--address", help="Ray address ('auto' joins the running cluster); default: local Ray")
+    parser.add_argument("--storage", help="where studies live: a path shared by all nodes (default: ./studies)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI, e.g. http://127.0.0.1:5000 "
+                                               "(default: sqlite in the study directory)")
+    parser.add_argument("--num-samples", type=int, help="trials to run (on a finished study: how many to add)")
+    parser.add_argument("--smoke", action="store_true", help="4 trials of 2 short epochs and a small sweep (CI)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="g2-study", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _config_args(sub.add_parser("run", help="run a study (or extend a finished one)"), config_required=False)
+    _config_args(sub.add_parser("check", help="validate a study config and print it"), config_required=False)
+    resume = sub.add_parser("resume", help="continue an interrupted study")
+    resume.add_argument("name")
+    resume.add_argument("--storage", default="studies")
+    res = sub.add_parser("results", help="print or export a study's results")
+    res.add_argument("name")
+    res.add_argument("--storage", default="studies")
+    res.add_argument("--front", action="store_true", help="only the Pareto front of the study's objectives")
+    res.add_argument("--where", help="a pandas query, e.g. \"status == 'ok' and `g2.tau` < 0.5\"")
+    res.add_argument("--format", choices=["table", "csv", "parquet"], default="table")
+    res.add_argument("--output", type=Path, help="file to write (required for parquet)")
+    ui = sub.add_parser("ui", help="serve the study's MLflow runs on 127.0.0.1")
+    ui.add_argument("name")
+    ui.add_argument("--storage", default="studies")
+    ui.add_argument("--port", type=int, default=5000)
+    return parser
+
+
+def load_from_args(args: argparse.Namespace):
+    overrides = (STUDY_SMOKE if args.smoke else []) + args.overrides
+    cli = {"address": args.address, "storage": args.storage, "tracking_uri": args.tracking_uri,
+           "num_samples": args.num_samples}
+    return load_study_config(args.config or (QUICKSTART if args.command == "run" else None), overrides, **cli)
+
+
+def saved_config(name: str, storage: str):
+    from study.config import StudyConfig
+    from study.runner import STATE_FILE, StudyState, StudyStateError
+
+    state = StudyState.read(Path(storage).expanduser().resolve() / name / STATE_FILE)
+    if state is None:
+        raise StudyStateError(f"no study {name!r} in {Path(storage).expanduser().resolve()}")
+    return StudyConfig.from_json(state.config)
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from study import results
+    from study.report import format_front, study_front
+
+    cfg = saved_config(args.name, args.storage)
+    root = Path(args.storage).expanduser().resolve() / args.name
+    df = results.load(str(root), filters=args.where)
+    if args.front:
+        df = study_front(df, cfg)
+    if args.format == "parquet":
+        if args.output is None:
+            raise ValueError("--format parquet needs --output FILE")
+        df.to_parquet(args.output, index=False)
+    elif args.format == "csv":
+        text = df.to_csv(index=False)
+        args.output.write_text(text) if args.output else sys.stdout.write(text)
+    else:
+        metric = str(df["metric_name"].dropna().iloc[0]) if not df.empty and df["metric_name"].notna().any() else "metric"
+        print(format_front(df, metric) if args.front else df.to_string(index=False, max_cols=30))
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from study.runner import StudyPaths
+
+    cfg = saved_config(args.name, args.storage)
+    uri = StudyPaths(Path(args.storage).expanduser().resolve() / args.name).tracking_uri(cfg)
+    if uri.startswith(("http://", "https://")):
+        print(f"study {args.name} is tracked by an MLflow server: open {uri}")
+        return 0
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(args.port),
+               "--backend-store-uri", uri, "--workers", "1"]
+    print(f"MLflow UI for study {args.name}: http://127.0.0.1:{args.port}  (Ctrl-C stops it)", flush=True)
+    try:
+        return subprocess.call(command, env=env)
+    except KeyboardInterrupt:
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    from study.runner import StudyStateError
+
+    try:
+        if args.command in ("run", "check"):
+            cfg = load_from_args(args)          # every field is validated before anything is created
+            if args.command == "check":
+                for key, value in cfg.to_flat().items():
+                    print(f"{key} = {value!r}")
+                print(f"\nconfig OK: {cfg.total_samples()} trial(s); trial fields:")
+                for key, value in cfg.base_trial().to_flat().items():
+                    print(f"  {key} = {value!r}")
+                return 0
+            from study.runner import run_study
+
+            outcome = run_study(cfg)
+            return 1 if outcome.all_failed else 0
+        if args.command == "resume":
+            from study.runner import resume_study
+
+            outcome = resume_study(args.name, args.storage)
+            return 1 if outcome.all_failed else 0
+        if args.command == "results":
+            return cmd_results(args)
+        return cmd_ui(args)
+    except (ValueError, StudyStateError) as err:
+        print(f"g2-study {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

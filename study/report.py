@@ -1,0 +1,87 @@
+"""The study's Pareto front over the results dataset: computed, printed, and attached to the MLflow parent run.
+
+Objectives are named as the trials report them (`compressed_val_metric`, `gate_bits`); in the results dataset
+each row is one compression setting, so they map onto its columns (`val_metric` of a row *is* the compressed
+validation metric of that setting).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from analysis.pareto import pareto_front
+from study import results
+from study.config import HIGHER_IS_BETTER, StudyConfig
+
+log = logging.getLogger(__name__)
+ROW_COLUMN = {"compressed_val_metric": "val_metric", "val_metric": "uncompressed_val_metric",
+              "gate_bits": "gate_bits", "model_bits": "model_bits", "gate_compression": "gate_compression",
+              "model_compression": "model_compression"}
+SHOWN = ["trial_id", "g2.gate_mode", "g2.tau", "g2.p", "method", "compress.rank", "compress.bits", "gate_bits",
+         "gate_compression", "model_compression", "val_metric", "test_metric"]
+
+
+def front_objectives(cfg: StudyConfig) -> dict[str, str]:
+    """{results column: "min" | "max"} for the study's objectives."""
+    return {ROW_COLUMN[name]: mode for name, mode in zip(cfg.objectives, cfg.modes())}
+
+
+def study_front(df: pd.DataFrame, cfg: StudyConfig) -> pd.DataFrame:
+    """The non-dominated rows (ok trials only) over every scored compression setting of every trial."""
+    if df.empty:
+        return df
+    return pareto_front(df, front_objectives(cfg))
+
+
+def format_front(front: pd.DataFrame, metric_name: str) -> str:
+    if front.empty:
+        return "(no finished trial yet: the front is empty)"
+    shown = front[[c for c in SHOWN if c in front.columns]].rename(
+        columns={"val_metric": f"val {metric_name}", "test_metric": f"test {metric_name}",
+                 "gate_compression": "gate ×", "model_compression": "model ×"})
+    return shown.to_string(index=False, float_format=lambda v: f"{v:.3g}")
+
+
+def front_plot(df: pd.DataFrame, cfg: StudyConfig, path: Path) -> Path | None:
+    """The front as a PNG (Agg backend, no display needed); None when there is nothing to draw."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from analysis import plots
+
+    ok = df[df["status"] == "ok"] if not df.empty else df
+    if ok.empty:
+        return None
+    direction = "max" if HIGHER_IS_BETTER[cfg.task] else "min"
+    fig = plots.plot_front(ok, x="gate_compression", y="val_metric", metric_direction=direction)
+    return Path(plots.save(fig, path))
+
+
+def close_study(cfg: StudyConfig, root: str, tracking_uri: str, artifact_location: str | None,
+                printer: Callable[[str], None]) -> tuple[int, int]:
+    """Print the outcome and the front, attach them to the MLflow parent run; returns (trials, failed)."""
+    from study.callbacks import open_tracker
+
+    df = results.load(root)
+    per_trial = df.drop_duplicates("trial_id") if not df.empty else df
+    counts = per_trial["status"].value_counts().to_dict() if not df.empty else {}
+    failed = int(counts.get("error", 0) + counts.get("diverged", 0))
+    front = study_front(df, cfg)
+    metric = str(df["metric_name"].dropna().iloc[0]) if not df.empty and df["metric_name"].notna().any() else "metric"
+    figure = front_plot(df, cfg, Path(root) / "pareto_front.png") if not df.empty else None
+    tracker = open_tracker(cfg, root)
+    tracker.start(cfg.to_flat())
+    all_failed = len(per_trial) > 0 and failed == len(per_trial)
+    tracker.end("failed" if all_failed else "finished", front=front, figure_path=figure)
+    printer(f"\nstudy {cfg.name}: {len(per_trial)} trial(s): "
+            + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    printer(f"Pareto front ({', '.join(f'{c} {m}' for c, m in front_objectives(cfg).items())}):")
+    printer(format_front(front, metric))
+    printer(f"\nresults    {Path(root) / 'results'}   (g2-study results {cfg.name} --storage {cfg.storage} --front)")
+    printer(f"MLflow     {tracking_uri}   (g2-study ui {cfg.name} --storage {cfg.storage})")
+    if figure is not None:
+        printer(f"front plot {figure}")
+    return len(per_trial), failed

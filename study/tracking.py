@@ -1,0 +1,315 @@
+"""MLflow tracking of a study from the Ray Tune driver: one parent run per study, one child run per trial.
+
+Only `MlflowClient` is used, with its own tracking URI: no `mlflow.set_tracking_uri`, no active run, so several
+studies (or tests) in one process cannot write into each other's runs. Runs are found again by tags
+(`g2.study` + `g2.role=parent`, `g2.trial_id` under `mlflow.parentRunId`), never by an in-memory map, because Ray's
+own MLflowLoggerCallback forgets its map on `Tuner.restore` and opens a second run per trial (STACK.md).
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import math
+import numbers
+import posixpath
+import re
+import subprocess
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from mlflow.utils.validation import (MAX_ENTITY_KEY_LENGTH, MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH,
+                                     MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_VAL_LENGTH)
+
+log = logging.getLogger(__name__)
+
+PARENT_ID_TAG = "mlflow.parentRunId"
+STUDY_TAG, ROLE_TAG, TRIAL_TAG, STATUS_TAG = "g2.study", "g2.role", "g2.trial_id", "g2.status"
+TRIAL_RUN_STATUS = {"ok": "FINISHED", "pruned": "FINISHED", "error": "FAILED", "diverged": "FAILED"}
+STUDY_RUN_STATUS = {"ok": "FINISHED", "finished": "FINISHED", "error": "FAILED", "failed": "FAILED",
+                    "killed": "KILLED", "interrupted": "KILLED"}
+# Bookkeeping Ray Tune adds to every result, and the epoch (it is the step): not the trial's measurements.
+NOT_METRICS = frozenset({"timestamp", "pid", "time_this_iter_s", "time_total_s", "time_since_restore",
+                             "iterations_since_restore", "training_iteration", "timesteps_total", "episodes_total",
+                             "timesteps_since_restore", "node_ip", "hostname", "date", "trial_id", "experiment_tag",
+                             "config", "checkpoint_dir_name", "should_checkpoint", "done", "epoch"})
+_BAD_NAME_CHARS = re.compile(r"[^/\w.\- :]")
+_TRUNCATED = "…[truncated]"
+
+
+def default_tracking_uri(study_dir: Path) -> str:
+    """An absolute SQLite store in the study directory (a relative one would follow the cwd)."""
+    return f"sqlite:///{(Path(study_dir).expanduser().resolve() / 'mlflow.db').as_posix()}"
+
+
+def default_artifact_location(study_dir: Path, tracking_uri: str) -> str | None:
+    """`<study_dir>/mlartifacts` for a local store; None (the server's own default) for an http(s) server."""
+    if tracking_uri.startswith(("http://", "https://", "databricks")):
+        return None
+    return (Path(study_dir).expanduser().resolve() / "mlartifacts").as_uri()
+
+
+def code_version() -> dict[str, str]:
+    """Tags naming the code that ran: the package version and, in a git checkout, the commit and whether it is dirty."""
+    tags = {}
+    try:
+        tags["g2.package_version"] = importlib.metadata.version("g2-study")
+    except importlib.metadata.PackageNotFoundError:
+        tags["g2.package_version"] = "unknown"
+    repo = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return tags
+    tags |= {"mlflow.source.git.commit": commit, "g2.git_commit": commit, "g2.git_dirty": str(bool(dirty)).lower()}
+    return tags
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"search": {"sampler": "tpe"}} -> {"search.sampler": "tpe"}; already flat keys pass through."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            out |= flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def metric_name(key: str) -> str:
+    """A valid MLflow name: only [/\\w.- :], no path tricks, at most 250 characters."""
+    name = _BAD_NAME_CHARS.sub("_", str(key))[:MAX_ENTITY_KEY_LENGTH]
+    if not name or posixpath.normpath(name) != name or name.startswith(("/", "..")):
+        name = name.replace("/", "_").lstrip(".") or "_"
+    return name
+
+
+def _text(value: Any, limit: int) -> str:
+    """A param or tag value: JSON for lists and dicts, cut to MLflow's length limit."""
+    text = json.dumps(value, default=str) if isinstance(value, (list, tuple, dict)) else str(value)
+    return text if len(text) <= limit else text[: limit - len(_TRUNCATED)] + _TRUNCATED
+
+
+def _params(config: Mapping[str, Any]) -> dict[str, str]:
+    """Flat, valid, unique param names (a sanitised name that collides gets a suffix) and values within the limit."""
+    out: dict[str, str] = {}
+    for key, value in flatten(config).items():
+        if str(key).startswith("_"):
+            continue
+        name, n = metric_name(key), 1
+        while name in out:
+            n += 1
+            name = f"{metric_name(key)[: MAX_ENTITY_KEY_LENGTH - 4]}~{n}"
+        out[name] = _text(value, MAX_PARAM_VAL_LENGTH)
+    return out
+
+
+def numeric_metrics(report: Mapping[str, Any]) -> dict[str, float]:
+    """The report's numbers (NaN and inf included: a diverged loss is a measurement); bools, text, lists skipped."""
+    return {metric_name(k): float(v) for k, v in report.items()
+            if k not in NOT_METRICS and isinstance(v, numbers.Real) and not isinstance(v, bool)}
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf as null: JSON has no NaN, and a diverged compressed setting has one."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _quoted(value: str) -> str:
+    """A value for an MLflow filter string, which has no escape for a quote."""
+    if "'" in value:
+        raise ValueError(f"names used in MLflow searches must not contain a single quote: {value!r}")
+    return f"'{value}'"
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start: start + size]
+
+
+class StudyTracker:
+    """The MLflow side of one study: its parent run and a child run per trial, reused across resumes."""
+
+    def __init__(self, tracking_uri: str, experiment: str, study_name: str, artifact_location: str | None = None):
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.tracking_uri, self.study_name = tracking_uri, study_name
+        self.experiment_id = self._experiment(experiment, artifact_location)
+        self.parent_id: str | None = None
+        self._runs: dict[str, str] = {}            # trial id -> child run id, opened by this process
+        self._ended: set[str] = set()
+        self._logged: dict[str, tuple[int, set[str]]] = {}   # trial id -> (last step, metrics logged at it)
+
+    def _experiment(self, name: str, artifact_location: str | None) -> str:
+        """The experiment's id, creating it (artifacts where asked) if it is new; two drivers may race to create it."""
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        if artifact_location is not None and "://" not in artifact_location:
+            artifact_location = Path(artifact_location).expanduser().resolve().as_uri()
+        try:
+            return self.client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException:
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def _search(self, filter_string: str) -> Iterator[Any]:
+        token = None
+        while True:
+            page = self.client.search_runs([self.experiment_id], filter_string, max_results=1000,
+                                           order_by=["attributes.start_time ASC"], page_token=token)
+            yield from page
+            token = page.token
+            if not token:
+                return
+
+    def _log(self, run_id: str, metrics: Iterable[Metric] = (), params: Mapping[str, str] | None = None,
+             tags: Mapping[str, Any] | None = None) -> None:
+        """log_batch within MLflow's per-request limits."""
+        for chunk in _chunks(list(metrics), MAX_METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=chunk)
+        for chunk in _chunks([Param(k, v) for k, v in (params or {}).items()], MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(run_id, params=chunk)
+        for chunk in _chunks([RunTag(k, _text(v, MAX_TAG_VAL_LENGTH)) for k, v in (tags or {}).items()],
+                             MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(run_id, tags=chunk)
+
+    def _require_parent(self) -> str:
+        if self.parent_id is None:
+            raise RuntimeError("StudyTracker.start() must be called before logging trials")
+        return self.parent_id
+
+    # ----------------------------------------------------------------------- the study
+
+    def start(self, config_flat: Mapping[str, Any], tags: Mapping[str, Any] | None = None) -> str:
+        """Open (or, on a resume, reopen) the study's parent run; returns its id.
+
+        Params already on a reopened run are kept: MLflow refuses to change a param, so a value that differs now is
+        only reported in the log and in the `study_config.json` artifact, which always holds the latest config.
+        """
+        query = f"tags.`{STUDY_TAG}` = {_quoted(self.study_name)} AND tags.`{ROLE_TAG}` = 'parent'"
+        found = next(self._search(query), None)
+        if found is None:
+            run = self.client.create_run(self.experiment_id, run_name=self.study_name,
+                                         tags={STUDY_TAG: self.study_name, ROLE_TAG: "parent"})
+            self.parent_id, existing = run.info.run_id, {}
+        else:
+            self.parent_id, existing = found.info.run_id, found.data.params
+            if found.info.status != "RUNNING":
+                self.client.update_run(self.parent_id, status="RUNNING")
+        params = _params(config_flat)
+        for key in sorted(k for k in params if k in existing and existing[k] != params[k]):
+            log.warning("study param %s changed on resume (%r -> %r); MLflow keeps the first value",
+                        key, existing[key], params[key])
+        self._log(self.parent_id, params={k: v for k, v in params.items() if k not in existing},
+                  tags={**code_version(), **(tags or {})})
+        self.client.log_text(self.parent_id, json.dumps(_json_safe(flatten(config_flat)), indent=2, default=str),
+                             "study_config.json")
+        return self.parent_id
+
+    def end(self, status: str, front: pd.DataFrame | None = None, figure_path: Path | None = None) -> None:
+        """Attach the Pareto front (table and picture) to the parent run and close it."""
+        parent = self._require_parent()
+        run_status = STUDY_RUN_STATUS.get(status.lower(), status.upper())
+        if run_status not in ("FINISHED", "FAILED", "KILLED"):
+            raise ValueError(f"study status must be one of {', '.join(STUDY_RUN_STATUS)}, got {status!r}")
+        if front is not None:
+            self.client.log_text(parent, front.to_csv(index=False), "pareto_front.csv")
+        if figure_path is not None:
+            self.client.log_artifact(parent, str(figure_path))
+        self._log(parent, tags={STATUS_TAG: status.lower()})
+        self.client.set_terminated(parent, status=run_status)
+
+    def mark_stale_runs(self, active_trials: Iterable[str] = ()) -> list[str]:
+        """Close as KILLED every RUNNING child whose trial is neither in `active_trials` nor open in this process.
+
+        After a driver crash its children stay RUNNING forever; a resume calls this once its own trials are known.
+        Returns the run ids it closed.
+        """
+        parent = self._require_parent()
+        active = set(active_trials) | (set(self._runs) - self._ended)
+        stale = [run for run in self._search(f"tags.`{PARENT_ID_TAG}` = {_quoted(parent)} "
+                                             "AND attributes.status = 'RUNNING'")
+                 if run.data.tags.get(TRIAL_TAG) not in active]
+        for run in stale:
+            self.client.set_terminated(run.info.run_id, status="KILLED")
+        return [run.info.run_id for run in stale]
+
+    # ----------------------------------------------------------------------- trials
+
+    def trial_run_id(self, trial_id: str, params: Mapping[str, Any] | None = None) -> str:
+        """The trial's child run: the one already tagged with its id under this parent, else a new one with `params`."""
+        if trial_id in self._runs:
+            return self._runs[trial_id]
+        parent = self._require_parent()
+        query = f"tags.`{PARENT_ID_TAG}` = {_quoted(parent)} AND tags.`{TRIAL_TAG}` = {_quoted(trial_id)}"
+        found = next(self._search(query), None)
+        if found is not None:
+            run_id = found.info.run_id
+            if found.info.status != "RUNNING":   # resumed after a crash (KILLED) or retried after an error
+                self.client.update_run(run_id, status="RUNNING")
+        else:
+            run = self.client.create_run(self.experiment_id, run_name=trial_id, tags={
+                PARENT_ID_TAG: parent, TRIAL_TAG: trial_id, STUDY_TAG: self.study_name, ROLE_TAG: "trial"})
+            run_id = run.info.run_id
+            self._log(run_id, params=_params(params or {}))
+        self._runs[trial_id] = run_id
+        self._ended.discard(trial_id)
+        return run_id
+
+    def log_epoch(self, trial_id: str, metrics: Mapping[str, Any], step: int) -> None:
+        """Log the numeric entries of one report at `step` (the epoch)."""
+        values = numeric_metrics(metrics)
+        if not values:
+            return
+        now = int(time.time() * 1000)
+        self._log(self.trial_run_id(trial_id), metrics=[Metric(k, v, now, int(step)) for k, v in values.items()])
+        last_step, keys = self._logged.get(trial_id, (None, set()))
+        self._logged[trial_id] = (int(step), (keys if last_step == int(step) else set()) | set(values))
+
+    def end_trial(self, trial_id: str, status: str, final_report: Mapping[str, Any] | None,
+                  error: str | None = None) -> None:
+        """Log the final metrics, the compression table and gate histograms, tag the status and close the child run.
+
+        Metrics already logged at the final step by `log_epoch` (the driver sees the last report twice: as a result
+        and at completion) are not logged again.
+        """
+        if status not in TRIAL_RUN_STATUS:
+            raise ValueError(f"trial status must be one of {', '.join(TRIAL_RUN_STATUS)}, got {status!r}")
+        run_id = self.trial_run_id(trial_id)
+        report = dict(final_report or {})
+        step = int(report.get("epoch") or 0)
+        last_step, logged = self._logged.get(trial_id, (None, set()))
+        values = {k: v for k, v in numeric_metrics(report).items() if not (last_step == step and k in logged)}
+        now = int(time.time() * 1000)
+        self._log(run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
+        if report.get("sweep"):
+            table = pd.DataFrame(report["sweep"])
+            self.client.log_text(run_id, table.to_csv(index=False), "compression_table.csv")
+            self.client.log_text(run_id, json.dumps(_json_safe(report["sweep"]), indent=1), "compression_table.json")
+        if report.get("gate_histograms"):
+            self.client.log_text(run_id, json.dumps(_json_safe(report["gate_histograms"])), "gate_histograms.json")
+        message = error if error is not None else report.get("error")
+        tags: dict[str, Any] = {STATUS_TAG: status}
+        if message:
+            tags["g2.error"] = message
+            self.client.log_text(run_id, str(message), "error.txt")   # the tag is cut at 8000 characters
+        self._log(run_id, tags=tags)
+        self.client.set_terminated(run_id, status=TRIAL_RUN_STATUS[status])
+        self._ended.add(trial_id)

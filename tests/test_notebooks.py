@@ -1,0 +1,79 @@
+"""Executes the analysis notebooks top to bottom against a study directory, as a user would (DESIGN §6).
+
+The study is synthetic for now (written through study.results, so its files have the real layout and schema).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+from test_plots import write_synthetic_study
+
+ANALYSIS = Path(__file__).resolve().parents[1] / "analysis"
+NOTEBOOKS = ("pareto_lm", "pareto_nmt", "gates")
+
+
+def execute(name: str, study_dir: Path, cwd: Path) -> nbformat.NotebookNode:
+    """Run a notebook with STUDY_DIR injected after its `parameters` cell (papermill's convention)."""
+    nb = nbformat.read(ANALYSIS / f"{name}.ipynb", as_version=4)
+    params = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
+    assert len(params) == 1 and nb.cells[params[0]].cell_type == "code"
+    assert 'matplotlib.use("Agg")' in nb.cells[params[0]].source
+    injected = nbformat.v4.new_code_cell(f"STUDY_DIR = {os.fspath(study_dir)!r}",
+                                         metadata={"tags": ["injected-parameters"]})
+    nb.cells.insert(params[0] + 1, injected)
+    # The kernel's cwd is an empty directory: the notebooks must not depend on being run from the repository.
+    NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
+    return nb
+
+
+def outputs(nb: nbformat.NotebookNode) -> tuple[int, str]:
+    """(number of PNG images, all text output) of an executed notebook; fails on any error output."""
+    images, text = 0, []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            assert out.output_type != "error", f"{out.ename}: {out.evalue}"
+            images += "image/png" in out.get("data", {})
+            text.append(out.get("text", "") + out.get("data", {}).get("text/plain", ""))
+    return images, "\n".join(text)
+
+
+@pytest.fixture(scope="module")
+def full_study(tmp_path_factory) -> Path:
+    return write_synthetic_study(tmp_path_factory.mktemp("full"))
+
+
+@pytest.fixture(scope="module")
+def lm_only_study(tmp_path_factory) -> Path:
+    # A partial study: LM only, and only two of the three gate modes.
+    return write_synthetic_study(tmp_path_factory.mktemp("lm_only"), tasks=("lm",), modes=("lstm", "g2"), seeds=(1,))
+
+
+def test_notebooks_are_stored_without_outputs():
+    for name in NOTEBOOKS:
+        nb = nbformat.read(ANALYSIS / f"{name}.ipynb", as_version=4)
+        nbformat.validate(nb)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert all(not c.outputs and c.execution_count is None for c in code), name
+        assert "studies/quickstart" in code[0].source and "parameters" in code[0].metadata["tags"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "figures"), [("pareto_lm", 8), ("pareto_nmt", 8), ("gates", 6)])
+def test_notebook_runs_on_a_full_study(name, figures, full_study, tmp_path):
+    images, text = outputs(execute(name, full_study, tmp_path))
+    assert images == figures
+    assert "No finished" not in text
+
+
+@pytest.mark.slow
+def test_notebooks_on_a_study_without_nmt(lm_only_study, tmp_path):
+    images, text = outputs(execute("pareto_nmt", lm_only_study, tmp_path))
+    assert images == 0 and "No finished NMT trials" in text
+    images, _ = outputs(execute("pareto_lm", lm_only_study, tmp_path))
+    assert images == 8
+    images, text = outputs(execute("gates", lm_only_study, tmp_path))
+    assert images == 3 and "No NMT trials" in text   # saturation, and two curves, for LM only

@@ -1,0 +1,219 @@
+"""The results dataset (study/results.py): rows from a real trial's reports, round trips, idempotent rewrites."""
+from __future__ import annotations
+
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+import torch
+
+from study import results
+from trainables.config import TrialConfig
+from trainables.trainable import SMOKE, run_trial
+
+FINISHED = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+FAST = {"train.max_batches": 2, "train.max_eval_batches": 2}   # the rows' shape is what matters, not the model
+
+
+@pytest.fixture(scope="module")
+def trial(tmp_path_factory):
+    """A real tiny LM trial (2 epochs, a 2-rank x 2-bit sweep plus round_clip): its flat config and every report."""
+    cfg = TrialConfig.from_flat(SMOKE | FAST, base=TrialConfig.preset("lm", "tiny"))
+    reports: list[dict] = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # a model this small only loses to thread contention on a busy CI machine
+    try:
+        run_trial(cfg, tmp_path_factory.mktemp("trial"), report=lambda metrics, ckpt: reports.append(metrics))
+    finally:
+        torch.set_num_threads(threads)
+    return {**cfg.to_flat(), "_model_store": "/somewhere"}, reports
+
+
+def flat_config(**overrides) -> dict:
+    cfg = TrialConfig.from_flat(SMOKE, base=TrialConfig.preset("lm", "tiny"))
+    return {**cfg.to_flat(), **overrides}
+
+
+def test_schema_types_come_from_the_dataclasses():
+    schema = results.results_schema(["gate_l10_i_lt01", "gate_l1_f_gt09", "gate_l1_i_lt01"])
+    assert set(TrialConfig().to_flat()) <= set(schema.names)
+    assert len(schema.names) == len(set(schema.names))
+    assert schema.field("seed").type == pa.int64()
+    assert schema.field("g2.tau").type == pa.float64()
+    assert schema.field("g2.gate_mode").type == pa.string()
+    assert schema.field("lm.tie_weights").type == pa.bool_()
+    assert schema.field("sweep.ranks").type == pa.list_(pa.int64())
+    assert schema.field("sweep.paper").type == pa.list_(pa.string())
+    assert schema.field("finished_at").type == pa.timestamp("us", tz="UTC")
+    assert schema.field("gate_bits").type == pa.int64()
+    assert schema.names[-3:] == ["gate_l1_i_lt01", "gate_l1_f_gt09", "gate_l10_i_lt01"]   # by layer number
+    assert all(schema.field(n).type == pa.float64() for n in schema.names[-3:])
+
+
+def test_ok_trial_gives_one_row_per_sweep_point(trial):
+    config, reports = trial
+    last = reports[-1]
+    rows = results.trial_rows("s", "t1", config, last, status="ok", error=None, finished_at=FINISHED)
+
+    assert len(rows) == len(last["sweep"]) == 5   # none, quant, svd, svd+quant, round_clip
+    assert sorted(r["method"] for r in rows) == ["none", "quant", "round_clip", "svd", "svd+quant"]
+    assert [r["is_trial_setting"] for r in rows].count(True) == 1
+    plain = next(r for r in last["sweep"] if r["method"] == "none")
+    for row, point in zip(rows, last["sweep"]):
+        assert (row["compress.rank"], row["compress.bits"], row["compress.paper"]) == (
+            point["compress.rank"], point["compress.bits"], point["compress.paper"])
+        assert row["val_metric"] == point["val_metric"] and row["test_loss"] == point["test_loss"]
+        assert row["gate_bits"] == point["gate_bits"]
+        assert row["uncompressed_val_metric"] == plain["val_metric"]
+        assert row["uncompressed_test_metric"] == plain["test_metric"]
+        assert row["g2.tau"] == config["g2.tau"] and row["sweep.ranks"] == [0, 8]
+        assert row["epoch"] == 2 and row["best_epoch"] == last["best_epoch"]
+        assert row["wall_time_s"] == last["train_time_s"]
+        assert row["gate_l1_f_gt09"] == last["gate_l1_f_gt09"]
+        assert row["status"] == "ok" and row["error"] is None and row["metric_name"] == "ppl"
+        assert "_model_store" not in row
+
+
+def test_ok_without_sweep_is_refused(trial):
+    config, reports = trial
+    with pytest.raises(ValueError, match="sweep"):
+        results.trial_rows("s", "t1", config, reports[0], status="ok", error=None, finished_at=FINISHED)
+    with pytest.raises(ValueError, match="timezone"):
+        results.trial_rows("s", "t1", config, reports[-1], status="ok", error=None, finished_at=datetime(2026, 1, 1))
+
+
+def test_round_trip_keeps_values_and_types(trial, tmp_path):
+    config, reports = trial
+    rows = results.trial_rows("s", "t1", config, reports[-1], status="ok", error=None, finished_at=FINISHED)
+    results.write_trial(tmp_path, "t1", rows)
+    df = results.load(tmp_path)
+
+    assert len(df) == 5 and list(df["method"]) == sorted(r["method"] for r in rows)
+    assert list(df.columns[: len(results.results_schema().names)]) == results.results_schema().names
+    assert df["status"].dtype == pd.StringDtype() and df["g2.gate_mode"].dtype == pd.StringDtype()
+    assert df["seed"].dtype == pd.Int64Dtype() and df["gate_bits"].dtype == pd.Int64Dtype()
+    assert df["is_trial_setting"].dtype == pd.BooleanDtype()
+    assert df["val_metric"].dtype == "float64" and df["gate_l0_i_lt01"].dtype == "float64"
+    assert df["finished_at"].dtype == "datetime64[us, UTC]" and df["finished_at"][0] == pd.Timestamp(FINISHED)
+    assert df["sweep.ranks"][0] == (0, 8) and df["sweep.paper"][0] == ("round_clip",)
+    expected = {(r["method"], r["compress.rank"], r["compress.bits"]): r["val_metric"] for r in rows}
+    for _, row in df.iterrows():
+        assert row["val_metric"] == expected[(row["method"], row["compress.rank"], row["compress.bits"])]
+    assert df["error"].isna().all()
+
+
+def test_rewriting_a_trial_does_not_duplicate_rows(trial, tmp_path):
+    config, reports = trial
+    writer = results.ResultsWriter(tmp_path, "s")
+    for report in reports:
+        writer.record_report("t1", config, report)
+    writer.record_end("t1", config, "ok")
+    writer.record_end("t1", config, "ok")
+    results.ResultsWriter(tmp_path, "s").record_end("t2", config, "error", "boom")
+    results.ResultsWriter(tmp_path, "s").record_end("t2", config, "error", "boom")   # a resumed driver
+
+    df = results.load(tmp_path)
+    assert df.groupby("trial_id").size().to_dict() == {"t1": 5, "t2": 1}
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["t1.parquet", "t2.parquet"]   # no temp files
+    curves = results.load_curves(tmp_path)
+    assert list(curves["epoch"]) == [1, 2] and list(curves["trial_id"]) == ["t1", "t1"]
+
+
+def test_error_trial_is_one_row_with_its_message(trial, tmp_path):
+    config, reports = trial
+    writer = results.ResultsWriter(tmp_path, "s")
+    writer.record_report("t9", config, reports[0])   # it failed during epoch 2
+    rows = writer.record_end("t9", config | {"g2.tau": 0.3}, "error", "RuntimeError: CUDA out of memory")
+
+    assert len(rows) == 1
+    df = results.load(tmp_path)
+    assert len(df) == 1
+    row = df.iloc[0]
+    assert row["status"] == "error" and row["error"] == "RuntimeError: CUDA out of memory"
+    assert row["g2.tau"] == 0.3 and row["lm.hidden_size"] == 32 and row["method"] == "none"
+    assert row["epoch"] == 1   # how far it got
+    for col in ("val_metric", "test_metric", "uncompressed_val_metric", "gate_l0_i_lt01"):
+        assert pd.isna(row[col]), col
+    assert pd.isna(row["gate_bits"])
+
+
+def test_error_before_any_report(tmp_path):
+    rows = results.ResultsWriter(tmp_path, "s").record_end("t0", flat_config(), "error", "bad config")
+    assert len(rows) == 1 and rows[0]["epoch"] is None
+    assert results.load(tmp_path)["error"].tolist() == ["bad config"]
+
+
+def test_diverged_and_truncated_trials(trial, tmp_path):
+    config, reports = trial
+    writer = results.ResultsWriter(tmp_path, "s")
+    diverged = {"metric_name": "ppl", "device": "cpu", "training_key": "k", "epoch": 2, "status": "diverged",
+                "error": "non-finite loss at batch 3", "done": True, "val_metric": math.nan,
+                "compressed_val_metric": math.nan}
+    writer.record_report("td", config, reports[0])
+    writer.record_report("td", config, diverged)
+    writer.record_end("td", config, "ok")              # Tune saw a normal return
+    writer.record_report("tp", config, reports[0])
+    writer.record_end("tp", config, "ok")              # stopped before its last epoch: no sweep
+
+    df = results.load(tmp_path).set_index("trial_id")
+    assert df.loc["td", "status"] == "diverged" and df.loc["td", "error"] == "non-finite loss at batch 3"
+    assert math.isnan(df.loc["td", "val_metric"]) and df.loc["td", "epoch"] == 2
+    assert df.loc["tp", "status"] == "pruned" and pd.isna(df.loc["tp", "error"])
+    assert df.loc["tp", "val_metric"] == reports[0]["compressed_val_metric"]
+    assert df.loc["tp", "uncompressed_val_metric"] == reports[0]["val_metric"]
+    assert df.loc["tp", "val_loss"] == reports[0]["val_loss"]   # trial setting is uncompressed
+    assert results.load(tmp_path, status="ok").empty
+    assert list(results.load(tmp_path, status=["pruned", "diverged"])["trial_id"]) == ["td", "tp"]
+
+
+def test_load_filters_on_dotted_columns(trial, tmp_path):
+    config, reports = trial
+    for trial_id, tau in (("a", 0.3), ("b", 0.9)):
+        rows = results.trial_rows("s", trial_id, config | {"g2.tau": tau}, reports[-1], status="ok", error=None,
+                                  finished_at=FINISHED)
+        results.write_trial(tmp_path, trial_id, rows)
+
+    low = results.load(tmp_path, filters="`g2.tau` < 0.5 and method == 'none'", columns=["trial_id", "g2.tau"])
+    assert low.to_dict("records") == [{"trial_id": "a", "g2.tau": 0.3}]
+    assert len(results.load(f"file://{tmp_path}", filters="`compress.rank` == 8")) == 4   # a URI, too
+    with pytest.raises(ValueError, match="backticks"):
+        results.load(tmp_path, filters="g2.tau < 0.5")
+    with pytest.raises(ValueError, match="status"):
+        results.load(tmp_path, status="okay")
+
+
+def test_missing_study_is_an_empty_frame_with_the_schema(tmp_path):
+    df = results.load(tmp_path / "nothing-here")
+    assert df.empty and list(df.columns) == results.results_schema().names
+    assert df["seed"].dtype == pd.Int64Dtype() and df["finished_at"].dtype == "datetime64[us, UTC]"
+    assert results.load_curves(tmp_path).empty
+
+
+def test_files_with_different_layer_counts_are_unified(tmp_path):
+    def row(trial_id, layers):
+        gates = {f"gate_l{k}_{g}_lt01": 0.1 * (k + 1) for k in range(layers) for g in "if"}
+        return {"study": "s", "trial_id": trial_id, "status": "error", "finished_at": FINISHED, **gates}
+
+    results.write_trial(tmp_path, "two", [row("two", 2)])
+    results.write_trial(tmp_path, "three", [row("three", 3)])
+    df = results.load(tmp_path).set_index("trial_id")
+    assert df.loc["three", "gate_l2_f_lt01"] == pytest.approx(0.3)
+    assert math.isnan(df.loc["two", "gate_l2_f_lt01"]) and df.loc["two", "gate_l1_i_lt01"] == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="unknown column"):
+        results.write_trial(tmp_path, "bad", [{"trial_id": "bad", "gate_bitz": 1}])
+
+
+def test_curves_survive_a_driver_restart(trial, tmp_path):
+    config, reports = trial
+    results.ResultsWriter(tmp_path, "s").record_report("t1", config, reports[0])
+    resumed = results.ResultsWriter(tmp_path, "s")     # the new driver only sees epoch 2
+    resumed.record_report("t1", config, reports[1])
+    resumed.record_report("t1", config, reports[1])    # re-entered at its final checkpoint
+    curves = results.load_curves(tmp_path)
+    assert list(curves["epoch"]) == [1, 2]
+    assert curves["train_loss"].tolist() == [reports[0]["train_loss"], reports[1]["train_loss"]]
+    assert curves["gate_l1_i_gt09"].dtype == "float64"
+    assert Path(tmp_path, "curves", "t1.parquet").exists()

@@ -1,0 +1,236 @@
+"""End-to-end studies on real parts: a `ray start --head` cluster and an `mlflow server`, both on 127.0.0.1.
+
+The driver is the real `g2-study` command in a subprocess, as a user runs it; one study is killed with SIGKILL
+in the middle and resumed.
+"""
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from study import results
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if check():
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"{what} not ready after {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A Ray head with token authentication; the driver gets the same token through its environment."""
+    temp = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))          # Ray's unix sockets want a short path
+    token = temp / "token"
+    token.write_text(secrets.token_hex(32))
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    port = free_port()
+    log = open(temp / "head.log", "w")
+    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={port}",
+                             "--node-ip-address=127.0.0.1", "--num-cpus=2", "--include-dashboard=false",
+                             "--disable-usage-stats", f"--temp-dir={temp / 'ray'}"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    status = [str(BIN / "ray"), "status", "--address", f"127.0.0.1:{port}"]
+    wait_for(lambda: subprocess.run(status, env=env, capture_output=True).returncode == 0, 90, "ray head")
+    yield {"address": f"127.0.0.1:{port}", "env": env}
+    head.send_signal(signal.SIGTERM)
+    try:
+        head.wait(60)
+    except subprocess.TimeoutExpired:
+        head.kill()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                               "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+                              env=env, stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT)
+    uri = f"http://127.0.0.1:{port}"
+
+    def healthy():
+        try:
+            return urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200
+        except OSError:
+            return False
+
+    wait_for(healthy, 120, "mlflow server")
+    yield uri
+    server.terminate()
+    server.wait(30)
+
+
+STUDY = """
+[study]
+name = "{name}"
+task = "lm"
+preset = "tiny"
+sampler = "{sampler}"
+num_samples = {num_samples}
+max_concurrent = {concurrent}
+
+[trial]
+"data.cache_dir" = "{cache}"
+"train.epochs" = {epochs}
+"train.max_batches" = 8
+"train.max_eval_batches" = 4
+"sweep.ranks" = [0, 8]
+"sweep.bits" = [32, 4]
+"sweep.paper" = ["round_clip"]
+{space}
+"""
+
+FAILING_GRID = """
+[space."data.corpus"]
+choices = ["toy", "no-such-corpus"]        # half the trials fail on purpose: the corpus is missing
+
+[space."compress.rank"]
+choices = [0, 4, 8]
+"""
+
+
+def study_file(tmp_path, name, *, sampler="tpe", num_samples=6, concurrent=2, epochs=3, space="") -> Path:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(STUDY.format(name=name, sampler=sampler, num_samples=num_samples, concurrent=concurrent,
+                                 epochs=epochs, cache=tmp_path / "cache", space=space))
+    return path
+
+
+def g2_study(args, cluster, tmp_path, **kw):
+    return subprocess.run([str(BIN / "g2-study"), *args], env=cluster["env"], cwd=tmp_path, capture_output=True,
+                          text=True, **kw)
+
+
+def test_study_on_a_cluster_with_a_failing_trial(cluster, mlflow_server, tmp_path):
+    storage = tmp_path / "studies"
+    config = study_file(tmp_path, "grid", sampler="grid", num_samples=0, concurrent=1, space=FAILING_GRID)
+    proc = g2_study(["run", str(config), "--address", cluster["address"], "--storage", str(storage),
+                     "--tracking-uri", mlflow_server], cluster, tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Pareto front" in proc.stdout and "error 3, ok 3" in proc.stdout
+
+    df = results.load(str(storage / "grid"))
+    trials = df.drop_duplicates("trial_id").set_index("trial_id")
+    assert len(trials) == 6 and trials["status"].value_counts().to_dict() == {"ok": 3, "error": 3}
+    failed = trials[trials["status"] == "error"]
+    assert (failed["data.corpus"] == "no-such-corpus").all()
+    assert failed["error"].str.contains("no-such-corpus").all() and failed["val_metric"].isna().all()
+    ok = df[df["status"] == "ok"]
+    # each ok trial: the 5 sweep settings, plus its own rank 4 when that is not one of them
+    assert ok.groupby("trial_id").size().sort_values().tolist() == [5, 5, 6]
+    assert set(ok["method"]) == {"none", "quant", "svd", "svd+quant", "round_clip"}
+    assert (ok.groupby("trial_id")["is_trial_setting"].sum() == 1).all()
+
+    # the three ok trials share their training knobs: one trained, the others re-scored its model
+    ok_trials = trials[trials["status"] == "ok"]
+    assert ok_trials["training_key"].nunique() == 1
+    assert sorted(ok_trials["reused_checkpoint"].tolist()) == [False, True, True]
+    curves = results.load_curves(str(storage / "grid"))
+    trained = ok_trials.index[~ok_trials["reused_checkpoint"].astype(bool)][0]
+    assert set(curves["trial_id"]) == {trained} and sorted(curves["epoch"]) == [1, 2, 3]
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.get_experiment_by_name("grid")
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.`g2.role` = 'parent'")
+    assert parent.info.status == "FINISHED"
+    assert "pareto_front.csv" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+    children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    by_trial = {run.data.tags["g2.trial_id"]: run for run in children}
+    assert len(children) == 6 and set(by_trial) == set(trials.index)
+    for trial_id, row in trials.iterrows():
+        run = by_trial[trial_id]
+        assert run.info.status == ("FINISHED" if row["status"] == "ok" else "FAILED")
+        if row["status"] == "ok":   # MLflow and Parquet hold the same numbers
+            own = ok[(ok["trial_id"] == trial_id) & ok["is_trial_setting"]].iloc[0]
+            assert run.data.metrics["compressed_val_metric"] == pytest.approx(own["val_metric"])
+            assert "compression_table.csv" in [a.path for a in client.list_artifacts(run.info.run_id)]
+    history = client.get_metric_history(by_trial[trained].info.run_id, "val_metric")
+    assert sorted(m.step for m in history) == [1, 2, 3]
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def optuna_states(url: str) -> dict[str, int]:
+    """Counts of the study's trial states, orphans of a killed driver (FAIL) left out."""
+    trials = optuna.load_study(study_name="killed", storage=url).trials
+    assert not any(t.state.name == "RUNNING" for t in trials)
+    return {state: n for state, n in Counter(t.state.name for t in trials).items() if state != "FAIL"}
+
+
+def test_killed_study_resumes_without_loss_or_duplicates_and_extends(cluster, tmp_path):
+    storage = tmp_path / "studies"
+    config = study_file(tmp_path, "killed", num_samples=6, concurrent=2, epochs=4)
+    driver = subprocess.Popen([str(BIN / "g2-study"), "run", str(config), "--address", cluster["address"],
+                               "--storage", str(storage)], env=cluster["env"], cwd=tmp_path,
+                              stdout=open(tmp_path / "driver.log", "w"), stderr=subprocess.STDOUT)
+    result_dir = storage / "killed" / "results"
+    wait_for(lambda: len(list(result_dir.glob("*.parquet"))) >= 2 or driver.poll() is not None, 600,
+             "two finished trials")
+    children = descendants(driver.pid)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(30)
+    for child in children:
+        child.kill() if child.is_running() else None
+    finished = {p.stem: p.stat().st_mtime_ns for p in result_dir.glob("*.parquet")}
+    assert 2 <= len(finished) < 6, (tmp_path / "driver.log").read_text()[-3000:]
+
+    proc = g2_study(["resume", "killed", "--storage", str(storage)], cluster, tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    df = results.load(str(storage / "killed"))
+    trials = df.drop_duplicates("trial_id")
+    assert len(trials) == 6 and (trials["status"] == "ok").all()
+    assert len(df) == df.groupby("trial_id").size().sum() and not df.duplicated(["trial_id", "method",
+                                                                                 "compress.rank", "compress.bits"]).any()
+    for trial_id, mtime in finished.items():                  # finished before the kill: not run again
+        assert (result_dir / f"{trial_id}.parquet").stat().st_mtime_ns == mtime
+    optuna_url = f"sqlite:///{storage / 'killed' / 'optuna.db'}"
+    assert optuna_states(optuna_url) == {"COMPLETE": 6}      # a trial asked for by the dead driver, if any, FAILED
+    client = MlflowClient(tracking_uri=f"sqlite:///{storage / 'killed' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("killed")
+    runs = client.search_runs([experiment.experiment_id], "tags.`g2.role` = 'trial'")
+    assert sorted(r.data.tags["g2.trial_id"] for r in runs if r.info.status == "FINISHED") == sorted(trials["trial_id"])
+
+    # a finished study grows by exactly N trials, continuing the same Optuna study
+    proc = g2_study(["run", str(config), "--address", cluster["address"], "--storage", str(storage),
+                     "--num-samples", "2"], cluster, tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert results.load(str(storage / "killed"))["trial_id"].nunique() == 8
+    assert optuna_states(optuna_url)["COMPLETE"] == 8
+
+    proc = g2_study(["results", "killed", "--storage", str(storage), "--front"], cluster, tmp_path, timeout=120)
+    assert proc.returncode == 0 and "gate ×" in proc.stdout
