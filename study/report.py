@@ -29,11 +29,21 @@ def front_objectives(cfg: StudyConfig) -> dict[str, str]:
     return {ROW_COLUMN[name]: mode for name, mode in zip(cfg.objectives, cfg.modes())}
 
 
+SAME_MODEL = ["training_key", "g2.eval_gate", "compress.rank", "compress.bits", "compress.paper", "compress.step",
+              "compress.clip", "compress.targets"]
+
+
 def study_front(df: pd.DataFrame, cfg: StudyConfig) -> pd.DataFrame:
-    """The non-dominated rows (ok trials only) over every scored compression setting of every trial."""
+    """The non-dominated rows (ok trials only) over every scored compression setting of every trial.
+
+    Trials that share a trained model (same training key) score the same compressed models: each such
+    point is listed once, under the first trial that reached it.
+    """
     if df.empty:
         return df
-    return pareto_front(df, front_objectives(cfg))
+    front = pareto_front(df, front_objectives(cfg))
+    return front.sort_values(["finished_at", "trial_id"], kind="stable").drop_duplicates(SAME_MODEL).sort_values(
+        list(front_objectives(cfg)), kind="stable")
 
 
 def format_front(front: pd.DataFrame, metric_name: str) -> str:

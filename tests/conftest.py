@@ -20,3 +20,18 @@ def real_data_dir() -> Path | None:
         if candidate and Path(candidate).is_dir():
             return Path(candidate)
     return None
+
+
+@pytest.fixture(scope="session")
+def real_study(tmp_path_factory):
+    """A real tiny study, run once by the `g2-study` command on a local Ray: the toy-grammar LM, smoke budget."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("real_study")
+    command = [str(Path(sys.executable).parent / "g2-study"), "run", "--smoke", "--storage", str(root / "studies"),
+               "--set", "study.name=real", "--set", "study.preset=tiny", "--set", "data.corpus=toy",
+               "--set", f"data.cache_dir={root / 'cache'}", "--set", "study.num_samples=5"]
+    proc = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {"dir": root / "studies" / "real", "storage": root / "studies", "stdout": proc.stdout}

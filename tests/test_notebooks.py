@@ -77,3 +77,13 @@ def test_notebooks_on_a_study_without_nmt(lm_only_study, tmp_path):
     assert images == 8
     images, text = outputs(execute("gates", lm_only_study, tmp_path))
     assert images == 3 and "No NMT trials" in text   # saturation, and two curves, for LM only
+
+
+@pytest.mark.slow
+def test_notebooks_run_on_a_real_study(real_study, tmp_path):
+    images, _ = outputs(execute("pareto_lm", real_study["dir"], tmp_path))
+    assert images >= 6
+    images, text = outputs(execute("gates", real_study["dir"], tmp_path))
+    assert images >= 2
+    images, text = outputs(execute("pareto_nmt", real_study["dir"], tmp_path))
+    assert "No finished NMT trials" in text

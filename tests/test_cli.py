@@ -1,0 +1,85 @@
+"""The `g2-study` commands a user types after a study: results, the front, exports and the MLflow UI."""
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from study import results
+from study.config import StudyConfig
+from study.report import study_front
+from study.runner import STATE_FILE, StudyState
+
+pytestmark = pytest.mark.slow
+G2 = str(Path(sys.executable).parent / "g2-study")
+
+
+def cli(*args, cwd):
+    return subprocess.run([G2, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_run_prints_where_results_and_mlflow_are(real_study):
+    out = real_study["stdout"]
+    assert "Pareto front" in out and "g2-study results real" in out and "g2-study ui real" in out
+    assert f"{real_study['dir']}/results" in out and "mlflow.db" in out
+
+
+def test_results_front_is_the_front_of_the_dataset(real_study, tmp_path):
+    storage = str(real_study["storage"])
+    proc = cli("results", "real", "--storage", storage, "--front", "--format", "csv", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    printed = pd.read_csv(pd.io.common.StringIO(proc.stdout))
+    cfg = StudyConfig.from_json(StudyState.read(real_study["dir"] / STATE_FILE).config)
+    front = study_front(results.load(str(real_study["dir"])), cfg)
+    assert len(printed) == len(front) > 0
+    assert sorted(zip(printed["trial_id"], printed["gate_bits"])) == sorted(zip(front["trial_id"], front["gate_bits"]))
+    table = cli("results", "real", "--storage", storage, "--front", cwd=tmp_path)
+    assert table.returncode == 0 and "gate ×" in table.stdout
+
+
+def test_results_where_and_parquet_export(real_study, tmp_path):
+    out = tmp_path / "ok.parquet"
+    proc = cli("results", "real", "--storage", str(real_study["storage"]), "--where",
+               "status == 'ok' and `compress.rank` == 8", "--format", "parquet", "--output", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    df = pd.read_parquet(out)
+    assert len(df) > 0 and (df["compress.rank"] == 8).all() and (df["status"] == "ok").all()
+
+
+def test_results_of_an_unknown_study_is_a_clear_error(tmp_path):
+    proc = cli("results", "nope", "--storage", str(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 2 and "no study 'nope'" in proc.stderr
+
+
+def test_ui_serves_the_study_runs(real_study, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ui = subprocess.Popen([G2, "ui", "real", "--storage", str(real_study["storage"]), "--port", str(port)],
+                          cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert f"http://127.0.0.1:{port}" in ui.stdout.readline()
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            try:
+                if urllib.request.urlopen(f"{base}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                assert time.time() < deadline, "mlflow ui did not start"
+                time.sleep(0.5)
+        request = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", method="POST",
+                                         data=json.dumps({"experiment_ids": ["1"], "max_results": 100}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        runs = json.loads(urllib.request.urlopen(request, timeout=10).read())["runs"]
+        roles = sorted(r["data"]["tags"][[t["key"] for t in r["data"]["tags"]].index("g2.role")]["value"]
+                       for r in runs)
+        assert roles.count("parent") == 1 and roles.count("trial") == 5
+    finally:
+        ui.terminate()
+        ui.wait(30)
