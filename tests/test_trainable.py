@@ -138,3 +138,17 @@ def test_command_line_refuses_bad_overrides(capsys):
         main(["lm", "--smoke", "--set", "g2.tau=-1"])
     assert exit_info.value.code == 2
     assert "g2.tau must be a number in (0.0, 10.0]" in capsys.readouterr().err
+
+
+def test_translation_trial_reports_bleu_and_its_sweep(tmp_path):
+    cfg = TrialConfig.from_flat({**SMOKE, "data.cache_dir": str(tmp_path / "cache")},
+                                base=TrialConfig.preset("nmt", "tiny"))
+    rec = Recorder()
+    final = run_trial(cfg, tmp_path / "work", report=rec)
+    assert final["status"] == "ok" and final["metric_name"] == "bleu"
+    assert [r["epoch"] for r in rec.reports] == [1, 2]
+    assert {"val_bleu", "val_tok_bleu", "compressed_val_metric", "gate_l0_i_lt01"} <= set(rec.reports[0])
+    # 4 recurrent G2LSTM modules (encoder forward/backward, decoder) all have statistics
+    assert {f"gate_l{k}_f_gt09" for k in range(3)} <= set(rec.reports[0])
+    assert len(final["sweep"]) == 5 and all(ACCOUNTING <= set(r) for r in final["sweep"])
+    assert all(0.0 <= r["test_metric"] <= 100.0 for r in final["sweep"])

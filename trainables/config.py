@@ -371,7 +371,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                   "sweep.ranks": [0, 16, 32]},
         "tiny": {"nmt.embed_dim": 32, "nmt.hidden_size": 48, "nmt.encoder_layers": 1, "nmt.decoder_layers": 1,
                  "nmt.dropout": 0.0, "nmt.beam_size": 3, "train.optimizer": "adam", "train.lr": 5e-3,
-                 "train.clip": 1.0, "train.weight_decay": 0.0, "train.batch_size": 32, "train.epochs": 8,
+                 "train.clip": 1.0, "train.weight_decay": 0.0, "train.batch_size": 32, "train.epochs": 16,
                  "train.nt_asgd": False, "data.corpus": "toy-copy", "data.bpe_vocab_size": 60,
                  "compress.step": 0.5, "compress.clip": 1.0, "sweep.ranks": [0, 4, 8], "sweep.bits": [32, 4, 2]},
     },
