@@ -145,3 +145,22 @@ def test_cli_check_prints_the_resolved_config(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "config OK: 3 trial(s)" in proc.stdout and "g2.p = 0.5" in proc.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["study.toml"]
+
+
+@pytest.mark.parametrize("sampler, cls", [("tpe", "TPESampler"), ("nsga2", "NSGAIISampler"), ("gp", "GPSampler"),
+                                          ("grid", "GridSampler")])
+def test_every_sampler_is_built(sampler, cls):
+    from study.runner import make_sampler
+
+    cfg = StudyConfig(preset="tiny", sampler=sampler, num_samples=0 if sampler == "grid" else 4)
+    assert type(make_sampler(cfg, seed=0)).__name__ == cls
+
+
+def test_optuna_study_keeps_its_directions(tmp_path):
+    from study.runner import open_optuna_study
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    open_optuna_study(StudyConfig(preset="tiny"), url, seed=0)
+    other = StudyConfig(preset="tiny", objectives=("compressed_val_metric", "gate_compression"))
+    with pytest.raises(ValueError, match="has directions"):
+        open_optuna_study(other, url, seed=0)

@@ -152,3 +152,12 @@ def test_translation_trial_reports_bleu_and_its_sweep(tmp_path):
     assert {f"gate_l{k}_f_gt09" for k in range(3)} <= set(rec.reports[0])
     assert len(final["sweep"]) == 5 and all(ACCOUNTING <= set(r) for r in final["sweep"])
     assert all(0.0 <= r["test_metric"] <= 100.0 for r in final["sweep"])
+
+
+def test_finetune_stage_restarts_averaged_sgd_from_the_best_weights(tmp_path):
+    cfg = smoke_cfg(tmp_path, **{"train.epochs": 2, "train.finetune_epochs": 1, "train.nt_asgd": False})
+    work = tmp_path / "work"
+    final = run_trial(cfg, work)
+    assert final["epoch"] == 3 and final["status"] == "ok"
+    saved = load_checkpoint(work / "checkpoint")
+    assert saved["task"]["asgd"] is True                      # the fine-tune stage ran on ASGD
