@@ -37,6 +37,26 @@ def window(layers, x):
     x.float().square().mean().backward()
 
 
+def gemm_floor(sizes, input_size, x):
+    """The GEMMs any per-step design must run (forward and backward), nothing else: a lower bound."""
+    steps, batch = x.shape[:2]
+    dims = [input_size, *sizes]
+    for k, hidden in enumerate(sizes):
+        w_ih = torch.empty(4 * hidden, dims[k], device=x.device)
+        w_hh = torch.empty(4 * hidden, hidden, device=x.device)
+        inputs = torch.empty(steps * batch, dims[k], device=x.device)
+        h = torch.empty(batch, hidden, device=x.device)
+        grad = torch.empty(batch, 4 * hidden, device=x.device)
+        inputs @ w_ih.t()                          # input GEMM, forward
+        for _ in range(steps):
+            h @ w_hh.t()                           # recurrent GEMM, forward
+            grad @ w_hh                            # dh, backward
+        grad_all = torch.empty(steps * batch, 4 * hidden, device=x.device)
+        grad_all.t() @ inputs                      # dW_ih
+        grad_all.t() @ torch.empty(steps * batch, hidden, device=x.device)   # dW_hh
+        grad_all @ w_ih                            # dx
+
+
 def timed(fn, device, repeats, warmup):
     for _ in range(warmup):
         fn()
@@ -70,10 +90,18 @@ def main(argv=None):
         "g2 reference": stack(G2LSTM, sizes, input_size, g2=g2, impl="reference"),
         "lstm via G2LSTM(auto)": stack(G2LSTM, sizes, input_size, g2=G2Config(gate_mode="lstm")),
     }
+    if device.type == "cuda":   # the Triton path (DESIGN §8) and bf16, next to cuDNN in the same run
+        candidates["g2 fused fp32"] = stack(G2LSTM, sizes, input_size, g2=g2, impl="fused")
+        candidates["g2 fused bf16"] = stack(G2LSTM, sizes, input_size, g2=g2, impl="fused", precision="bf16")
     results = {}
     for name, layers in candidates.items():
         layers.to(device).train()
         results[name] = timed(lambda: window(layers, x), device, args.repeats, args.warmup)
+    if device.type == "cuda":
+        bf16 = stack(nn.LSTM, sizes, input_size).to(device, torch.bfloat16).train()
+        results["nn.LSTM bf16"] = timed(lambda: window(bf16, x.bfloat16()), device, args.repeats, args.warmup)
+        results["GEMM floor fp32"] = timed(lambda: gemm_floor(sizes, input_size, x), device, args.repeats,
+                                           args.warmup)
     base = results["nn.LSTM"]["median_ms"]
     for r in results.values():
         r["vs_nn_lstm"] = base / r["median_ms"]

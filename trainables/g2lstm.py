@@ -21,7 +21,8 @@ from torch import Tensor, nn
 from trainables.config import G2Config, check_choice, check_range
 
 NOISE_EPS = 1e-3          # ε of the logistic noise, as in the authors' code
-IMPLS = ("auto", "reference")
+IMPLS = ("auto", "reference", "fused")
+PRECISIONS = ("fp32", "bf16")
 HIST_BINS = 10
 
 
@@ -125,12 +126,14 @@ class G2LSTM(nn.Module):
     Args:
         dropout: dropout on the outputs of every layer but the last (as `nn.LSTM`).
         weight_drop: DropConnect on every `weight_hh`, one mask per forward (AWD-LSTM).
-        impl: "auto" (plain-LSTM maths on PyTorch's fused kernel, the rest on the reference recurrence)
-            or "reference" (always the pure-PyTorch recurrence; for tests).
+        impl: "auto" (plain-LSTM maths on PyTorch's fused kernel (cuDNN), noisy g2 training on the fused
+            Triton path on CUDA, the reference recurrence elsewhere), "reference" (always the pure-PyTorch
+            recurrence) or "fused" (the Triton path for every non-hard gate; CUDA, or Triton's interpreter).
+        precision: "fp32" or "bf16" GEMM operands on the fused path (cell state, gates, noise stay fp32).
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, *, g2: G2Config = G2Config(),
-                 dropout: float = 0.0, weight_drop: float = 0.0, impl: str = "auto"):
+                 dropout: float = 0.0, weight_drop: float = 0.0, impl: str = "auto", precision: str = "fp32"):
         super().__init__()
         check_range("input_size", input_size, 1, 1 << 20, integer=True)
         check_range("hidden_size", hidden_size, 1, 1 << 20, integer=True)
@@ -138,8 +141,10 @@ class G2LSTM(nn.Module):
         check_range("dropout", dropout, 0.0, 1.0, hi_open=True)
         check_range("weight_drop", weight_drop, 0.0, 1.0, hi_open=True)
         check_choice("impl", impl, IMPLS)
+        check_choice("precision", precision, PRECISIONS)
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.g2, self.dropout, self.weight_drop, self.impl = g2, dropout, weight_drop, impl
+        self.precision = precision
         for k in range(num_layers):
             layer_in = input_size if k == 0 else hidden_size
             self.register_parameter(f"weight_ih_l{k}", nn.Parameter(torch.empty(4 * hidden_size, layer_in)))
@@ -170,7 +175,7 @@ class G2LSTM(nn.Module):
             zeros = x.new_zeros(self.num_layers, batch, self.hidden_size)
             state = (zeros, zeros)
         gate = GateMath.of(self.g2, self.training)
-        layer_fn = lstm_layer_plain if gate.is_plain_lstm and self.impl == "auto" else lstm_layer_reference
+        layer_fn = self._layer_fn(gate, x.device)
         h_n, c_n, all_gates = [], [], []
         for k in range(self.num_layers):
             w_ih, w_hh, b_ih, b_hh = self.layer_weights(k)
@@ -185,9 +190,29 @@ class G2LSTM(nn.Module):
         out = (x, (torch.stack(h_n), torch.stack(c_n)))
         return (*out, all_gates) if return_gates else out
 
+    def _layer_fn(self, gate: GateMath, device: torch.device):
+        """Which implementation computes one layer in this forward (see `impl`)."""
+        if self.impl == "reference" or gate.hard:
+            return lstm_layer_reference
+        if self.impl == "auto" and gate.is_plain_lstm:
+            return lstm_layer_plain
+        from trainables import g2lstm_kernels   # triton is imported lazily, only where it can run
+
+        # `auto` takes the Triton path on CUDA only; the CPU interpreter is for tests that ask for "fused"
+        if self.impl == "fused" or (device.type == "cuda" and g2lstm_kernels.fused_available(device)):
+            # a fresh noise seed per layer and forward, drawn on the device: it follows torch.manual_seed and
+            # the checkpointed RNG state, and stays valid inside a captured CUDA graph
+            def fused(x, h, c, w_ih, w_hh, b_ih, b_hh, gate, record_gates):
+                seed = torch.randint(0, 2**62, (1,), device=x.device)
+                return g2lstm_kernels.fused_lstm_layer(x, h, c, w_ih, w_hh, b_ih, b_hh, gate, seed, record_gates,
+                                                       self.precision)
+            return fused
+        return lstm_layer_reference
+
     def extra_repr(self) -> str:
         return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, g2={self.g2}, "
-                f"dropout={self.dropout}, weight_drop={self.weight_drop}, impl={self.impl!r}")
+                f"dropout={self.dropout}, weight_drop={self.weight_drop}, impl={self.impl!r}, "
+                f"precision={self.precision!r}")
 
 
 class GateStatistics:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import random
+import shutil
 from pathlib import Path
 
 import torch
@@ -87,7 +89,6 @@ def cache_pointer_logprobs(logits: Tensor, hiddens: Tensor, targets: Tensor, mem
                            window: int, theta: float, lam: float) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """Neural cache (Grave et al. 2017): mix the model with a pointer over the last `window` (hidden, next word)
     pairs. logits (T, B, V), hiddens (T, B, E), targets (T, B) -> log p(target) (T, B), updated memory."""
-    vocab = logits.shape[-1]
     probs = F.softmax(logits, dim=-1)
     mem_h, mem_y = memory if memory is not None else (hiddens[:0], targets[:0])      # (W, B, E), (W, B)
     out = []
@@ -101,7 +102,6 @@ def cache_pointer_logprobs(logits: Tensor, hiddens: Tensor, targets: Tensor, mem
         out.append(p.gather(1, targets[t][:, None]).squeeze(1).clamp_min(1e-12).log())
         mem_h = torch.cat([mem_h, hiddens[t:t + 1]])[-window:]
         mem_y = torch.cat([mem_y, targets[t:t + 1]])[-window:]
-    del vocab
     return torch.stack(out), (mem_h, mem_y)
 
 
@@ -109,10 +109,13 @@ def resolve_lm_corpus(cfg: TrialConfig, work_dir: Path) -> Path:
     """The corpus folder: `toy` is generated (deterministically from the seed) under `work_dir`."""
     if cfg.data.corpus == "toy":
         target = Path(work_dir) / f"toy-grammar-{cfg.seed}"
-        if not (target / "test.txt").exists():
-            tmp = target.with_name(f"{target.name}.tmp{random.getrandbits(32)}")
+        if not (target / "test.txt").exists():   # concurrent trials: write aside, then rename into place
+            tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
             toy_grammar_corpus(tmp, cfg.seed)
-            tmp.replace(target) if not target.exists() else None
+            try:
+                tmp.rename(target)
+            except OSError:                      # another trial got there first
+                shutil.rmtree(tmp, ignore_errors=True)
         return target
     return find_corpus(cfg.data.corpus, cfg.data.data_dir or None)
 
