@@ -52,7 +52,7 @@ class StudyConfig:
     sampler_seed: int = 0
     objectives: tuple[str, ...] = ("compressed_val_metric", "gate_bits")
     seeds: tuple[int, ...] = (1111,)       # several seeds: each configuration may be trained per seed
-    storage: str = "studies"               # a path or URI; the study lives in <storage>/<name>
+    storage: str = "studies"               # a directory (shared by all nodes); the study lives in <storage>/<name>
     tracking_uri: str = ""                 # "" = sqlite:///<study dir>/mlflow.db
     optuna_storage: str = ""               # "" = sqlite:///<study dir>/optuna.db; or any RDB URL
     address: str = ""                      # Ray address; "" = a fresh local Ray, "auto" = the running cluster
@@ -85,8 +85,9 @@ class StudyConfig:
             raise ValueError("study.seeds must list at least one seed")
         for s in self.seeds:
             check_range("study.seeds[]", s, 0, 2**31 - 1, integer=True)
-        if not self.storage:
-            raise ValueError("study.storage must be a directory or URI")
+        if not self.storage or "://" in self.storage:
+            raise ValueError(f"study.storage must be a directory path (on a cluster, one that every node mounts), "
+                             f"got {self.storage!r}; object-store URIs are not supported for the study directory")
         check_range("study.cpus_per_trial", self.cpus_per_trial, 0.0, 1024.0, lo_open=True)
         check_range("study.gpus_per_trial", self.gpus_per_trial, 0.0, 64.0)
         check_choice("study.scheduler", self.scheduler, SCHEDULERS)

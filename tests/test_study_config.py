@@ -96,6 +96,7 @@ def test_conditional_parameters_are_only_suggested_for_g2():
     ('study.objectives=["accuracy"]', "study.objectives[] must be one of 'compressed_val_metric'"),
     ("study.gpus_per_trial=-0.5", "study.gpus_per_trial must be a number in [0.0, 64.0]"),
     ("study.name=../evil", "study.name must be 1-64 characters"),
+    ('study.storage="s3://bucket/studies"', "study.storage must be a directory path"),
     ("study.nmae=x", "unknown field(s) study.nmae"),
     ("g2.tau=0", "trial: g2.tau must be a number in (0.0, 10.0]"),
     ("trial.compress.bits=3.5", "compress.bits must be an integer in [1, 16] or 32"),
