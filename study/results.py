@@ -4,11 +4,12 @@ Layout of a study directory (a local path or any URI `pyarrow.fs.FileSystem.from
 
     <study_dir>/results/<trial_id>.parquet   one row per (trial, compression setting) of the trial's sweep
     <study_dir>/curves/<trial_id>.parquet    one row per epoch
+    <study_dir>/gates/<trial_id>.parquet     one row per (layer, gate, bin) of the trial's last gate histograms
 
 Column names are the names the trainable reports (`trainables/trainable.py`) and the flat TrialConfig knobs (`g2.tau`),
 so Parquet, MLflow and the search space cannot drift apart. Every file is cast to one explicit schema derived from the
-TrialConfig dataclasses; only the gate-saturation columns (`gate_l{k}_{i|f}_{lt01|gt09}`) vary, with the number of
-layers, and are float64 wherever they appear.
+TrialConfig dataclasses; only the gate-saturation columns (`gate_l{k}_{i|f}_{lt01|gt09}`) of results and curves vary,
+with the number of layers, and are float64 wherever they appear.
 """
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ from trainables.config import CompressConfig, TrialConfig
 log = logging.getLogger(__name__)
 
 STATUSES = ("ok", "pruned", "diverged", "error")
-RESULTS_DIR, CURVES_DIR = "results", "curves"
+RESULTS_DIR, CURVES_DIR, GATES_DIR = "results", "curves", "gates"
 GATE_COLUMN = re.compile(r"^gate_l(\d+)_([if])_(lt01|gt09)$")
+HISTOGRAM_KEY = re.compile(r"^l(\d+)_([if])$")   # the keys of a report's `gate_histograms`
 SETTING_KNOBS = ("compress.rank", "compress.bits", "compress.paper")   # per row: the sweep point, not the trial's
 
 _IDENTITY = {"study": pa.string(), "trial_id": pa.string(), "status": pa.string(), "error": pa.string(),
@@ -48,6 +50,8 @@ _METRICS = {"val_metric": pa.float64(), "test_metric": pa.float64(),
 _CURVES = {"study": pa.string(), "trial_id": pa.string(), "epoch": pa.int64(), "train_loss": pa.float64(),
            "val_loss": pa.float64(), "val_metric": pa.float64(), "compressed_val_metric": pa.float64(),
            "gate_compression": pa.float64(), "epoch_time_s": pa.float64(), "train_time_s": pa.float64()}
+_GATES = {"study": pa.string(), "trial_id": pa.string(), "g2.gate_mode": pa.string(), "epoch": pa.int64(),
+          "layer": pa.int64(), "gate": pa.string(), "bin": pa.int64(), "fraction": pa.float64()}
 _SWEEP_KEYS = ("method", "is_trial_setting", "val_metric", "test_metric", "val_loss", "test_loss", "gate_params",
                "gate_bits", "model_params", "model_bits", "gate_compression", "model_compression", "relative_error")
 
@@ -88,9 +92,15 @@ def _gate_sort_key(name: str) -> tuple:
     return (0, int(m.group(1)), "if".index(m.group(2)), m.group(3) == "gt09") if m else (1, 0, 0, name)
 
 
-def _with_extras(base: Mapping[str, pa.DataType], extra_columns: Iterable[str]) -> pa.Schema:
-    extras = sorted(set(extra_columns) - set(base), key=_gate_sort_key)
-    return pa.schema([*base.items(), *((name, pa.float64()) for name in extras)])
+def _with_extras(base: Mapping[str, pa.DataType], extra_columns: Iterable[str], *, saturation: bool = True
+                 ) -> pa.Schema:
+    """`base`, then the gate-saturation columns among `extra_columns` (if the dataset has them); others are refused."""
+    extras = set(extra_columns) - set(base)
+    unknown = sorted(n for n in extras if not (saturation and GATE_COLUMN.match(n)))
+    if unknown:
+        also = " and gate_l{k}_{i|f}_{lt01|gt09}" if saturation else ""
+        raise ValueError(f"unknown column(s) {', '.join(unknown)}; columns are {', '.join(base)}{also}")
+    return pa.schema([*base.items(), *((name, pa.float64()) for name in sorted(extras, key=_gate_sort_key))])
 
 
 def results_schema(extra_columns: Iterable[str] = ()) -> pa.Schema:
@@ -102,6 +112,11 @@ def results_schema(extra_columns: Iterable[str] = ()) -> pa.Schema:
 def curves_schema(extra_columns: Iterable[str] = ()) -> pa.Schema:
     """One row per epoch; `extra_columns` (gate saturation) as float64."""
     return _with_extras(_CURVES, extra_columns)
+
+
+def gates_schema(extra_columns: Iterable[str] = ()) -> pa.Schema:
+    """One row per (layer, gate, bin) of a trial's gate histograms; the dataset takes no extra columns."""
+    return _with_extras(_GATES, extra_columns, saturation=False)
 
 
 # --------------------------------------------------------------------------- rows
@@ -203,6 +218,26 @@ def curve_rows(study: str, trial_id: str, reports: Iterable[Mapping[str, Any]]) 
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
+def gate_rows(study: str, trial_id: str, config: Mapping[str, Any], report: Mapping[str, Any] | None
+              ) -> list[dict[str, Any]]:
+    """The tidy rows of one report's `gate_histograms` (layer, i before f, bin); none if it carries none.
+
+    `fraction` is the share of the layer's gate values in bin `bin` of the equal bins on [0, 1] (DESIGN §2).
+    """
+    histograms = (report or {}).get("gate_histograms")
+    if not histograms:
+        return []
+    keys = {}
+    for key in histograms:
+        if not (match := HISTOGRAM_KEY.match(key)):
+            raise ValueError(f"gate histogram key {key!r} is not of the form l<k>_i or l<k>_f")
+        keys[key] = (int(match[1]), "if".index(match[2]))
+    base = {"study": study, "trial_id": trial_id, "g2.gate_mode": config.get("g2.gate_mode"),
+            "epoch": report.get("epoch")}
+    return [{**base, "layer": keys[key][0], "gate": key[-1], "bin": b, "fraction": float(fraction)}
+            for key in sorted(keys, key=keys.get) for b, fraction in enumerate(histograms[key])]
+
+
 # --------------------------------------------------------------------------- files
 
 def _filesystem(study_dir: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
@@ -230,13 +265,8 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 
 def _to_table(rows: Sequence[Mapping[str, Any]], schema_fn) -> pa.Table:
-    base = schema_fn()
-    names = {k for row in rows for k in row}
-    unknown = sorted(n for n in names - set(base.names) if not GATE_COLUMN.match(n))
-    if unknown:
-        raise ValueError(f"unknown column(s) {', '.join(unknown)}; columns are {', '.join(base.names)} "
-                         "and gate_l{k}_{i|f}_{lt01|gt09}")
-    return pa.Table.from_pylist([dict(row) for row in rows], schema=schema_fn(names - set(base.names)))
+    """`schema_fn(every column named in rows)` refuses the unknown ones, so a typo is an error, not a new column."""
+    return pa.Table.from_pylist([dict(row) for row in rows], schema=schema_fn({k for row in rows for k in row}))
 
 
 def _write(study_dir: str | os.PathLike, sub: str, trial_id: str, table: pa.Table) -> str:
@@ -271,6 +301,11 @@ def write_curves(study_dir: str | os.PathLike, trial_id: str, rows: Sequence[Map
     return _write(study_dir, CURVES_DIR, trial_id, _to_table(rows, curves_schema))
 
 
+def write_gates(study_dir: str | os.PathLike, trial_id: str, rows: Sequence[Mapping[str, Any]]) -> str:
+    """(Re)write the gate-histogram file of one trial; returns its path on the study's filesystem."""
+    return _write(study_dir, GATES_DIR, trial_id, _to_table(rows, gates_schema))
+
+
 def _read_all(study_dir: str | os.PathLike, sub: str, schema_fn) -> pa.Table:
     """Every trial file of `sub`, schemas unified (files differ in their gate columns), in one table."""
     fs, root = _filesystem(study_dir)
@@ -280,7 +315,7 @@ def _read_all(study_dir: str | os.PathLike, sub: str, schema_fn) -> pa.Table:
                    and not info.base_name.startswith("."))   # `.…tmp`: a write in progress
     tables = [pq.read_table(p, filesystem=fs) for p in paths]
     names = {n for t in tables for n in t.column_names}
-    schema = schema_fn(n for n in names - set(schema_fn().names) if GATE_COLUMN.match(n))
+    schema = schema_fn(n for n in names if GATE_COLUMN.match(n))
     if not tables:
         return schema.empty_table()
     return _conform(pa.concat_tables(tables, promote_options="permissive"), schema)
@@ -347,10 +382,20 @@ def load_curves(study_dir_or_uri: str | os.PathLike, *, filters: str | None = No
     return _select(df.sort_values(["trial_id", "epoch"], kind="stable"), filters, columns, None)
 
 
+def load_gates(study_dir_or_uri: str | os.PathLike, *, filters: str | None = None) -> pd.DataFrame:
+    """All gate-histogram rows of a study (trial_id, then layer, i before f, bin); `filters` as in `load`.
+
+    One histogram set per trial, from the last report that carried one (the final epoch of a finished trial); a trial
+    that reused a trained model has none. Join with `load(...)` on trial_id for its status and other knobs.
+    """
+    df = _to_pandas(_read_all(study_dir_or_uri, GATES_DIR, gates_schema))
+    return _select(df.sort_values("trial_id", kind="stable"), filters, None, None)
+
+
 # --------------------------------------------------------------------------- the driver's recorder
 
 class ResultsWriter:
-    """Records a study from a Ray Tune driver callback: curves after every report, the results file at the end.
+    """Records a study from a Ray Tune driver callback: curves after every report, results and gates at the end.
 
     Everything is keyed by trial id and rewritten whole, so calling it again for a trial (a resume, a trial re-entered
     at its final checkpoint) replaces that trial's rows instead of adding to them.
@@ -360,6 +405,7 @@ class ResultsWriter:
         self.study_dir, self.study = study_dir, study
         self._curves: dict[str, dict[int, dict[str, Any]]] = {}
         self._last: dict[str, dict[str, Any]] = {}
+        self._histograms: dict[str, dict[str, Any]] = {}   # the last report carrying `gate_histograms`
 
     def _known_curve(self, trial_id: str) -> dict[int, dict[str, Any]]:
         """Epochs already on disk: after a driver restart a resumed trial reports only the epochs it has left."""
@@ -373,6 +419,8 @@ class ResultsWriter:
     def record_report(self, trial_id: str, config: Mapping[str, Any], report: Mapping[str, Any]) -> None:
         """Keep the report and rewrite the trial's curves file."""
         self._last[trial_id] = dict(report)
+        if report.get("gate_histograms"):
+            self._histograms[trial_id] = self._last[trial_id]
         curve = self._known_curve(trial_id)
         for row in curve_rows(self.study, trial_id, [report]):
             curve[row["epoch"]] = row
@@ -381,10 +429,11 @@ class ResultsWriter:
 
     def record_end(self, trial_id: str, config: Mapping[str, Any], status: str | None = None, error: str | None = None,
                    *, finished_at: datetime | None = None) -> list[dict[str, Any]]:
-        """Write the trial's results file from its last report; returns the rows written.
+        """Write the trial's results file from its last report, and its gates file; returns the results rows written.
 
         `status` None derives it from the last report (`trial_status`); an `ok` without a sweep is stored as `pruned`
-        and a diverged report as `diverged`, whatever the caller thought.
+        and a diverged report as `diverged`, whatever the caller thought. The gates file comes from the last report
+        that carried histograms (a diverged trial's from its last good epoch); a reused model reported none: no file.
         """
         last = self._last.get(trial_id)
         derived = trial_status(last, error)
@@ -393,6 +442,8 @@ class ResultsWriter:
         rows = trial_rows(self.study, trial_id, config, last, status=status, error=error,
                           finished_at=finished_at or datetime.now(timezone.utc))
         write_trial(self.study_dir, trial_id, rows)
+        if trial_id in self._histograms:
+            write_gates(self.study_dir, trial_id, gate_rows(self.study, trial_id, config, self._histograms[trial_id]))
         return rows
 
 

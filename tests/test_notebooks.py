@@ -1,6 +1,7 @@
 """Executes the analysis notebooks top to bottom against a study directory, as a user would (DESIGN §6).
 
-The study is synthetic for now (written through study.results, so its files have the real layout and schema).
+Most tests use a synthetic study (written through study.results, so its files have the real layout and schema); one
+uses a real study run by `g2-study run`.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 from test_plots import write_synthetic_study
+
+from study import results
 
 ANALYSIS = Path(__file__).resolve().parents[1] / "analysis"
 NOTEBOOKS = ("pareto_lm", "pareto_nmt", "gates")
@@ -62,7 +65,7 @@ def test_notebooks_are_stored_without_outputs():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("name", "figures"), [("pareto_lm", 8), ("pareto_nmt", 8), ("gates", 6)])
+@pytest.mark.parametrize(("name", "figures"), [("pareto_lm", 8), ("pareto_nmt", 8), ("gates", 8)])
 def test_notebook_runs_on_a_full_study(name, figures, full_study, tmp_path):
     images, text = outputs(execute(name, full_study, tmp_path))
     assert images == figures
@@ -76,14 +79,21 @@ def test_notebooks_on_a_study_without_nmt(lm_only_study, tmp_path):
     images, _ = outputs(execute("pareto_lm", lm_only_study, tmp_path))
     assert images == 8
     images, text = outputs(execute("gates", lm_only_study, tmp_path))
-    assert images == 3 and "No NMT trials" in text   # saturation, and two curves, for LM only
+    assert images == 4 and "No NMT trials" in text   # saturation, two curves and the histograms, for LM only
 
 
 @pytest.mark.slow
 def test_notebooks_run_on_a_real_study(real_study, tmp_path):
     images, _ = outputs(execute("pareto_lm", real_study["dir"], tmp_path))
     assert images >= 6
+    # Every ok trial that trained has the histograms of its last epoch; one that reused a model has none.
+    ok = results.load(real_study["dir"], status="ok").drop_duplicates("trial_id").set_index("trial_id")
+    gates = results.load_gates(real_study["dir"])
+    assert set(ok.index[~ok["reused_checkpoint"]]) <= set(gates["trial_id"])
+    assert not set(ok.index[ok["reused_checkpoint"]]) & set(gates["trial_id"])
+    ok_gates = gates[gates["trial_id"].isin(ok.index)]
+    assert (ok_gates["epoch"].to_numpy() == ok.loc[ok_gates["trial_id"], "epoch"].to_numpy()).all()
     images, text = outputs(execute("gates", real_study["dir"], tmp_path))
-    assert images >= 2
+    assert images == 4 and "No gate histograms" not in text   # LM only: saturation, two curves, histograms
     images, text = outputs(execute("pareto_nmt", real_study["dir"], tmp_path))
     assert "No finished NMT trials" in text

@@ -71,10 +71,20 @@ def _saturation(mode: str, seed: int, layers: int) -> dict:
             for k in range(layers) for g in "if" for s, v in (("lt01", lt), ("gt09", gt))}
 
 
+def _histograms(sat: dict, layers: int) -> dict:
+    """10-bin gate histograms whose outer bins are the saturation figures, the rest spread evenly."""
+    out = {}
+    for k in range(layers):
+        for g in "if":
+            lt, gt = sat[f"gate_l{k}_{g}_lt01"], sat[f"gate_l{k}_{g}_gt09"]
+            out[f"l{k}_{g}"] = [lt, *[(1.0 - lt - gt) / 8] * 8, gt]
+    return out
+
+
 def write_synthetic_study(study_dir: Path, *, tasks=("lm", "nmt"), modes=tuple(MODES), seeds=(1, 2),
                           epochs: int = 3) -> Path:
     """A study directory in the layout of study.results: ok trials per task × gate mode × seed × (τ, p), plus one
-    diverged and one failed trial, with per-epoch curves."""
+    diverged and one failed trial, with per-epoch curves and the ok trials' gate histograms."""
     start = datetime(2025, 1, 1, tzinfo=timezone.utc)
     n = 0
     for task in tasks:
@@ -92,11 +102,12 @@ def write_synthetic_study(study_dir: Path, *, tasks=("lm", "nmt"), modes=tuple(M
                     report = {"metric_name": "ppl" if task == "lm" else "bleu", "device": "cpu", "epoch": epochs,
                               "training_key": f"key{n}", "best_epoch": epochs, "train_time_s": 60.0 + n,
                               "status": "ok", "done": True, "sweep": _sweep(task, mode, seed * 1000 + n, trial_setting),
-                              **sat}
+                              **sat, "gate_histograms": _histograms(sat, layers)}
                     trial_id = f"{task}_{n:04d}"
                     rows = results.trial_rows("synthetic", trial_id, flat, report, status="ok", error=None,
                                               finished_at=start + timedelta(minutes=7 * n))
                     results.write_trial(study_dir, trial_id, rows)
+                    results.write_gates(study_dir, trial_id, results.gate_rows("synthetic", trial_id, flat, report))
                     curve = [{"epoch": e, "train_loss": 5.0 / e, "val_loss": 4.5 / e, "val_metric": 100.0 / e,
                               "compressed_val_metric": 110.0 / e, "gate_compression": 8.0, "epoch_time_s": 20.0,
                               "train_time_s": 20.0 * e, **sat} for e in range(1, epochs + 1)]

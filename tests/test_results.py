@@ -1,4 +1,4 @@
-"""The results dataset (study/results.py): rows from a real trial's reports, round trips, idempotent rewrites."""
+"""The results datasets (study/results.py): rows from a real trial's reports, round trips, idempotent rewrites."""
 from __future__ import annotations
 
 import math
@@ -18,18 +18,32 @@ FINISHED = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 FAST = {"train.max_batches": 2, "train.max_eval_batches": 2}   # the rows' shape is what matters, not the model
 
 
-@pytest.fixture(scope="module")
-def trial(tmp_path_factory):
-    """A real tiny LM trial (2 epochs, a 2-rank x 2-bit sweep plus round_clip): its flat config and every report."""
-    cfg = TrialConfig.from_flat(SMOKE | FAST, base=TrialConfig.preset("lm", "tiny"))
+def _run(cfg: TrialConfig, work_dir: Path, model_store: Path) -> list[dict]:
+    """Every report of one real trial."""
     reports: list[dict] = []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # a model this small only loses to thread contention on a busy CI machine
     try:
-        run_trial(cfg, tmp_path_factory.mktemp("trial"), report=lambda metrics, ckpt: reports.append(metrics))
+        run_trial(cfg, work_dir, report=lambda metrics, ckpt: reports.append(metrics), model_store=model_store)
     finally:
         torch.set_num_threads(threads)
-    return {**cfg.to_flat(), "_model_store": "/somewhere"}, reports
+    return reports
+
+
+@pytest.fixture(scope="module")
+def trial(tmp_path_factory):
+    """A real tiny LM trial (2 epochs, a 2-rank x 2-bit sweep plus round_clip): its flat config and every report."""
+    cfg = TrialConfig.from_flat(SMOKE | FAST, base=TrialConfig.preset("lm", "tiny"))
+    store = tmp_path_factory.mktemp("store")
+    return {**cfg.to_flat(), "_model_store": str(store)}, _run(cfg, tmp_path_factory.mktemp("trial"), store)
+
+
+@pytest.fixture(scope="module")
+def reused(trial, tmp_path_factory):
+    """The reports of a second trial with the same training knobs: it reuses the first one's model."""
+    config, _ = trial
+    cfg = TrialConfig.from_flat({k: v for k, v in config.items() if not k.startswith("_")})
+    return _run(cfg, tmp_path_factory.mktemp("reused"), Path(config["_model_store"]))
 
 
 def flat_config(**overrides) -> dict:
@@ -120,6 +134,55 @@ def test_rewriting_a_trial_does_not_duplicate_rows(trial, tmp_path):
     assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["t1.parquet", "t2.parquet"]   # no temp files
     curves = results.load_curves(tmp_path)
     assert list(curves["epoch"]) == [1, 2] and list(curves["trial_id"]) == ["t1", "t1"]
+    assert results.load_gates(tmp_path)["trial_id"].tolist() == ["t1"] * 40   # t2 never reported
+
+
+def test_gates_round_trip_from_the_final_report(trial, tmp_path):
+    config, reports = trial
+    last = reports[-1]
+    writer = results.ResultsWriter(tmp_path, "s")
+    for report in reports:
+        writer.record_report("t1", config, report)
+    writer.record_end("t1", config)
+    df = results.load_gates(tmp_path)
+
+    assert list(df.columns) == results.gates_schema().names == [
+        "study", "trial_id", "g2.gate_mode", "epoch", "layer", "gate", "bin", "fraction"]
+    assert len(df) == 2 * 2 * 10   # layers x (i, f) x bins
+    assert df["epoch"].dtype == df["layer"].dtype == df["bin"].dtype == pd.Int64Dtype()
+    assert df["gate"].dtype == df["g2.gate_mode"].dtype == pd.StringDtype() and df["fraction"].dtype == "float64"
+    assert (df["study"] == "s").all() and (df["g2.gate_mode"] == config["g2.gate_mode"]).all()
+    assert (df["epoch"] == last["epoch"]).all() and last["epoch"] == 2   # the last epoch's histograms
+    assert list(df.drop_duplicates(["layer", "gate"])[["layer", "gate"]].itertuples(index=False, name=None)) == [
+        (0, "i"), (0, "f"), (1, "i"), (1, "f")]
+    for (layer, gate), group in df.groupby(["layer", "gate"]):
+        assert group["bin"].tolist() == list(range(10))
+        assert group["fraction"].tolist() == last["gate_histograms"][f"l{layer}_{gate}"]   # exact, not approximate
+        assert group["fraction"].sum() == pytest.approx(1.0)
+    assert results.load_gates(tmp_path, filters="layer == 1 and gate == 'f' and bin >= 8")["bin"].tolist() == [8, 9]
+    assert results.load_gates(tmp_path / "nothing-here").columns.tolist() == results.gates_schema().names
+
+    # A resumed driver sees the final report again (the trial re-entered at its end): one file, replaced.
+    resumed = results.ResultsWriter(tmp_path, "s")
+    resumed.record_report("t1", config, last)
+    resumed.record_end("t1", config)
+    writer.record_end("t1", config)
+    assert results.load_gates(tmp_path).equals(df)
+    assert [p.name for p in (tmp_path / "gates").iterdir()] == ["t1.parquet"]   # no temp files
+    with pytest.raises(ValueError, match="unknown column.*gate_l0_i_lt01"):
+        results.write_gates(tmp_path, "bad", [{"trial_id": "bad", "gate_l0_i_lt01": 0.1}])
+    with pytest.raises(ValueError, match="l<k>_i"):
+        results.gate_rows("s", "t1", config, {"epoch": 1, "gate_histograms": {"layer0_i": [1.0]}})
+
+
+def test_a_reused_model_writes_no_gates(trial, reused, tmp_path):
+    config, _ = trial
+    assert len(reused) == 1 and reused[0]["reused_checkpoint"] and "gate_histograms" not in reused[0]
+    writer = results.ResultsWriter(tmp_path, "s")
+    writer.record_report("r1", config, reused[0])
+    rows = writer.record_end("r1", config)
+    assert len(rows) == 5 and rows[0]["status"] == "ok" and rows[0]["reused_checkpoint"]
+    assert results.load_gates(tmp_path).empty and not (tmp_path / "gates").exists()
 
 
 def test_error_trial_is_one_row_with_its_message(trial, tmp_path):
@@ -167,6 +230,8 @@ def test_diverged_and_truncated_trials(trial, tmp_path):
     assert df.loc["tp", "val_loss"] == reports[0]["val_loss"]   # trial setting is uncompressed
     assert results.load(tmp_path, status="ok").empty
     assert list(results.load(tmp_path, status=["pruned", "diverged"])["trial_id"]) == ["td", "tp"]
+    gates = results.load_gates(tmp_path)   # the last epoch that measured its gates, not the diverged one
+    assert gates.groupby("trial_id")["epoch"].unique().map(list).to_dict() == {"td": [1], "tp": [1]}
 
 
 def test_load_filters_on_dotted_columns(trial, tmp_path):
