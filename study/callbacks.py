@@ -60,7 +60,7 @@ class StudyCallback(tune.Callback):
         self._writer: ResultsWriter | None = None
         self._tracker: StudyTracker | None = None
         self._statuses: Counter = Counter()
-        self._points: list[tuple[float, float]] = []     # (compressed metric, gate bits) of every ok sweep row
+        self._points: dict[tuple, tuple[float, float]] = {}   # model + setting -> (signed metric, gate bits)
 
     def __getstate__(self):
         return {**self.__dict__, "_writer": None, "_tracker": None}
@@ -104,9 +104,12 @@ class StudyCallback(tune.Callback):
     def _finished(self, trial, status: str, rows: list[dict], trials) -> None:
         self._statuses[status] += 1
         sign = -1.0 if HIGHER_IS_BETTER[self.cfg.task] else 1.0
-        self._points += [(sign * r["val_metric"], r["gate_bits"]) for r in rows
-                         if status == "ok" and r.get("val_metric") is not None]
-        front = int(pareto_mask(np.array(self._points), [True, True]).sum()) if self._points else 0
+        for r in rows:   # trials that share a trained model score the same points: count each once
+            if status == "ok" and r.get("val_metric") is not None:
+                key = (r.get("training_key"), r["method"], r["compress.rank"], r["compress.bits"])
+                self._points[key] = (sign * r["val_metric"], r["gate_bits"])
+        points = np.array(list(self._points.values()))
+        front = int(pareto_mask(points, [True, True]).sum()) if len(points) else 0
         running = sum(1 for t in trials if t.status == "RUNNING")
         done = sum(self._statuses.values())
         last = trial.last_result or {}
