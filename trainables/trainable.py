@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import random
 import shutil
 import tempfile
 import time
@@ -119,7 +118,6 @@ def run_trial(cfg: TrialConfig, work_dir: Path, *, report: Reporter | None = Non
     ckpt_dir = Path(work_dir) / "checkpoint"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
     flat, key = cfg.to_flat(), cfg.training_key()
     task = make_task(cfg, device)
     common = {"metric_name": task.metric, "device": str(device), "training_key": key}
@@ -286,8 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     if metrics.get("status") == "ok":
         print_sweep(metrics)
     if args.json:
-        atomic_json = json.dumps(metrics, indent=2, default=float)
-        args.json.write_text(atomic_json)
+        final_json = json.dumps(metrics, indent=2, default=float)
+        args.json.write_text(final_json)
     print(f"\nstatus {metrics.get('status')}; checkpoint in {work_dir / 'checkpoint'}")
     return 0 if metrics.get("status") == "ok" else 1
 
