@@ -176,9 +176,10 @@ def make_searcher(cfg: StudyConfig, paths: StudyPaths, seed: int):
         early (ASHA) was PRUNED. Neither is a real point of the front."""
 
         def on_trial_complete(self, trial_id, result=None, error=False):
+            # Tune marks a scheduler-stopped result `done` too: only the final report carries the sweep
             if result and result.get("status") == "diverged":
                 result, error = None, True
-            elif result and not result.get("done"):
+            elif result and "sweep" not in result:
                 result, error = None, False
             super().on_trial_complete(trial_id, result=result, error=error)
 

@@ -234,3 +234,27 @@ def test_killed_study_resumes_without_loss_or_duplicates_and_extends(cluster, tm
 
     proc = g2_study(["results", "killed", "--storage", str(storage), "--front"], cluster, tmp_path, timeout=120)
     assert proc.returncode == 0 and "gate ×" in proc.stdout
+
+
+def test_asha_stops_trials_as_pruned_and_keeps_them_out_of_the_front(cluster, tmp_path):
+    """Four seeds of one configuration, one at a time: ASHA stops those behind the first at epoch 1."""
+    storage = tmp_path / "studies"
+    space = '[space.seed]\nchoices = [1, 2, 3, 4]\n'
+    config = study_file(tmp_path, "asha", sampler="grid", num_samples=0, concurrent=1, epochs=3, space=space)
+    proc = g2_study(["run", str(config), "--address", cluster["address"], "--storage", str(storage),
+                     "--set", "study.scheduler=asha"], cluster, tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    df = results.load(str(storage / "asha"))
+    trials = df.drop_duplicates("trial_id")
+    statuses = trials["status"].value_counts().to_dict()
+    assert set(statuses) == {"ok", "pruned"} and statuses["ok"] >= 1 and statuses["pruned"] >= 1
+    pruned = df[df["status"] == "pruned"]
+    assert (pruned.groupby("trial_id").size() == 1).all() and (pruned["epoch"] < 3).all()
+    front_ids = set(df[df["status"] == "ok"]["trial_id"])
+    proc = g2_study(["results", "asha", "--storage", str(storage), "--front", "--format", "csv"], cluster, tmp_path,
+                    timeout=120)
+    assert proc.returncode == 0 and not (set(pruned["trial_id"]) & set(proc.stdout.split()))
+    assert front_ids
+    states = Counter(t.state.name for t in optuna.load_study(
+        study_name="asha", storage=f"sqlite:///{storage / 'asha' / 'optuna.db'}").trials)
+    assert states == {"COMPLETE": statuses["ok"], "PRUNED": statuses["pruned"]}
