@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -111,10 +110,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(args.port),
                "--backend-store-uri", uri, "--workers", "1"]
     print(f"MLflow UI for study {args.name}: http://127.0.0.1:{args.port}  (Ctrl-C stops it)", flush=True)
-    try:
-        return subprocess.call(command, env=env)
-    except KeyboardInterrupt:
-        return 0
+    os.execve(sys.executable, command, env)   # become the server, so Ctrl-C and SIGTERM reach it directly
 
 
 def main(argv: list[str] | None = None) -> int:

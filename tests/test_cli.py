@@ -1,10 +1,12 @@
 """The `g2-study` commands a user types after a study: results, the front, exports and the MLflow UI."""
+import json
+import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -61,7 +63,8 @@ def test_ui_serves_the_study_runs(real_study, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ui = subprocess.Popen([G2, "ui", "real", "--storage", str(real_study["storage"]), "--port", str(port)],
-                          cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                          cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True)
     try:
         assert f"http://127.0.0.1:{port}" in ui.stdout.readline()
         base = f"http://127.0.0.1:{port}"
@@ -81,5 +84,5 @@ def test_ui_serves_the_study_runs(real_study, tmp_path):
                        for r in runs)
         assert roles.count("parent") == 1 and roles.count("trial") == 5
     finally:
-        ui.terminate()
+        os.killpg(ui.pid, signal.SIGTERM)      # the server and its workers
         ui.wait(30)

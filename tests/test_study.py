@@ -75,7 +75,8 @@ def mlflow_server(tmp_path_factory):
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                                "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
                                "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-                              env=env, stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT)
+                              env=env, stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
+                              start_new_session=True)   # its own process group: teardown stops its workers too
     uri = f"http://127.0.0.1:{port}"
 
     def healthy():
@@ -86,7 +87,7 @@ def mlflow_server(tmp_path_factory):
 
     wait_for(healthy, 120, "mlflow server")
     yield uri
-    server.terminate()
+    os.killpg(server.pid, signal.SIGTERM)
     server.wait(30)
 
 
