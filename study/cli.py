@@ -68,21 +68,18 @@ def load_from_args(args: argparse.Namespace):
 
 def saved_config(name: str, storage: str):
     from study.config import StudyConfig
-    from study.runner import STATE_FILE, StudyState, StudyStateError
+    from study.runner import StudyPaths, read_state
 
-    state = StudyState.read(Path(storage).expanduser().resolve() / name / STATE_FILE)
-    if state is None:
-        raise StudyStateError(f"no study {name!r} in {Path(storage).expanduser().resolve()}")
-    return StudyConfig.from_json(state.config)
+    return StudyConfig.from_json(read_state(StudyPaths.named(storage, name)).config)
 
 
 def cmd_results(args: argparse.Namespace) -> int:
     from study import results
-    from study.report import format_front, study_front
+    from study.report import format_front, metric_name_of, study_front
+    from study.runner import StudyPaths
 
     cfg = saved_config(args.name, args.storage)
-    root = Path(args.storage).expanduser().resolve() / args.name
-    df = results.load(str(root), filters=args.where)
+    df = results.load(str(StudyPaths.named(args.storage, args.name).root), filters=args.where)
     if args.front:
         df = study_front(df, cfg)
     if args.format == "parquet":
@@ -93,8 +90,7 @@ def cmd_results(args: argparse.Namespace) -> int:
         text = df.to_csv(index=False)
         args.output.write_text(text) if args.output else sys.stdout.write(text)
     else:
-        metric = str(df["metric_name"].dropna().iloc[0]) if not df.empty and df["metric_name"].notna().any() else "metric"
-        print(format_front(df, metric) if args.front else df.to_string(index=False, max_cols=30))
+        print(format_front(df, metric_name_of(df)) if args.front else df.to_string(index=False, max_cols=30))
     return 0
 
 
@@ -102,7 +98,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from study.runner import StudyPaths
 
     cfg = saved_config(args.name, args.storage)
-    uri = StudyPaths(Path(args.storage).expanduser().resolve() / args.name).tracking_uri(cfg)
+    uri = StudyPaths.named(args.storage, args.name).tracking_uri(cfg)
     if uri.startswith(("http://", "https://")):
         print(f"study {args.name} is tracked by an MLflow server: open {uri}")
         return 0

@@ -46,6 +46,12 @@ def study_front(df: pd.DataFrame, cfg: StudyConfig) -> pd.DataFrame:
         list(front_objectives(cfg)), kind="stable")
 
 
+def metric_name_of(df: pd.DataFrame) -> str:
+    """"ppl" or "bleu", as the trials reported it ("metric" before any trial has)."""
+    names = df["metric_name"].dropna() if "metric_name" in df.columns else df.iloc[:0]
+    return str(names.iloc[0]) if len(names) else "metric"
+
+
 def format_front(front: pd.DataFrame, metric_name: str) -> str:
     if front.empty:
         return "(no finished trial yet: the front is empty)"
@@ -80,7 +86,7 @@ def close_study(cfg: StudyConfig, root: str, tracking_uri: str, artifact_locatio
     counts = per_trial["status"].value_counts().to_dict() if not df.empty else {}
     failed = int(counts.get("error", 0) + counts.get("diverged", 0))
     front = study_front(df, cfg)
-    metric = str(df["metric_name"].dropna().iloc[0]) if not df.empty and df["metric_name"].notna().any() else "metric"
+    metric = metric_name_of(df)
     figure = front_plot(df, cfg, Path(root) / "pareto_front.png") if not df.empty else None
     tracker = open_tracker(cfg, root)
     tracker.start(cfg.to_flat())

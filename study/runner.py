@@ -34,8 +34,12 @@ class StudyPaths:
     root: Path
 
     @classmethod
+    def named(cls, storage: str, name: str) -> "StudyPaths":
+        return cls(Path(storage).expanduser().resolve() / name)
+
+    @classmethod
     def of(cls, cfg: StudyConfig) -> "StudyPaths":
-        return cls(Path(cfg.storage).expanduser().resolve() / cfg.name)
+        return cls.named(cfg.storage, cfg.name)
 
     @property
     def state(self) -> Path:
@@ -79,6 +83,14 @@ class StudyState:
 
 class StudyStateError(RuntimeError):
     """The study directory says this cannot be done (resume a finished study, run over an interrupted one)."""
+
+
+def read_state(paths: StudyPaths) -> StudyState:
+    """The study's saved state; a clear error when there is no study there."""
+    state = StudyState.read(paths.state)
+    if state is None:
+        raise StudyStateError(f"no study {paths.root.name!r} in {paths.root.parent} (no {STATE_FILE})")
+    return state
 
 
 # --------------------------------------------------------------------------- Ray
@@ -195,15 +207,22 @@ def make_searcher(cfg: StudyConfig, paths: StudyPaths, seed: int):
 
 # --------------------------------------------------------------------------- the Tune run
 
+def make_trainable(cfg: StudyConfig):
+    from ray import tune
+
+    from trainables.trainable import train_lm, train_nmt
+
+    return tune.with_resources(train_lm if cfg.task == "lm" else train_nmt,
+                               {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
+
+
 def make_tuner(cfg: StudyConfig, paths: StudyPaths, experiment: str, num_samples: int, seed: int, printer: Printer):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     from study.callbacks import StudyCallback
-    from trainables.trainable import train_lm, train_nmt
 
-    trainable = tune.with_resources(train_lm if cfg.task == "lm" else train_nmt,
-                                    {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
+    trainable = make_trainable(cfg)
     scheduler = None
     if cfg.scheduler == "asha":
         base = cfg.base_trial()
@@ -284,14 +303,9 @@ def resume_study(name: str, storage: str = "studies", *, printer: Printer = prin
     """Continue an interrupted study: finished trials stay, interrupted ones continue from their checkpoints."""
     from ray import tune
 
-    from trainables.trainable import train_lm, train_nmt
-
-    root = Path(storage).expanduser().resolve() / name
-    state = StudyState.read(root / STATE_FILE)
-    if state is None:
-        raise StudyStateError(f"no study {name!r} in {Path(storage).resolve()} (no {STATE_FILE})")
+    paths = StudyPaths.named(storage, name)
+    state = read_state(paths)
     cfg = StudyConfig.from_json(state.config)
-    paths = StudyPaths(root)
     pending = [e for e in state.experiments if not e["finished"]]
     if not pending:
         raise StudyStateError(f"study {name!r} has finished; run it again with --num-samples N to extend it")
@@ -308,9 +322,7 @@ def resume_study(name: str, storage: str = "studies", *, printer: Printer = prin
         tuner = make_tuner(cfg, paths, experiment, pending[-1]["num_samples"], cfg.sampler_seed, printer)
     else:
         printer(f"resuming study {name} from {exp_dir}")
-        trainable = tune.with_resources(train_lm if cfg.task == "lm" else train_nmt,
-                                        {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
-        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
+        tuner = tune.Tuner.restore(str(exp_dir), trainable=make_trainable(cfg), resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
     tuner.fit()
     return _finish(cfg, paths, state, experiment, started, printer)
