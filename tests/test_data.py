@@ -9,7 +9,7 @@ import torch
 
 from trainables import data
 from trainables.data import (
-    BOS_ID, EOS, EOS_ID, PAD_ID, UNK, Vocabulary, batchify, decode_bpe, encode_parallel, find_corpus,
+    BOS_ID, EOS, EOS_ID, PAD_ID, UNK, batchify, decode_bpe, encode_parallel, find_corpus,
     lm_batch, load_lm_corpus, load_parallel_data, load_parallel_text, make_batches, toy_grammar_corpus,
     toy_parallel_corpus, train_bpe,
 )

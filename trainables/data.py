@@ -16,10 +16,11 @@ import io
 import logging
 import os
 import random
+import shutil
 import tempfile
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Iterable, Literal, Sequence
+from typing import Callable, Iterable, Literal, Sequence
 
 import sentencepiece as spm
 import torch
@@ -275,6 +276,20 @@ def toy_parallel_corpus(out_dir: Path, seed: int, task: Literal["copy", "reverse
         _write_lines(out_dir / f"{split}.src", (" ".join(s) for s in src))
         _write_lines(out_dir / f"{split}.tgt", (" ".join(t) for t in tgt))
     return out_dir
+
+
+def generate_once(target: Path, write: Callable[[Path], Path]) -> Path:
+    """A generated corpus at `target`, written by `write(dir)` only if absent. Concurrent trials each write
+    aside and rename into place, so no reader ever sees a half-written corpus."""
+    target = Path(target)
+    if not target.exists():
+        tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+        write(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:        # another trial got there first; its corpus is the same (same seed)
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 # --------------------------------------------------------------------------- translation

@@ -10,9 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 import random
-import shutil
 from pathlib import Path
 
 import torch
@@ -20,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainables.config import G2Config, LMConfig, TrialConfig
-from trainables.data import batchify, find_corpus, lm_batch, load_lm_corpus, toy_grammar_corpus
+from trainables.data import batchify, find_corpus, generate_once, lm_batch, load_lm_corpus, toy_grammar_corpus
 from trainables.g2lstm import G2LSTM, GateStatistics
 from trainables.regularize import (NonMonotoneTrigger, activation_regularization, embedding_dropout,
                                    locked_dropout, temporal_activation_regularization)
@@ -108,15 +106,8 @@ def cache_pointer_logprobs(logits: Tensor, hiddens: Tensor, targets: Tensor, mem
 def resolve_lm_corpus(cfg: TrialConfig, work_dir: Path) -> Path:
     """The corpus folder: `toy` is generated (deterministically from the seed) under `work_dir`."""
     if cfg.data.corpus == "toy":
-        target = Path(work_dir) / f"toy-grammar-{cfg.seed}"
-        if not (target / "test.txt").exists():   # concurrent trials: write aside, then rename into place
-            tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-            toy_grammar_corpus(tmp, cfg.seed)
-            try:
-                tmp.rename(target)
-            except OSError:                      # another trial got there first
-                shutil.rmtree(tmp, ignore_errors=True)
-        return target
+        return generate_once(Path(work_dir) / f"toy-grammar-{cfg.seed}",
+                             lambda out: toy_grammar_corpus(out, cfg.seed))
     return find_corpus(cfg.data.corpus, cfg.data.data_dir or None)
 
 

@@ -468,7 +468,8 @@ def load_corpus(cfg: TrialConfig, work_dir: Path) -> data.ParallelData:
     """The trial's parallel corpus, BPE-encoded: a generated toy one under `work_dir`, or a real directory."""
     corpus = cfg.data.corpus
     if corpus in TOY_CORPORA:
-        path = data.toy_parallel_corpus(work_dir / f"{corpus}-{cfg.seed}", seed=cfg.seed, task=TOY_CORPORA[corpus])
+        path = data.generate_once(work_dir / f"{corpus}-{cfg.seed}",
+                                  lambda out: data.toy_parallel_corpus(out, seed=cfg.seed, task=TOY_CORPORA[corpus]))
         src_ext, tgt_ext = "src", "tgt"
     elif corpus == "toy":
         raise ValueError("data.corpus='toy' is the language-model grammar; translation uses toy-copy or toy-reverse")

@@ -20,13 +20,13 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from trainables.checkpoint import (BEST_MODEL_FILE, atomic_save, load_checkpoint, load_model, save_checkpoint,
+from trainables.checkpoint import (BEST_MODEL_FILE, load_checkpoint, load_model, save_checkpoint,
                                    save_model, set_rng_state)
 from trainables.compress import compress_model
 from trainables.config import TrialConfig, parse_override
@@ -93,14 +93,18 @@ def final_metrics(task: Task, model: torch.nn.Module, cfg: TrialConfig, loop: di
             "sweep": rows}
 
 
-def _store_model(model_store: Path, key: str, ckpt_dir: Path, loop: dict) -> None:
-    """Publish the best weights under the training key, for later trials with the same training knobs."""
-    target = Path(model_store) / key
+def _store_model(target: Path, model: torch.nn.Module, config: dict, loop: dict) -> None:
+    """Publish the best weights under the training key, for later trials with the same training knobs.
+
+    The weights go first and the meta file last, each written atomically: the meta file is what readers
+    look for, so they never load a model that is still being written.
+    """
     target.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(ckpt_dir / BEST_MODEL_FILE, target / f".{BEST_MODEL_FILE}.tmp{os.getpid()}")
-    os.replace(target / f".{BEST_MODEL_FILE}.tmp{os.getpid()}", target / BEST_MODEL_FILE)
+    save_model(target / BEST_MODEL_FILE, model, config)
     meta = {k: loop[k] for k in ("epoch", "best_epoch", "best_metric", "train_time_s")}
-    (target / STORE_META).write_text(json.dumps(meta))
+    tmp = target / f".{STORE_META}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(meta))
+    os.replace(tmp, target / STORE_META)
 
 
 def run_trial(cfg: TrialConfig, work_dir: Path, *, report: Reporter | None = None, resume: Path | None = None,
@@ -183,7 +187,7 @@ def run_trial(cfg: TrialConfig, work_dir: Path, *, report: Reporter | None = Non
         save_checkpoint(ckpt_dir, model=task.model, optimizer=task.optimizer, config=flat, epoch=epoch,
                         loop=loop, task=task.state_dict())
         if epoch == total_epochs and stored is not None:   # before the report: Tune stops a `done` trial at once
-            _store_model(Path(model_store), key, ckpt_dir, loop)
+            _store_model(stored, task.model, flat, loop)       # task.model holds the best weights here
         report(metrics, ckpt_dir)
     return metrics
 
