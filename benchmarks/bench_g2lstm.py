@@ -17,6 +17,7 @@ from torch import nn
 
 from trainables.config import G2Config
 from trainables.g2lstm import G2LSTM
+from trainables.graphs import WindowGraphs
 
 SHAPES = {  # name: (T, B, input, [hidden per layer])
     "cpu": (35, 20, 200, [200, 200]),
@@ -31,30 +32,41 @@ def stack(layer_cls, sizes, input_size, **kw):
     return nn.ModuleList(layer_cls(dims[k], dims[k + 1], **kw) for k in range(len(sizes)))
 
 
-def window(layers, x):
+def forward(layers, x):
     for layer in layers:
         x = layer(x)[0]
-    x.float().square().mean().backward()
+    return (x,)
 
 
-def gemm_floor(sizes, input_size, x):
-    """The GEMMs any per-step design must run (forward and backward), nothing else: a lower bound."""
+def window(layers, x, graphs=None):
+    """One training window: forward (replayed from CUDA graphs when given), a loss, backward."""
+    y = graphs(x)[0] if graphs is not None else forward(layers, x)[0]
+    y.float().square().mean().backward()
+
+
+def gemm_floor(sizes, input_size, x, dtype=torch.float32):
+    """A function running the GEMMs any per-step design must run (forward and backward) and nothing else:
+    a lower bound. Operands are random (not zeros, which can run faster) and allocated once, outside the timing."""
     steps, batch = x.shape[:2]
     dims = [input_size, *sizes]
-    for k, hidden in enumerate(sizes):
-        w_ih = torch.empty(4 * hidden, dims[k], device=x.device)
-        w_hh = torch.empty(4 * hidden, hidden, device=x.device)
-        inputs = torch.empty(steps * batch, dims[k], device=x.device)
-        h = torch.empty(batch, hidden, device=x.device)
-        grad = torch.empty(batch, 4 * hidden, device=x.device)
-        inputs @ w_ih.t()                          # input GEMM, forward
-        for _ in range(steps):
-            h @ w_hh.t()                           # recurrent GEMM, forward
-            grad @ w_hh                            # dh, backward
-        grad_all = torch.empty(steps * batch, 4 * hidden, device=x.device)
-        grad_all.t() @ inputs                      # dW_ih
-        grad_all.t() @ torch.empty(steps * batch, hidden, device=x.device)   # dW_hh
-        grad_all @ w_ih                            # dx
+
+    def randn(*shape):
+        return torch.randn(*shape, device=x.device, dtype=dtype)
+
+    layers = [(randn(4 * hidden, dims[k]), randn(4 * hidden, hidden), randn(steps * batch, dims[k]),
+               randn(steps * batch, hidden), randn(batch, hidden), randn(batch, 4 * hidden),
+               randn(steps * batch, 4 * hidden)) for k, hidden in enumerate(sizes)]
+
+    def run():
+        for w_ih, w_hh, inputs, outputs, h, grad, grad_all in layers:
+            inputs @ w_ih.t()                      # input GEMM, forward
+            for _ in range(steps):
+                h @ w_hh.t()                       # recurrent GEMM, forward
+                grad @ w_hh                        # dh, backward
+            grad_all.t() @ inputs                  # dW_ih
+            grad_all.t() @ outputs                 # dW_hh
+            grad_all @ w_ih                        # dx
+    return run
 
 
 def timed(fn, device, repeats, warmup):
@@ -85,23 +97,29 @@ def main(argv=None):
     torch.manual_seed(0)
     x = torch.randn(steps, batch, input_size, device=device)
     g2 = G2Config(gate_mode="g2", tau=0.9, p=0.2)
-    candidates = {
-        "nn.LSTM": stack(nn.LSTM, sizes, input_size),
-        "g2 reference": stack(G2LSTM, sizes, input_size, g2=g2, impl="reference"),
-        "lstm via G2LSTM(auto)": stack(G2LSTM, sizes, input_size, g2=G2Config(gate_mode="lstm")),
+    candidates = {  # name: (layers, use CUDA graphs)
+        "nn.LSTM": (stack(nn.LSTM, sizes, input_size), False),
+        "g2 reference": (stack(G2LSTM, sizes, input_size, g2=g2, impl="reference"), False),
+        "lstm via G2LSTM(auto)": (stack(G2LSTM, sizes, input_size, g2=G2Config(gate_mode="lstm")), False),
     }
-    if device.type == "cuda":   # the Triton path (DESIGN §8) and bf16, next to cuDNN in the same run
-        candidates["g2 fused fp32"] = stack(G2LSTM, sizes, input_size, g2=g2, impl="fused")
-        candidates["g2 fused bf16"] = stack(G2LSTM, sizes, input_size, g2=g2, impl="fused", precision="bf16")
+    if device.type == "cuda":   # the Triton path (DESIGN §8), graphed and in bf16, next to cuDNN in the same run
+        for precision in ("fp32", "bf16"):
+            for graphed in (False, True):
+                name = f"g2 fused{'+graph' if graphed else ''} {precision}"
+                candidates[name] = (stack(G2LSTM, sizes, input_size, g2=g2, impl="fused", precision=precision),
+                                    graphed)
     results = {}
-    for name, layers in candidates.items():
+    for name, (layers, graphed) in candidates.items():
         layers.to(device).train()
-        results[name] = timed(lambda: window(layers, x), device, args.repeats, args.warmup)
+        graphs = (WindowGraphs(lambda x, layers=layers: forward(layers, x), list(layers.parameters()))
+                  if graphed else None)
+        results[name] = timed(lambda: window(layers, x, graphs), device, args.repeats, args.warmup)
     if device.type == "cuda":
         bf16 = stack(nn.LSTM, sizes, input_size).to(device, torch.bfloat16).train()
         results["nn.LSTM bf16"] = timed(lambda: window(bf16, x.bfloat16()), device, args.repeats, args.warmup)
-        results["GEMM floor fp32"] = timed(lambda: gemm_floor(sizes, input_size, x), device, args.repeats,
-                                           args.warmup)
+        for dtype, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+            results[f"GEMM floor {label}"] = timed(gemm_floor(sizes, input_size, x, dtype), device, args.repeats,
+                                                   args.warmup)
     base = results["nn.LSTM"]["median_ms"]
     for r in results.values():
         r["vs_nn_lstm"] = base / r["median_ms"]

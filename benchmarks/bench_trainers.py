@@ -60,14 +60,21 @@ def main(argv=None) -> None:
     extra = dict(o.split("=", 1) for o in args.overrides)
     extra = {k: json.loads(v) for k, v in extra.items()}
     rows = {}
-    for name, mode in (("LM nn.LSTM baseline", "lstm"), ("LM G2LSTM lstm", "lstm"), ("LM G2LSTM g2", "g2")):
+    lm_rows = {"LM nn.LSTM baseline": {"g2.gate_mode": "lstm"}, "LM G2LSTM lstm": {"g2.gate_mode": "lstm"},
+               "LM G2LSTM g2": {"g2.gate_mode": "g2"}}
+    if device.type == "cuda":   # the fused path's CUDA graphs and bf16 GEMM operands (DESIGN §8)
+        lm_rows["LM G2LSTM g2 graphs"] = {"g2.gate_mode": "g2", "train.cuda_graphs": True}
+        lm_rows["LM G2LSTM g2 graphs bf16"] = {"g2.gate_mode": "g2", "train.cuda_graphs": True,
+                                               "train.precision": "bf16"}
+    for name, flat in lm_rows.items():
         torch.manual_seed(0)
-        task = LMTask(lm_cfg(args.lm_preset, args.corpus, args.batches, **{"g2.gate_mode": mode, **extra}), device,
+        task = LMTask(lm_cfg(args.lm_preset, args.corpus, args.batches, **{**extra, **flat}), device,
                       "/tmp/g2-bench-cache")
         if "baseline" in name:
             task.model.layers = nn.ModuleList(PlainLSTM(m.input_size, m.hidden_size) for m in task.model.layers)
             task.model.to(device)
             task.optimizer = task._make_optimizer(asgd=False)
+            task.graphs = None
         rows[name] = tokens_per_second(task, args.batches, args.repeats)
     for name, mode in (("NMT G2LSTM lstm", "lstm"), ("NMT G2LSTM g2", "g2")):
         torch.manual_seed(0)

@@ -1,5 +1,7 @@
-"""Shared test fixtures: seeded RNGs and the location of the real corpora."""
+"""Shared test fixtures: seeded RNGs, the location of the real corpora, compiled-kernel GPU re-runs."""
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,12 +24,24 @@ def real_data_dir() -> Path | None:
     return None
 
 
+def rerun_compiled(test_file: str, test_name: str) -> bool:
+    """True after re-running a GPU test in a fresh process with compiled Triton kernels, which it must then trust.
+
+    test_g2lstm_kernels.py sets TRITON_INTERPRET=1 for the whole session (Triton reads it once, at import), and
+    interpreted kernels cannot be timed or captured in a CUDA graph. False when this process compiles.
+    """
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"G2_TRITON_COMPILED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{test_file}::{test_name}"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    return True
+
+
 @pytest.fixture(scope="session")
 def real_study(tmp_path_factory):
     """A real tiny study, run once by the `g2-study` command on a local Ray: the toy-grammar LM, smoke budget."""
-    import subprocess
-    import sys
-
     root = tmp_path_factory.mktemp("real_study")
     command = [str(Path(sys.executable).parent / "g2-study"), "run", "--smoke", "--storage", str(root / "studies"),
                "--set", "study.name=real", "--set", "study.preset=tiny", "--set", "data.corpus=toy",

@@ -65,3 +65,25 @@ def test_method_label(cfg, label):
 def test_configs_are_frozen():
     with pytest.raises(AttributeError):
         G2Config().tau = 1.0
+
+
+@pytest.mark.parametrize("flat, message", [
+    ({"train.impl": "triton"}, "train.impl must be one of 'auto', 'reference', 'fused'"),
+    ({"train.precision": "fp16"}, "train.precision must be one of 'fp32', 'bf16'"),
+    ({"train.cuda_graphs": "yes"}, "train.cuda_graphs"),
+    ({"train.impl": "reference", "train.precision": "bf16"}, "train.precision='bf16' runs on the fused path only"),
+])
+def test_execution_knobs_are_validated(flat, message):
+    from trainables.config import TrialConfig
+
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        TrialConfig.from_flat(flat)
+
+
+def test_execution_knobs_keep_the_training_key_but_precision_changes_it():
+    """Where and how fast a trial trains does not change its model; bf16 GEMM operands do."""
+    from trainables.config import TrialConfig
+
+    base = TrialConfig().training_key()
+    assert TrialConfig.from_flat({"train.impl": "reference", "train.cuda_graphs": True}).training_key() == base
+    assert TrialConfig.from_flat({"train.precision": "bf16"}).training_key() != base

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import rerun_compiled
 from trainables import g2lstm
 from trainables.config import G2Config
 from trainables.g2lstm import NOISE_EPS, GateMath, lstm_layer_reference
@@ -208,12 +209,7 @@ def test_module_imports_without_triton():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fused_matches_reference_on_cuda(monkeypatch):
     """The same comparisons at a moderate size with the compiled kernels (T=35, B=20, H=200)."""
-    if os.environ.get("TRITON_INTERPRET") == "1":   # this process interprets: re-run this test compiled
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"G2_TRITON_COMPILED": "1"}
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                               f"{__file__}::test_fused_matches_reference_on_cuda"],
-                              cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    if rerun_compiled(__file__, "test_fused_matches_reference_on_cuda"):
         return
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)   # compare against true fp32 GEMMs
     sizes = (35, 20, 100, 200)
@@ -255,3 +251,24 @@ def test_g2lstm_impl_fused_matches_the_reference_layer():
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
     noisy = G2LSTM(3, 4, g2=G2Config(gate_mode="g2", p=0.5), impl="fused")
     assert not torch.allclose(noisy(x)[0], noisy(x)[0])           # fresh noise seed every forward
+
+
+@pytest.mark.parametrize("precision, tol", [("fp32", 1e-5), ("bf16", 0.15)])
+def test_language_model_trains_on_the_fused_path(precision, tol):
+    """An RNNLM built with impl="fused" (as `train.impl` does) gives the reference model's loss and gradients."""
+    from trainables.config import LMConfig
+    from trainables.lm import RNNLM
+
+    cfg = LMConfig(embed_dim=6, hidden_size=8, num_layers=2, dropout=0.0, dropout_hidden=0.0, dropout_input=0.0,
+                   dropout_embed=0.0, weight_drop=0.0)
+    g2 = G2Config(gate_mode="g2", tau=0.7, p=0.0)
+    models = [RNNLM(cfg, g2, 20, impl="reference"), RNNLM(cfg, g2, 20, impl="fused", precision=precision)]
+    models[1].load_state_dict(models[0].state_dict())
+    tokens = torch.randint(0, 20, (5, 3))
+    grads = []
+    for model in models:
+        logits = model(tokens, model.init_state(3))[0]
+        F.cross_entropy(logits.reshape(-1, 20), tokens.roll(-1, 0).reshape(-1)).backward()
+        grads.append({name: p.grad for name, p in model.named_parameters() if "layers" in name})
+    for name, expected in grads[0].items():
+        assert_rel(grads[1][name], expected, tol, name)

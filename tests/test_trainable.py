@@ -161,3 +161,29 @@ def test_finetune_stage_restarts_averaged_sgd_from_the_best_weights(tmp_path):
     assert final["epoch"] == 3 and final["status"] == "ok"
     saved = load_checkpoint(work / "checkpoint")
     assert saved["task"]["asgd"] is True                      # the fine-tune stage ran on ASGD
+
+
+@pytest.mark.parametrize("flat, message", [
+    ({"train.impl": "fused"}, "train.impl='fused' needs a CUDA device and triton, this trial runs on cpu"),
+    ({"train.precision": "bf16"}, "train.precision='bf16' applies to the fused path"),
+])
+def test_refuses_execution_knobs_the_worker_cannot_honour(tmp_path, monkeypatch, flat, message):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)   # another test module turns the CPU interpreter on
+    cfg = TrialConfig.from_flat({**SMOKE, "data.corpus": "toy", "data.cache_dir": str(tmp_path),
+                                 "train.device": "cpu", **flat}, base=TrialConfig.preset("lm", "tiny"))
+    with pytest.raises(ValueError, match=message):
+        run_trial(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()                 # refused before any work
+
+
+@pytest.mark.parametrize("task", ["lm", "nmt"])
+def test_impl_and_precision_reach_every_recurrent_layer(tmp_path, task):
+    from trainables.g2lstm import G2LSTM
+
+    corpus = "toy" if task == "lm" else "toy-copy"
+    cfg = TrialConfig.from_flat({"data.corpus": corpus, "data.cache_dir": str(tmp_path), "train.impl": "reference",
+                                 "train.cuda_graphs": True}, base=TrialConfig.preset(task, "tiny"))
+    built = trainable.make_task(cfg, torch.device("cpu"))
+    layers = [m for m in built.model.modules() if isinstance(m, G2LSTM)]
+    assert layers and all(m.impl == "reference" and m.precision == "fp32" for m in layers)
+    assert getattr(built, "graphs", None) is None          # CUDA graphs are a CUDA-only speed knob

@@ -108,7 +108,9 @@ class CompressConfig:
         return "+".join(parts) or "none"
 
 
-EVAL_ONLY = {"eval_only": True}   # field metadata: changes evaluation, not the trained weights
+# Field metadata for knobs left out of `TrialConfig.training_key`: they change evaluation, or where and how
+# fast the same training runs, not what it computes (up to floating-point rounding and noise samples).
+EVAL_ONLY = {"eval_only": True}
 
 
 @dataclass(frozen=True)
@@ -203,6 +205,8 @@ class NMTConfig:
 
 OPTIMIZERS = ("sgd", "adam", "adadelta")
 DEVICES = ("auto", "cpu", "cuda")
+IMPLS = ("auto", "reference", "fused")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -221,6 +225,9 @@ class TrainConfig:
     max_batches: int = 0            # cap on training batches per epoch; 0 = all (smoke runs)
     max_eval_batches: int = field(default=0, metadata=EVAL_ONLY)
     device: str = field(default="auto", metadata=EVAL_ONLY)
+    impl: Literal["auto", "reference", "fused"] = field(default="auto", metadata=EVAL_ONLY)   # G2LSTM's path
+    precision: Literal["fp32", "bf16"] = "fp32"       # GEMM operands on the fused path (state stays fp32)
+    cuda_graphs: bool = field(default=False, metadata=EVAL_ONLY)   # replay LM training windows as CUDA graphs
 
     def __post_init__(self):
         check_range("train.epochs", self.epochs, 1, 100_000, integer=True)
@@ -234,6 +241,13 @@ class TrainConfig:
         check_range("train.max_batches", self.max_batches, 0, 10_000_000, integer=True)
         check_range("train.max_eval_batches", self.max_eval_batches, 0, 10_000_000, integer=True)
         check_choice("train.device", self.device, DEVICES)
+        check_choice("train.impl", self.impl, IMPLS)
+        check_choice("train.precision", self.precision, PRECISIONS)
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"train.cuda_graphs must be true or false, got {self.cuda_graphs!r}")
+        if self.precision == "bf16" and self.impl == "reference":
+            raise ValueError("train.precision='bf16' runs on the fused path only; set train.impl to 'auto' or "
+                             "'fused' (CUDA), or train.precision='fp32'")
 
 
 @dataclass(frozen=True)

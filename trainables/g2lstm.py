@@ -18,11 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainables.config import G2Config, check_choice, check_range
+from trainables.config import IMPLS, PRECISIONS, G2Config, check_choice, check_range
 
 NOISE_EPS = 1e-3          # ε of the logistic noise, as in the authors' code
-IMPLS = ("auto", "reference", "fused")
-PRECISIONS = ("fp32", "bf16")
 HIST_BINS = 10
 
 
@@ -175,7 +173,7 @@ class G2LSTM(nn.Module):
             zeros = x.new_zeros(self.num_layers, batch, self.hidden_size)
             state = (zeros, zeros)
         gate = GateMath.of(self.g2, self.training)
-        layer_fn = self._layer_fn(gate, x.device)
+        layer_fn = self._layer_fn(x.device)
         h_n, c_n, all_gates = [], [], []
         for k in range(self.num_layers):
             w_ih, w_hh, b_ih, b_hh = self.layer_weights(k)
@@ -190,24 +188,36 @@ class G2LSTM(nn.Module):
         out = (x, (torch.stack(h_n), torch.stack(c_n)))
         return (*out, all_gates) if return_gates else out
 
-    def _layer_fn(self, gate: GateMath, device: torch.device):
-        """Which implementation computes one layer in this forward (see `impl`)."""
+    def path(self, training: bool, device: torch.device) -> str:
+        """Which implementation runs a forward in this mode on `device`: "plain", "fused" or "reference"."""
+        gate = GateMath.of(self.g2, training)
         if self.impl == "reference" or gate.hard:
-            return lstm_layer_reference
+            return "reference"
         if self.impl == "auto" and gate.is_plain_lstm:
-            return lstm_layer_plain
+            return "plain"
+        if self.impl == "fused":
+            return "fused"
         from trainables import g2lstm_kernels   # triton is imported lazily, only where it can run
 
         # `auto` takes the Triton path on CUDA only; the CPU interpreter is for tests that ask for "fused"
-        if self.impl == "fused" or (device.type == "cuda" and g2lstm_kernels.fused_available(device)):
-            # a fresh noise seed per layer and forward, drawn on the device: it follows torch.manual_seed and
-            # the checkpointed RNG state, and stays valid inside a captured CUDA graph
-            def fused(x, h, c, w_ih, w_hh, b_ih, b_hh, gate, record_gates):
-                seed = torch.randint(0, 2**62, (1,), device=x.device)
-                return g2lstm_kernels.fused_lstm_layer(x, h, c, w_ih, w_hh, b_ih, b_hh, gate, seed, record_gates,
-                                                       self.precision)
-            return fused
-        return lstm_layer_reference
+        return "fused" if device.type == "cuda" and g2lstm_kernels.fused_available(device) else "reference"
+
+    def _layer_fn(self, device: torch.device):
+        """The function computing one layer in this forward (see `impl`)."""
+        path = self.path(self.training, device)
+        if path == "plain":
+            return lstm_layer_plain
+        if path == "reference":
+            return lstm_layer_reference
+        from trainables import g2lstm_kernels
+
+        # a fresh noise seed per layer and forward, drawn on the device: it follows torch.manual_seed and
+        # the checkpointed RNG state, and stays valid inside a captured CUDA graph
+        def fused(x, h, c, w_ih, w_hh, b_ih, b_hh, gate, record_gates):
+            seed = torch.randint(0, 2**62, (1,), device=x.device)
+            return g2lstm_kernels.fused_lstm_layer(x, h, c, w_ih, w_hh, b_ih, b_hh, gate, seed, record_gates,
+                                                   self.precision)
+        return fused
 
     def extra_repr(self) -> str:
         return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, g2={self.g2}, "

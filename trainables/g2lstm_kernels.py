@@ -27,9 +27,9 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from trainables.config import PRECISIONS
 from trainables.g2lstm import NOISE_EPS, GateMath
 
-PRECISIONS = ("fp32", "bf16")
 MAX_BLOCK = 256        # state elements per program: enough programs to fill an H100 at B·H ≈ 16k
 
 triton = tl = None     # bound by _load_triton(); the Triton functions below read them as module globals

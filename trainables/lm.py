@@ -11,6 +11,7 @@ import copy
 import logging
 import math
 import random
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 from trainables.config import G2Config, LMConfig, TrialConfig
 from trainables.data import batchify, find_corpus, generate_once, lm_batch, load_lm_corpus, toy_grammar_corpus
 from trainables.g2lstm import G2LSTM, GateStatistics
+from trainables.graphs import WindowGraphs
 from trainables.regularize import (NonMonotoneTrigger, activation_regularization, embedding_dropout,
                                    locked_dropout, temporal_activation_regularization)
 from trainables.task import Task
@@ -32,13 +34,15 @@ GATE_BATCHES = 8                        # validation windows scored for gate sta
 class RNNLM(nn.Module):
     """Embedding → G2LSTM layers (one module per layer: sizes differ, e.g. 1150/1150/400) → tied decoder."""
 
-    def __init__(self, cfg: LMConfig, g2: G2Config, vocab_size: int):
+    def __init__(self, cfg: LMConfig, g2: G2Config, vocab_size: int, *, impl: str = "auto",
+                 precision: str = "fp32"):
         super().__init__()
         self.cfg = cfg
         self.embedding = nn.Embedding(vocab_size, cfg.embed_dim)
         last = cfg.embed_dim if cfg.tie_weights else cfg.hidden_size
         sizes = [cfg.embed_dim] + [cfg.hidden_size] * (cfg.num_layers - 1) + [last]
-        self.layers = nn.ModuleList(G2LSTM(sizes[k], sizes[k + 1], g2=g2, weight_drop=cfg.weight_drop)
+        self.layers = nn.ModuleList(G2LSTM(sizes[k], sizes[k + 1], g2=g2, weight_drop=cfg.weight_drop, impl=impl,
+                                           precision=precision)
                                     for k in range(cfg.num_layers))
         self.decoder = nn.Linear(last, vocab_size)
         if cfg.tie_weights:
@@ -51,11 +55,33 @@ class RNNLM(nn.Module):
         return [(w.new_zeros(1, batch_size, layer.hidden_size), w.new_zeros(1, batch_size, layer.hidden_size))
                 for layer in self.layers]
 
-    def forward(self, tokens: Tensor, state: State, *, return_gates: bool = False):
-        """tokens (T, B) -> (logits (T, B, V), new state, raw last output (T, B, E), dropped (T, B, E)[, gates])."""
+    def forward(self, tokens: Tensor, state: State, *, return_gates: bool = False,
+                recurrent: Callable[..., tuple[Tensor, ...]] | None = None):
+        """tokens (T, B) -> (logits (T, B, V), new state, raw last output (T, B, E), dropped (T, B, E)[, gates]).
+
+        `recurrent` stands in for `self.recurrent` (the training loop passes its CUDA graphs of it).
+        """
         cfg = self.cfg
         x = embedding_dropout(self.embedding, tokens, cfg.dropout_embed, self.training)   # (T, B, E)
         x = locked_dropout(x, cfg.dropout_input, self.training)
+        if recurrent is None or return_gates:
+            raw, dropped, new_state, gates = self._recur(x, state, return_gates)
+        else:
+            raw, dropped, *flat = recurrent(x, *flatten_state(state))
+            new_state = unflatten_state(flat)
+        logits = self.decoder(dropped)                                                   # (T, B, V)
+        result = (logits, new_state, raw, dropped)
+        return (*result, gates) if return_gates else result
+
+    def recurrent(self, x: Tensor, *flat_state: Tensor) -> tuple[Tensor, ...]:
+        """The recurrent window in tensors only, as CUDA graphs capture it: x (T, B, E), h_0, c_0, h_1, ...
+        -> (raw (T, B, E), dropped (T, B, E), new h_0, c_0, h_1, ...)."""
+        raw, dropped, new_state, _ = self._recur(x, unflatten_state(flat_state))
+        return (raw, dropped, *flatten_state(new_state))
+
+    def _recur(self, x: Tensor, state: State, return_gates: bool = False):
+        """The layers with locked dropout between them -> (raw, dropped, new state, gates)."""
+        cfg = self.cfg
         new_state, gates = [], []
         for k, layer in enumerate(self.layers):
             out = layer(x, state[k], return_gates=return_gates)
@@ -66,10 +92,15 @@ class RNNLM(nn.Module):
             raw = x
             if k < len(self.layers) - 1:
                 x = locked_dropout(x, cfg.dropout_hidden, self.training)
-        dropped = locked_dropout(raw, cfg.dropout, self.training)
-        logits = self.decoder(dropped)                                                   # (T, B, V)
-        result = (logits, new_state, raw, dropped)
-        return (*result, gates) if return_gates else result
+        return raw, locked_dropout(raw, cfg.dropout, self.training), new_state, gates
+
+
+def flatten_state(state: State) -> list[Tensor]:
+    return [t for pair in state for t in pair]
+
+
+def unflatten_state(flat: Sequence[Tensor]) -> State:
+    return [(flat[k], flat[k + 1]) for k in range(0, len(flat), 2)]
 
 
 def detach_state(state: State) -> State:
@@ -124,9 +155,22 @@ class LMTask(Task):
         self.data = {"train": batchify(corpus.train, cfg.train.batch_size).to(device),     # (T, B)
                      "valid": batchify(corpus.valid, cfg.lm.eval_batch_size).to(device),
                      "test": batchify(corpus.test, cfg.lm.test_batch_size).to(device)}
-        self.model = RNNLM(cfg.lm, cfg.g2, self.vocab_size).to(device)
+        self.model = RNNLM(cfg.lm, cfg.g2, self.vocab_size, impl=cfg.train.impl,
+                           precision=cfg.train.precision).to(device)
+        self.graphs = self._window_graphs()
         self.trigger = NonMonotoneTrigger(cfg.train.nonmono)
         self.optimizer = self._make_optimizer(asgd=False)
+
+    def _window_graphs(self) -> WindowGraphs | None:
+        """CUDA graphs of the training window (`train.cuda_graphs`), where the layers train on the fused path."""
+        if not (self.cfg.train.cuda_graphs and self.device.type == "cuda"):
+            return None
+        paths = {layer.path(True, self.device) for layer in self.model.layers}
+        if paths != {"fused"}:
+            log.info("train.cuda_graphs: layers train on %s, not the fused path; running eagerly", sorted(paths))
+            return None
+        params = [p for layer in self.model.layers for p in layer.parameters()]
+        return WindowGraphs(self.model.recurrent, params, module=self.model)
 
     def _make_optimizer(self, asgd: bool) -> torch.optim.Optimizer:
         t = self.cfg.train
@@ -156,7 +200,7 @@ class LMTask(Task):
             for group in self.optimizer.param_groups:      # a longer window takes a proportionally larger step
                 group["lr"] = cfg.train.lr * x.shape[0] / cfg.lm.bptt
             state = detach_state(state)
-            logits, state, raw, dropped = model(x, state)
+            logits, state, raw, dropped = model(x, state, recurrent=self.graphs)
             loss = F.cross_entropy(logits.reshape(-1, self.vocab_size), y.reshape(-1))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch}, batch {batches}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ from trainables import data
 from trainables.config import G2Config, NMTConfig, TrialConfig
 from trainables.g2lstm import G2LSTM, GateStatistics
 from trainables.task import Task
+
+RecurrentFactory = Callable[..., G2LSTM]   # (input_size, hidden_size, num_layers, **kw) -> a G2LSTM
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +97,13 @@ class DecoderState:
 class Encoder(nn.Module):
     """Bidirectional first layer, unidirectional G2LSTM layers above it."""
 
-    def __init__(self, cfg: NMTConfig, g2: G2Config, embed: nn.Embedding):
+    def __init__(self, cfg: NMTConfig, rnn: RecurrentFactory, embed: nn.Embedding):
         super().__init__()
         self.embed, self.dropout = embed, cfg.dropout
         e, h = cfg.embed_dim, cfg.hidden_size
-        self.forward_rnn = G2LSTM(e, h, 1, g2=g2, weight_drop=cfg.weight_drop)
-        self.backward_rnn = G2LSTM(e, h, 1, g2=g2, weight_drop=cfg.weight_drop)
-        self.upper = (G2LSTM(2 * h, h, cfg.encoder_layers - 1, g2=g2, dropout=cfg.dropout,
+        self.forward_rnn = rnn(e, h, 1, weight_drop=cfg.weight_drop)
+        self.backward_rnn = rnn(e, h, 1, weight_drop=cfg.weight_drop)
+        self.upper = (rnn(2 * h, h, cfg.encoder_layers - 1, dropout=cfg.dropout,
                              weight_drop=cfg.weight_drop) if cfg.encoder_layers > 1 else None)
         self.output_dim = h if self.upper is not None else 2 * h
 
@@ -144,13 +147,14 @@ class AdditiveAttention(nn.Module):
 class Decoder(nn.Module):
     """Input-feeding attentional decoder of G2LSTM layers, run one target token per `step`."""
 
-    def __init__(self, cfg: NMTConfig, g2: G2Config, embed: nn.Embedding, memory_dim: int, vocab_size: int):
+    def __init__(self, cfg: NMTConfig, rnn: RecurrentFactory, embed: nn.Embedding, memory_dim: int,
+                 vocab_size: int):
         super().__init__()
         e, h, layers = cfg.embed_dim, cfg.hidden_size, cfg.decoder_layers
         self.embed, self.dropout, self.weight_drop = embed, cfg.dropout, cfg.weight_drop
         self.num_layers, self.hidden_size = layers, h
         # DropConnect is applied here, once per target sequence: G2LSTM's own would redraw it at every step.
-        self.rnn = G2LSTM(e + h, h, layers, g2=g2, dropout=cfg.dropout)
+        self.rnn = rnn(e + h, h, layers, dropout=cfg.dropout)
         self.bridge = nn.Linear(memory_dim, 2 * layers * h)     # encoder final state -> (h_0, c_0) of every layer
         self.attention = AdditiveAttention(h, memory_dim, h)
         self.combine = nn.Linear(memory_dim + h, h, bias=False)  # W_c of h̃ = tanh(W_c [ctx; h])
@@ -197,14 +201,16 @@ class Decoder(nn.Module):
 class Seq2Seq(nn.Module):
     """Encoder-decoder over one joint vocabulary; `forward` returns teacher-forced logits (T, B, V)."""
 
-    def __init__(self, cfg: NMTConfig, g2: G2Config, vocab_size: int, pad_id: int, bos_id: int, eos_id: int):
+    def __init__(self, cfg: NMTConfig, g2: G2Config, vocab_size: int, pad_id: int, bos_id: int, eos_id: int, *,
+                 impl: str = "auto", precision: str = "fp32"):
         super().__init__()
         self.cfg, self.pad_id, self.bos_id, self.eos_id = cfg, pad_id, bos_id, eos_id
         self.embed = nn.Embedding(vocab_size, cfg.embed_dim, padding_idx=pad_id)
         # PyTorch's N(0, 1) rows keep W_ih·x near unit scale under the LSTM's U(±1/√H) weights; fairseq's
         # U(±0.1) made the pre-activations ~17× smaller, and the toy copy task started learning epochs later.
-        self.encoder = Encoder(cfg, g2, self.embed)
-        self.decoder = Decoder(cfg, g2, self.embed, self.encoder.output_dim, vocab_size)
+        rnn = functools.partial(G2LSTM, g2=g2, impl=impl, precision=precision)
+        self.encoder = Encoder(cfg, rnn, self.embed)
+        self.decoder = Decoder(cfg, rnn, self.embed, self.encoder.output_dim, vocab_size)
 
     def encode(self, src: Tensor, src_mask: Tensor) -> tuple[Memory, DecoderState]:
         return self.decoder.start(self.encoder(src, src_mask))
@@ -384,7 +390,7 @@ class NMTTask(Task):
         self.data = load_corpus(cfg, Path(work_dir))
         torch.manual_seed(cfg.seed)   # same knobs and seed -> same initial weights (checkpoint reuse)
         self.model = Seq2Seq(cfg.nmt, cfg.g2, self.data.vocab_size, self.data.pad_id, self.data.bos_id,
-                             self.data.eos_id).to(self.device)
+                             self.data.eos_id, impl=cfg.train.impl, precision=cfg.train.precision).to(self.device)
         self.optimizer = make_optimizer(cfg, self.model.parameters())
         self.eval_batches = {split: self._batches(getattr(self.data, split), shuffle=False)
                              for split in ("valid", "test")}

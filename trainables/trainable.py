@@ -29,7 +29,8 @@ import torch
 from trainables.checkpoint import (BEST_MODEL_FILE, load_checkpoint, load_model, save_checkpoint,
                                    save_model, set_rng_state)
 from trainables.compress import compress_model
-from trainables.config import TrialConfig, parse_override
+from trainables import g2lstm_kernels
+from trainables.config import TrainConfig, TrialConfig, parse_override
 from trainables.task import Task
 
 log = logging.getLogger(__name__)
@@ -44,12 +45,19 @@ def default_cache_dir(cfg: TrialConfig) -> Path:
     return Path(cfg.data.cache_dir or Path.home() / ".cache" / "g2-study").expanduser()
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+def pick_device(train: TrainConfig) -> torch.device:
+    """The trial's device; refuses, before any work, the execution knobs this worker cannot honour."""
+    if train.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device='cuda' but CUDA is not available on this worker")
-    return torch.device(name)
+    device = torch.device(train.device if train.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    fused = g2lstm_kernels.fused_available(device)
+    if train.impl == "fused" and not fused:
+        raise ValueError(f"train.impl='fused' needs a CUDA device and triton, this trial runs on {device}; "
+                         f"use train.impl='auto' (the fused path on CUDA, the reference elsewhere)")
+    if train.precision == "bf16" and not fused:
+        raise ValueError(f"train.precision='bf16' applies to the fused path (CUDA with triton), this trial runs "
+                         f"on {device}; use train.precision='fp32'")
+    return device
 
 
 def make_task(cfg: TrialConfig, device: torch.device) -> Task:
@@ -118,7 +126,7 @@ def run_trial(cfg: TrialConfig, work_dir: Path, *, report: Reporter | None = Non
         model_store: a directory of best models keyed by `cfg.training_key()`; a hit skips training.
     """
     report = report or (lambda metrics, ckpt: None)
-    device = pick_device(cfg.train.device)
+    device = pick_device(cfg.train)
     ckpt_dir = Path(work_dir) / "checkpoint"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)

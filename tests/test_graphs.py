@@ -1,0 +1,114 @@
+"""CUDA graphs of the LM training window (trainables/graphs.py).
+
+Off CUDA the bookkeeping (one capture per input shape, recapture when a parameter's storage is replaced,
+eager evaluation) is tested with a stand-in capture that returns the window itself; the captures themselves
+are tested on CUDA, against the eager window, with compiled kernels.
+"""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import rerun_compiled
+from trainables.config import G2Config, LMConfig
+from trainables.graphs import WindowGraphs
+from trainables.lm import RNNLM, flatten_state
+
+VOCAB = 50
+QUIET = LMConfig(embed_dim=16, hidden_size=32, num_layers=2, dropout=0.0, dropout_hidden=0.0, dropout_input=0.0,
+                 dropout_embed=0.0, weight_drop=0.0)   # deterministic with p = 0: graph and eager must agree
+
+
+class RecordingCapture:
+    """Stands in for torch.cuda.make_graphed_callables: records each capture, returns the window itself."""
+
+    def __init__(self):
+        self.shapes = []
+
+    def __call__(self, window, sample_args, num_warmup_iters, pool=None):
+        self.shapes.append(tuple(sample_args[0].shape))
+        return window
+
+
+def lm_graphs(model, capture=None, device_type="cpu"):
+    params = [p for layer in model.layers for p in layer.parameters()]
+    return WindowGraphs(model.recurrent, params, module=model, capture=capture, device_type=device_type)
+
+
+def step(model, graphs, tokens):
+    """One training window: logits, and the gradients of a loss on them (and on the new state)."""
+    model.zero_grad(set_to_none=True)
+    logits, state, raw, dropped = model(tokens, model.init_state(tokens.shape[1]), recurrent=graphs)
+    loss = F.cross_entropy(logits.reshape(-1, VOCAB), tokens.roll(-1, 0).reshape(-1)) + dropped.square().mean()
+    loss.backward()
+    return logits.detach().clone(), [p.grad.clone() for p in model.parameters()], state
+
+
+def test_one_capture_per_window_shape_and_eager_evaluation():
+    model = RNNLM(QUIET, G2Config(gate_mode="g2", p=0.0), VOCAB)
+    capture = RecordingCapture()
+    graphs = lm_graphs(model, capture)
+    for length in (7, 5, 7, 5, 9):
+        step(model, graphs, torch.randint(0, VOCAB, (length, 3)))
+    assert capture.shapes == [(7, 3, 16), (5, 3, 16), (9, 3, 16)]
+    model.eval()
+    with torch.no_grad():
+        model(torch.randint(0, VOCAB, (4, 3)), model.init_state(3), recurrent=graphs)
+    model.train()
+    with torch.no_grad():
+        model(torch.randint(0, VOCAB, (4, 3)), model.init_state(3), recurrent=graphs)
+    assert len(capture.shapes) == 3                       # evaluation and no-grad forwards run eagerly
+
+
+def test_recaptures_when_a_parameter_storage_is_replaced():
+    model = RNNLM(QUIET, G2Config(gate_mode="g2", p=0.0), VOCAB)
+    capture = RecordingCapture()
+    graphs = lm_graphs(model, capture)
+    tokens = torch.randint(0, VOCAB, (6, 2))
+    step(model, graphs, tokens)
+    with torch.no_grad():
+        model.layers[0].weight_hh_l0.mul_(0.5)           # in place, as optimisers and load_state_dict do
+    step(model, graphs, tokens)
+    assert len(capture.shapes) == 1
+    model.layers[1].bias_ih_l0.data = model.layers[1].bias_ih_l0.data.clone()   # new storage: graphs are stale
+    step(model, graphs, tokens)
+    assert len(capture.shapes) == 2
+
+
+def test_graphed_call_gives_the_eager_window_and_gradients():
+    """Through WindowGraphs (stand-in capture) the forward and every gradient are those of the plain model."""
+    model = RNNLM(QUIET, G2Config(gate_mode="g2", p=0.0), VOCAB)
+    tokens = torch.randint(0, VOCAB, (6, 2))
+    eager = step(model, None, tokens)
+    graphed = step(model, lm_graphs(model, RecordingCapture()), tokens)
+    assert torch.equal(eager[0], graphed[0])
+    assert all(torch.equal(a, b) for a, b in zip(eager[1], graphed[1]))
+    assert all(torch.equal(a, b) for a, b in zip(flatten_state(eager[2]), flatten_state(graphed[2])))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_match_the_eager_window():
+    """Captured fused windows of two lengths replay the eager results, before and after an optimiser step."""
+    if rerun_compiled(__file__, "test_cuda_graphs_match_the_eager_window"):
+        return
+    pytest.importorskip("triton")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = RNNLM(QUIET, G2Config(gate_mode="g2", tau=0.7, p=0.0), VOCAB, impl="fused").cuda()
+    graphs = lm_graphs(model, device_type="cuda")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for length in (7, 5, 7, 5):
+        tokens = torch.randint(0, VOCAB, (length, 4), device="cuda")
+        eager, graphed = step(model, None, tokens), step(model, graphs, tokens)
+        torch.testing.assert_close(graphed[0], eager[0], rtol=1e-5, atol=1e-6)
+        for a, b in zip(graphed[1], eager[1]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        optimizer.step()                                 # the graphs must read the updated weights
+    assert len(graphs.graphs) == 2
+    noisy = RNNLM(QUIET, G2Config(gate_mode="g2", tau=0.9, p=0.5), VOCAB, impl="fused").cuda()
+    noisy_graphs = lm_graphs(noisy, device_type="cuda")
+    tokens = torch.randint(0, VOCAB, (6, 4), device="cuda")
+    first, second = step(noisy, noisy_graphs, tokens)[0], step(noisy, noisy_graphs, tokens)[0]
+    assert not torch.equal(first, second)               # every replay draws fresh noise
+    assert torch.isfinite(first).all() and os.environ.get("TRITON_INTERPRET") != "1"
