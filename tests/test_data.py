@@ -335,3 +335,11 @@ def test_real_multi30k_counts_and_bpe(tmp_path):
     assert len(sp) == 8000
     valid = encode_parallel(pairs["valid"], sp)
     assert len(valid) == 1014 and sum(decode_bpe(sp, t) == e for (_, t), (_, e) in zip(valid, pairs["valid"])) > 1000
+
+
+def test_spread_covers_the_whole_range_evenly():
+    items = list(range(10))
+    assert data.spread(items, 0) == items and data.spread(items, 12) == items
+    assert data.spread(items, 3) == [0, 4, 9]        # first, middle, last: short and long sentences alike
+    assert data.spread(items, 1) == [5]
+    assert len(set(data.spread(items, 7))) == 7

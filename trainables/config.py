@@ -223,7 +223,7 @@ class TrainConfig:
     nonmono: int = 5
     finetune_epochs: int = 0        # AWD's fine-tune stage: ASGD restarted from the best model
     max_batches: int = 0            # cap on training batches per epoch; 0 = all (smoke runs)
-    max_eval_batches: int = field(default=0, metadata=EVAL_ONLY)
+    max_eval_batches: int = field(default=0, metadata=EVAL_ONLY)   # 0 = all; NMT: spread over lengths
     device: str = field(default="auto", metadata=EVAL_ONLY)
     impl: Literal["auto", "reference", "fused"] = field(default="auto", metadata=EVAL_ONLY)   # G2LSTM's path
     precision: Literal["fp32", "bf16"] = "fp32"       # GEMM operands on the fused path (state stays fp32)

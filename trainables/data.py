@@ -478,6 +478,19 @@ def make_batches(examples: Sequence[Example], batch_size: int, *, shuffle: bool,
     return [collate(examples, g, pad_id, bos_id, eos_id) for g in groups]
 
 
+def spread(items: Sequence, count: int) -> list:
+    """`count` items evenly spaced over `items` (all of them when `count` is 0 or at least their number).
+
+    Evaluation batches are sorted by length, so a capped evaluation that took the first ones would score only
+    the longest sentences; an even spread covers short and long alike.
+    """
+    if count <= 0 or count >= len(items):
+        return list(items)
+    if count == 1:
+        return [items[len(items) // 2]]
+    return [items[round(k * (len(items) - 1) / (count - 1))] for k in range(count)]
+
+
 def decode_bpe(sp: spm.SentencePieceProcessor, ids: Sequence[int] | Tensor) -> str:
     """Detokenised text of a generated id sequence: stop at the first eos, drop pad and bos."""
     ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)

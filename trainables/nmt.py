@@ -430,9 +430,7 @@ class NMTTask(Task):
         """Teacher-forced token NLL and beam-search BLEU on `split`; `model` may be a compressed copy."""
         if split not in self.eval_batches:
             raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
-        batches = self.eval_batches[split]
-        if self.cfg.train.max_eval_batches:
-            batches = batches[:self.cfg.train.max_eval_batches]
+        batches = data.spread(self.eval_batches[split], self.cfg.train.max_eval_batches)
         nll_sum, tokens = 0.0, 0
         with evaluating(model):
             for batch in batches:
@@ -451,11 +449,11 @@ class NMTTask(Task):
 
     def gate_statistics(self, model: nn.Module) -> GateStatistics:
         """i/f gates of every recurrent layer (`recurrent_layer_names` order), teacher-forced, eval mode,
-        over the first validation batches, padding excluded."""
+        over validation batches spread across the lengths, padding excluded."""
         stats = GateStatistics(len(model.recurrent_layer_names()))
         n_enc = len(model.recurrent_layer_names()) - model.decoder.num_layers
         with evaluating(model):
-            for batch in self.eval_batches["valid"][:GATE_BATCHES]:
+            for batch in data.spread(self.eval_batches["valid"], GATE_BATCHES):
                 batch = batch.to(self.device)
                 _, gates = model(batch.src, batch.src_mask, batch.tgt_in, return_gates=True)
                 stats.update([g[batch.src_mask] for g in gates[:n_enc]]
