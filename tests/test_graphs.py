@@ -95,17 +95,20 @@ def test_cuda_graphs_match_the_eager_window():
         return
     pytest.importorskip("triton")
     torch.backends.cuda.matmul.allow_tf32 = False
-    model = RNNLM(QUIET, G2Config(gate_mode="g2", tau=0.7, p=0.0), VOCAB, impl="fused").cuda()
-    graphs = lm_graphs(model, device_type="cuda")
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    for length in (7, 5, 7, 5):
-        tokens = torch.randint(0, VOCAB, (length, 4), device="cuda")
-        eager, graphed = step(model, None, tokens), step(model, graphs, tokens)
-        torch.testing.assert_close(graphed[0], eager[0], rtol=1e-5, atol=1e-6)
-        for a, b in zip(graphed[1], eager[1]):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-        optimizer.step()                                 # the graphs must read the updated weights
-    assert len(graphs.graphs) == 2
+    for g2 in (G2Config(gate_mode="g2", tau=0.7, p=0.0), G2Config(gate_mode="lstm"),
+               G2Config(gate_mode="sharpened")):
+        for precision in ("fp32", "bf16"):
+            model = RNNLM(QUIET, g2, VOCAB, impl="fused", precision=precision).cuda()
+            graphs = lm_graphs(model, device_type="cuda")
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+            for length in (7, 5, 7, 5):
+                tokens = torch.randint(0, VOCAB, (length, 4), device="cuda")
+                eager, graphed = step(model, None, tokens), step(model, graphs, tokens)
+                torch.testing.assert_close(graphed[0], eager[0], rtol=1e-5, atol=1e-6)
+                for a, b in zip(graphed[1], eager[1]):
+                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+                optimizer.step()                         # the graphs must read the updated weights
+            assert len(graphs.graphs) == 2
     noisy = RNNLM(QUIET, G2Config(gate_mode="g2", tau=0.9, p=0.5), VOCAB, impl="fused").cuda()
     noisy_graphs = lm_graphs(noisy, device_type="cuda")
     tokens = torch.randint(0, VOCAB, (6, 4), device="cuda")
