@@ -40,6 +40,7 @@ def forward(layers, x):
 
 def window(layers, x, graphs=None):
     """One training window: forward (replayed from CUDA graphs when given), a loss, backward."""
+    layers.zero_grad(set_to_none=True)
     y = graphs(x)[0] if graphs is not None else forward(layers, x)[0]
     y.float().square().mean().backward()
 

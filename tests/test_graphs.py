@@ -4,6 +4,7 @@ Off CUDA the bookkeeping (one capture per input shape, recapture when a paramete
 eager evaluation) is tested with a stand-in capture that returns the window itself; the captures themselves
 are tested on CUDA, against the eager window, with compiled kernels.
 """
+import math
 import os
 
 import pytest
@@ -31,9 +32,9 @@ class RecordingCapture:
         return window
 
 
-def lm_graphs(model, capture=None, device_type="cpu"):
+def lm_graphs(model, capture=None, device_type="cpu", **kw):
     params = [p for layer in model.layers for p in layer.parameters()]
-    return WindowGraphs(model.recurrent, params, module=model, capture=capture, device_type=device_type)
+    return WindowGraphs(model.recurrent, params, module=model, capture=capture, device_type=device_type, **kw)
 
 
 def step(model, graphs, tokens):
@@ -87,14 +88,48 @@ def test_graphed_call_gives_the_eager_window_and_gradients():
     assert all(torch.equal(a, b) for a, b in zip(flatten_state(eager[2]), flatten_state(graphed[2])))
 
 
+def test_shapes_beyond_the_cap_run_eagerly():
+    model = RNNLM(QUIET, G2Config(gate_mode="g2", p=0.0), VOCAB)
+    capture = RecordingCapture()
+    graphs = lm_graphs(model, capture, max_graphs=2)
+    for length in (7, 5, 9, 7, 9):
+        step(model, graphs, torch.randint(0, VOCAB, (length, 3)))
+    assert capture.shapes == [(7, 3, 16), (5, 3, 16)] and graphs.replays == 3
+
+
+def test_backward_after_another_graphed_forward_raises():
+    """The graphs share a memory pool: a window's backward must come before the next graphed forward."""
+    model = RNNLM(QUIET, G2Config(gate_mode="g2", p=0.0), VOCAB)
+    graphs = lm_graphs(model, RecordingCapture())
+    tokens = torch.randint(0, VOCAB, (6, 2))
+    first = model(tokens, model.init_state(2), recurrent=graphs)[0]
+    second = model(tokens, model.init_state(2), recurrent=graphs)[0]
+    second.sum().backward()                               # the latest window: fine
+    with pytest.raises(RuntimeError, match="after another graphed forward"):
+        first.sum().backward()
+
+
+def test_gradients_accumulate_over_graphed_windows_as_eagerly():
+    model = RNNLM(QUIET, G2Config(gate_mode="g2", p=0.0), VOCAB)
+    windows = [torch.randint(0, VOCAB, (6, 2)) for _ in range(2)]
+    sums = []
+    for graphs in (None, lm_graphs(model, RecordingCapture())):
+        model.zero_grad(set_to_none=True)
+        for tokens in windows:                             # no zero_grad between the windows
+            model(tokens, model.init_state(2), recurrent=graphs)[0].square().mean().backward()
+        sums.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(*sums))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graphs_match_the_eager_window():
-    """Captured fused windows of two lengths replay the eager results, before and after an optimiser step."""
+def test_cuda_graphs_match_the_eager_window(monkeypatch, tmp_path):
+    """Captured fused windows of two lengths replay the eager results, before and after an optimiser step;
+    gradients summed over graphed windows are the eager sums; an LM epoch trains through the graphs."""
     if rerun_compiled(__file__, "test_cuda_graphs_match_the_eager_window"):
         return
     pytest.importorskip("triton")
-    torch.backends.cuda.matmul.allow_tf32 = False
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)   # exact fp32 GEMMs in both runs
     for g2 in (G2Config(gate_mode="g2", tau=0.7, p=0.0), G2Config(gate_mode="lstm"),
                G2Config(gate_mode="sharpened")):
         for precision in ("fp32", "bf16"):
@@ -115,3 +150,25 @@ def test_cuda_graphs_match_the_eager_window():
     first, second = step(noisy, noisy_graphs, tokens)[0], step(noisy, noisy_graphs, tokens)[0]
     assert not torch.equal(first, second)               # every replay draws fresh noise
     assert torch.isfinite(first).all() and os.environ.get("TRITON_INTERPRET") != "1"
+
+    model = RNNLM(QUIET, G2Config(gate_mode="g2", tau=0.7, p=0.0), VOCAB, impl="fused").cuda()
+    windows = [torch.randint(0, VOCAB, (length, 4), device="cuda") for length in (6, 6, 4)]
+    sums = []
+    for graphs in (None, lm_graphs(model, device_type="cuda")):
+        model.zero_grad(set_to_none=True)
+        for tokens in windows:                           # accumulate: a graph's buffer must not become .grad
+            model(tokens, model.init_state(4), recurrent=graphs)[0].square().mean().backward()
+        sums.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*sums):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+    from trainables.config import TrialConfig
+    from trainables.lm import LMTask
+
+    cfg = TrialConfig.from_flat({"data.corpus": "toy", "data.cache_dir": str(tmp_path), "train.max_batches": 30,
+                                 "train.cuda_graphs": True, "g2.gate_mode": "g2"},
+                                base=TrialConfig.preset("lm", "tiny"))
+    task = LMTask(cfg, torch.device("cuda"), tmp_path)
+    first_epoch, second_epoch = task.train_epoch(1), task.train_epoch(2)   # hidden state passes graph to graph
+    assert task.graphs is not None and len(task.graphs.graphs) >= 2 and task.graphs.replays >= 30
+    assert math.isfinite(first_epoch["train_loss"]) and second_epoch["train_loss"] < math.log(task.vocab_size)
