@@ -140,6 +140,14 @@ def test_command_line_refuses_bad_overrides(capsys):
     assert "g2.tau must be a number in (0.0, 10.0]" in capsys.readouterr().err
 
 
+def test_command_line_refuses_what_this_machine_cannot_run(capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["lm", "--smoke", "--set", "train.device=cpu", "--set", "train.precision=bf16"])
+    assert exit_info.value.code == 2
+    assert "train.precision='bf16' applies to the fused path" in capsys.readouterr().err
+
+
 def test_translation_trial_reports_bleu_and_its_sweep(tmp_path):
     cfg = TrialConfig.from_flat({**SMOKE, "data.cache_dir": str(tmp_path / "cache")},
                                 base=TrialConfig.preset("nmt", "tiny"))

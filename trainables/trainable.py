@@ -48,7 +48,7 @@ def default_cache_dir(cfg: TrialConfig) -> Path:
 def pick_device(train: TrainConfig) -> torch.device:
     """The trial's device; refuses, before any work, the execution knobs this worker cannot honour."""
     if train.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device='cuda' but CUDA is not available on this worker")
+        raise ValueError("train.device='cuda' but CUDA is not available on this worker; use 'auto' or 'cpu'")
     device = torch.device(train.device if train.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     fused = g2lstm_kernels.fused_available(device)
     if train.impl == "fused" and not fused:
@@ -282,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = dict(parse_override(o) for o in args.overrides)
         cfg = TrialConfig.preset(args.task, preset)
         cfg = TrialConfig.from_flat({**(SMOKE if args.smoke else {}), **overrides}, base=cfg)
+        pick_device(cfg.train)
     except ValueError as err:
         parser.error(str(err))
     work_dir = args.out or Path(tempfile.mkdtemp(prefix="g2-trial-"))
