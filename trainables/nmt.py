@@ -392,6 +392,8 @@ class NMTTask(Task):
         self.model = Seq2Seq(cfg.nmt, cfg.g2, self.data.vocab_size, self.data.pad_id, self.data.bos_id,
                              self.data.eos_id, impl=cfg.train.impl, precision=cfg.train.precision).to(self.device)
         self.optimizer = make_optimizer(cfg, self.model.parameters())
+        if cfg.train.cuda_graphs:   # decoder steps are one-token windows with attention in between: nothing to graph
+            log.info("train.cuda_graphs applies to language models only; translation trains eagerly")
         self.eval_batches = {split: self._batches(getattr(self.data, split), shuffle=False)
                              for split in ("valid", "test")}
         log.info("NMT: vocab %d, %d parameters, %s train pairs", self.data.vocab_size,
