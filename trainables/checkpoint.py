@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +37,19 @@ def _as_tuple(value):
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """Write then rename, so a killed process never leaves a half-written checkpoint behind."""
+@contextmanager
+def written_aside(path: Path) -> Iterator[Path]:
+    """Yields a temporary path beside `path` to write, then renames it into place: a killed process never
+    leaves a half-written file, and a concurrent reader sees the old file or the new one, never a part."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
+    yield tmp
     os.replace(tmp, path)
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    with written_aside(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def save_checkpoint(directory: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, config: dict,

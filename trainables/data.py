@@ -17,7 +17,6 @@ import logging
 import os
 import random
 import shutil
-import tempfile
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Iterable, Literal, Sequence
@@ -25,6 +24,8 @@ from typing import Callable, Iterable, Literal, Sequence
 import sentencepiece as spm
 import torch
 from torch import Tensor
+
+from trainables.checkpoint import written_aside
 
 log = logging.getLogger(__name__)
 
@@ -338,10 +339,8 @@ def train_bpe(train_pairs: Sequence[tuple[str, str]], vocab_size: int, cache_dir
         hard_vocab_limit=False, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, minloglevel=2,
     )
     model_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=model_path.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(buffer.getvalue())
-    os.replace(tmp, model_path)    # atomic: concurrent trials never read a half-written model
+    with written_aside(model_path) as tmp:     # concurrent trials never read a half-written model
+        tmp.write_bytes(buffer.getvalue())
     sp = spm.SentencePieceProcessor(model_proto=buffer.getvalue())
     log.info("BPE: trained %d pieces (asked %d) on %d sentences -> %s",
              len(sp), vocab_size, len(sentences), model_path)

@@ -15,7 +15,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -26,10 +25,10 @@ from typing import Any
 
 import torch
 
-from trainables.checkpoint import (BEST_MODEL_FILE, load_checkpoint, load_model, save_checkpoint,
-                                   save_model, set_rng_state)
-from trainables.compress import compress_model
 from trainables import g2lstm_kernels
+from trainables.checkpoint import (BEST_MODEL_FILE, load_checkpoint, load_model, save_checkpoint,
+                                   save_model, set_rng_state, written_aside)
+from trainables.compress import compress_model
 from trainables.config import TrainConfig, TrialConfig, parse_override
 from trainables.task import Task
 
@@ -110,9 +109,8 @@ def _store_model(target: Path, model: torch.nn.Module, config: dict, loop: dict)
     target.mkdir(parents=True, exist_ok=True)
     save_model(target / BEST_MODEL_FILE, model, config)
     meta = {k: loop[k] for k in ("epoch", "best_epoch", "best_metric", "train_time_s")}
-    tmp = target / f".{STORE_META}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(meta))
-    os.replace(tmp, target / STORE_META)
+    with written_aside(target / STORE_META) as tmp:
+        tmp.write_text(json.dumps(meta))
 
 
 def run_trial(cfg: TrialConfig, work_dir: Path, *, report: Reporter | None = None, resume: Path | None = None,
