@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -173,13 +174,13 @@ class StudyConfig:
         return flat
 
 
-def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested TOML tables to dotted keys: {"g2": {"tau": 1}} -> {"g2.tau": 1}."""
+def flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested tables to dotted keys: {"g2": {"tau": 1}} -> {"g2.tau": 1}; already flat keys pass through."""
     flat = {}
     for key, value in table.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat |= _flatten(value, f"{name}.")
+        if isinstance(value, Mapping):
+            flat |= flatten(value, f"{name}.")
         else:
             flat[name] = value
     return flat
@@ -204,7 +205,7 @@ def load_study_config(path: Path | None, overrides: list[str] = (), **cli: Any) 
     if unknown:
         raise ValueError(f"unknown table(s) {', '.join(unknown)} in {path}; expected [study], [trial], [space.*]")
     study = dict(doc.get("study", {}))
-    trial = _flatten(doc.get("trial", {}))
+    trial = flatten(doc.get("trial", {}))
     space = _flatten_space(doc.get("space", {}))
     space_overrides: dict[str, dict[str, Any]] = {}
     for text in overrides:

@@ -76,8 +76,7 @@ def front_plot(df: pd.DataFrame, cfg: StudyConfig, path: Path) -> Path | None:
     return Path(plots.save(fig, path))
 
 
-def close_study(cfg: StudyConfig, root: str, tracking_uri: str, artifact_location: str | None,
-                printer: Callable[[str], None]) -> tuple[int, int]:
+def close_study(cfg: StudyConfig, root: str, tracking_uri: str, printer: Callable[[str], None]) -> tuple[int, int]:
     """Print the outcome and the front, attach them to the MLflow parent run; returns (trials, failed)."""
     from study.callbacks import open_tracker
 

@@ -263,8 +263,7 @@ def _finish(cfg: StudyConfig, paths: StudyPaths, state: StudyState, experiment: 
     orphans = fail_orphaned_trials(cfg, paths.optuna_url(cfg))
     if orphans:
         log.warning("%d Optuna trial(s) left RUNNING by an interrupted driver were marked FAIL", orphans)
-    trials, failed = close_study(cfg, str(paths.root), paths.tracking_uri(cfg), paths.artifact_location(cfg),
-                                 printer)
+    trials, failed = close_study(cfg, str(paths.root), paths.tracking_uri(cfg), printer)
     return StudyOutcome(cfg.name, paths.root, paths.tracking_uri(cfg), trials, failed, time.time() - started)
 
 

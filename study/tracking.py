@@ -27,6 +27,8 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import (MAX_ENTITY_KEY_LENGTH, MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH,
                                      MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_VAL_LENGTH)
 
+from study.config import flatten
+
 log = logging.getLogger(__name__)
 
 PARENT_ID_TAG = "mlflow.parentRunId"
@@ -72,17 +74,6 @@ def code_version() -> dict[str, str]:
         return tags
     tags |= {"mlflow.source.git.commit": commit, "g2.git_commit": commit, "g2.git_dirty": str(bool(dirty)).lower()}
     return tags
-
-
-def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"search": {"sampler": "tpe"}} -> {"search.sampler": "tpe"}; already flat keys pass through."""
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, Mapping):
-            out |= flatten(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def metric_name(key: str) -> str:
