@@ -21,14 +21,13 @@ from matplotlib.ticker import MaxNLocator
 
 from analysis import pareto
 from analysis.paper import GATE_MODES, METRIC_NAME, SETTINGS, compare_with_paper, paper_compression
+from study.results import GATE_COLUMN, HISTOGRAM_KEY
 
 Histograms = Mapping[str, Sequence[float]]  # {"l0_i": [10 fractions], "l0_f": [...], ...}
 GATE_MODE_COLORS = {"lstm": "tab:blue", "sharpened": "tab:orange", "g2": "tab:green"}
 _EXTRA_COLORS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
 GATE_COLORS = {"i": "tab:blue", "f": "tab:red"}
 HIST_BINS = 10
-_SATURATION_COL = re.compile(r"^gate_l(\d+)_([if])_(lt01|gt09)$")
-_HIST_KEY = re.compile(r"^l(\d+)_([if])$")
 _METRICS = {"ppl": ("perplexity", "min"), "bleu": ("BLEU", "max")}
 _SPLITS = {"val_metric": "validation", "test_metric": "test", "uncompressed_val_metric": "uncompressed validation",
            "uncompressed_test_metric": "uncompressed test"}
@@ -139,7 +138,7 @@ def label(df: pd.DataFrame, col: str) -> str:
         name, direction = _METRICS.get(_metric_name(df) or "", ("metric", None))
         better = {"min": ", lower is better", "max": ", higher is better"}.get(direction, "")
         return f"{_SPLITS[col]} {name}{better}"
-    if match := _SATURATION_COL.match(col):
+    if match := GATE_COLUMN.match(col):
         k, gate, stat = match.groups()
         gate, bound = ("input" if gate == "i" else "forget"), ("< 0.1" if stat == "lt01" else "> 0.9")
         return f"layer {k}: fraction of {gate} gates {bound}"
@@ -148,7 +147,7 @@ def label(df: pd.DataFrame, col: str) -> str:
 
 def layer_labels(df: pd.DataFrame) -> dict[int, str]:
     """Names of the gate_l{k} layers: NMT counts the encoder first (its first layer twice: forward, backward)."""
-    cols = [_SATURATION_COL.match(c) for c in df.columns]
+    cols = [GATE_COLUMN.match(c) for c in df.columns]
     ks = sorted({int(m.group(1)) for m in cols if m})
     tasks = set(df["task"].dropna().unique()) if "task" in df.columns else set()
     if tasks == {"nmt"} and {"nmt.encoder_layers", "nmt.decoder_layers"} <= set(df.columns) and len(df):
@@ -239,7 +238,7 @@ def _histogram_models(hist: Histograms | Mapping[str, Histograms] | pd.DataFrame
         return {str(model): _histogram_models(h)[""] for model, h in hist.items()}
     out = {}
     for key, fractions in hist.items():
-        match = _HIST_KEY.match(key)
+        match = HISTOGRAM_KEY.match(key)
         if match is None:
             raise ValueError(f"histogram key {key!r} is not of the form l<k>_i or l<k>_f")
         if len(fractions) != HIST_BINS:
@@ -295,7 +294,7 @@ def plot_saturation(df: pd.DataFrame, *, by: str | None = "g2.gate_mode", axes: 
     fig, grid = _grid(axes, 1, 2, (5.2, 4.0), sharey=True)
     ok = _ok_finite(df, [])
     # The results of a study share one set of columns: LM rows have NaN in the layers only NMT models have.
-    cols = [(int(m.group(1)), m.group(2)) for c in df.columns if (m := _SATURATION_COL.match(c))
+    cols = [(int(m.group(1)), m.group(2)) for c in df.columns if (m := GATE_COLUMN.match(c))
             and m.group(3) == "lt01" and np.isfinite(_floats(ok[c])).any()]
     cols.sort(key=lambda layer_gate: (layer_gate[0], "if".index(layer_gate[1])))
     rows = _per_trial(_ok_finite(ok, [f"gate_l{k}_{g}_{s}" for k, g in cols for s in ("lt01", "gt09")]))
