@@ -15,7 +15,7 @@ import time
 import torch
 from torch import nn
 
-from trainables.config import TrialConfig
+from trainables.config import TrialConfig, parse_override
 from trainables.lm import LMTask
 from trainables.nmt import NMTTask
 
@@ -62,8 +62,7 @@ def main(argv=None) -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    extra = dict(o.split("=", 1) for o in args.overrides)
-    extra = {k: json.loads(v) for k, v in extra.items()}
+    extra = dict(parse_override(o) for o in args.overrides)
     rows = {}
     lm_rows = {"LM nn.LSTM baseline": {"g2.gate_mode": "lstm"}, "LM G2LSTM lstm": {"g2.gate_mode": "lstm"},
                "LM G2LSTM g2": {"g2.gate_mode": "g2"}}

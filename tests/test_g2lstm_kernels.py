@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from conftest import rerun_compiled
 from trainables import g2lstm
 from trainables.config import G2Config
-from trainables.g2lstm import NOISE_EPS, GateMath, lstm_layer_reference
+from trainables.g2lstm import G2LSTM, NOISE_EPS, GateMath, lstm_layer_reference
 
 pytest.importorskip("triton")
 from trainables.g2lstm_kernels import fused_available, fused_lstm_layer, gate_noise  # noqa: E402
@@ -233,9 +233,6 @@ def test_fused_matches_reference_on_cuda(monkeypatch):
 
 def test_g2lstm_impl_fused_matches_the_reference_layer():
     """G2LSTM(impl="fused") dispatches its noisy training layers to the Triton path (interpreted here)."""
-    from trainables.config import G2Config
-    from trainables.g2lstm import G2LSTM
-
     torch.manual_seed(0)
     models = [G2LSTM(3, 4, 2, g2=G2Config(gate_mode="g2", tau=0.7, p=0.0), impl=impl) for impl in ("reference",
                                                                                                      "fused")]

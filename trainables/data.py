@@ -55,6 +55,11 @@ def data_root(explicit: str | None = None) -> Path:
     return Path(env).expanduser() if env else default_data_dir()
 
 
+def cache_root(cache_dir: str = "") -> Path:
+    """Where generated corpora and BPE models are cached: `data.cache_dir`, else ~/.cache/g2-study."""
+    return Path(cache_dir or Path.home() / ".cache" / "g2-study").expanduser()
+
+
 def find_corpus(name: str, data_dir: str | None = None) -> Path:
     """Resolve a corpus name (`ptb`, `wikitext-2`, `multi30k`) or an existing path to its directory.
 

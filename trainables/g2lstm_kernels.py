@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from trainables.config import PRECISIONS
+from trainables.config import PRECISIONS, check_choice
 from trainables.g2lstm import NOISE_EPS, GateMath
 
 MAX_BLOCK = 256        # state elements per program: enough programs to fill an H100 at B·H ≈ 16k
@@ -297,8 +297,7 @@ def fused_lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tens
     if gate.hard:
         raise ValueError("fused_lstm_layer does not run hard gates (eval_gate='hard' is evaluation-only); "
                          "use lstm_layer_reference")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    check_choice("precision", precision, PRECISIONS)
     if x.dim() != 3 or h0.dim() != 2 or h0.shape != c0.shape or w_hh.shape != (4 * h0.shape[1], h0.shape[1]):
         raise ValueError(f"fused_lstm_layer: bad shapes x {tuple(x.shape)}, h0 {tuple(h0.shape)}, "
                          f"c0 {tuple(c0.shape)}, w_hh {tuple(w_hh.shape)}")

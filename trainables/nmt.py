@@ -375,10 +375,6 @@ def bleu_scores(hypotheses: list[str], references: list[str]) -> dict:
 
 # --------------------------------------------------------------------------- the task the trial loop drives
 
-def bpe_cache_dir(cache_dir: str) -> Path:
-    return (Path(cache_dir).expanduser() if cache_dir else Path.home() / ".cache" / "g2-study") / "bpe"
-
-
 class NMTTask(Task):
     """Data, model and optimiser of one translation trial; `trainables.trainable` runs the epochs."""
 
@@ -394,8 +390,9 @@ class NMTTask(Task):
         self.optimizer = make_optimizer(cfg, self.model.parameters())
         if cfg.train.cuda_graphs:   # decoder steps are one-token windows with attention in between: nothing to graph
             log.info("train.cuda_graphs applies to language models only; translation trains eagerly")
-        self.eval_batches = {split: self._batches(getattr(self.data, split), shuffle=False)
-                             for split in ("valid", "test")}
+        self.eval_batches = {split: [b.to(self.device) for b in self._batches(getattr(self.data, split),
+                                                                               shuffle=False)]
+                             for split in ("valid", "test")}   # on the device once, not at every evaluation
         log.info("NMT: vocab %d, %d parameters, %s train pairs", self.data.vocab_size,
                  sum(p.numel() for p in self.model.parameters()), len(self.data.train))
 
@@ -436,7 +433,6 @@ class NMTTask(Task):
         nll_sum, tokens = 0.0, 0
         with evaluating(model):
             for batch in batches:
-                batch = batch.to(self.device)
                 logits = model(batch.src, batch.src_mask, batch.tgt_in)
                 nll_sum += sequence_loss(logits, batch.tgt_out, batch.tgt_mask)[1].item()
                 tokens += batch.num_tgt_tokens
@@ -456,7 +452,6 @@ class NMTTask(Task):
         n_enc = len(model.recurrent_layer_names()) - model.decoder.num_layers
         with evaluating(model):
             for batch in data.spread(self.eval_batches["valid"], GATE_BATCHES):
-                batch = batch.to(self.device)
                 _, gates = model(batch.src, batch.src_mask, batch.tgt_in, return_gates=True)
                 stats.update([g[batch.src_mask] for g in gates[:n_enc]]
                              + [g[batch.tgt_mask] for g in gates[n_enc:]])   # each (N, 2H), pads dropped
@@ -483,7 +478,7 @@ def load_corpus(cfg: TrialConfig, work_dir: Path) -> data.ParallelData:
         path = data.find_corpus(corpus, cfg.data.data_dir or None)
         src_ext, tgt_ext = cfg.data.src_ext, cfg.data.tgt_ext
     return data.load_parallel_data(path, src_ext=src_ext, tgt_ext=tgt_ext, vocab_size=cfg.data.bpe_vocab_size,
-                                   cache_dir=bpe_cache_dir(cfg.data.cache_dir), max_len=cfg.data.max_len,
+                                   cache_dir=data.cache_root(cfg.data.cache_dir) / "bpe", max_len=cfg.data.max_len,
                                    seed=cfg.seed)
 
 

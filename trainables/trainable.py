@@ -30,6 +30,7 @@ from trainables.checkpoint import (BEST_MODEL_FILE, load_checkpoint, load_model,
                                    save_model, set_rng_state, written_aside)
 from trainables.compress import compress_model
 from trainables.config import TrainConfig, TrialConfig, parse_override
+from trainables.data import cache_root
 from trainables.task import Task
 
 log = logging.getLogger(__name__)
@@ -37,11 +38,6 @@ Reporter = Callable[[dict[str, Any], "Path | None"], None]   # (metrics, checkpo
 STORE_META = "meta.json"
 SMOKE = {"train.epochs": 2, "train.max_batches": 8, "train.max_eval_batches": 4,
          "sweep.ranks": [0, 8], "sweep.bits": [32, 4], "sweep.paper": ["round_clip"]}
-
-
-def default_cache_dir(cfg: TrialConfig) -> Path:
-    """Where generated corpora and BPE models are cached: `data.cache_dir`, else ~/.cache/g2-study."""
-    return Path(cfg.data.cache_dir or Path.home() / ".cache" / "g2-study").expanduser()
 
 
 def pick_device(train: TrainConfig) -> torch.device:
@@ -62,9 +58,9 @@ def pick_device(train: TrainConfig) -> torch.device:
 def make_task(cfg: TrialConfig, device: torch.device) -> Task:
     if cfg.task == "lm":
         from trainables.lm import LMTask
-        return LMTask(cfg, device, default_cache_dir(cfg))
+        return LMTask(cfg, device, cache_root(cfg.data.cache_dir))
     from trainables.nmt import NMTTask
-    return NMTTask(cfg, device, default_cache_dir(cfg))
+    return NMTTask(cfg, device, cache_root(cfg.data.cache_dir))
 
 
 def prefixed(prefix: str, scores: dict[str, float], metric: str) -> dict[str, float]:
