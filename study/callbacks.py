@@ -61,9 +61,10 @@ class StudyCallback(tune.Callback):
         self._tracker: StudyTracker | None = None
         self._statuses: Counter = Counter()
         self._points: dict[tuple, tuple[float, float]] = {}   # model + setting -> (signed metric, gate bits)
+        self._earlier: dict[str, list[dict] | None] = {}   # trial id -> rows recorded by an earlier driver
 
     def __getstate__(self):
-        return {**self.__dict__, "_writer": None, "_tracker": None}
+        return {**self.__dict__, "_writer": None, "_tracker": None, "_earlier": {}}
 
     @property
     def writer(self) -> ResultsWriter:
@@ -78,30 +79,54 @@ class StudyCallback(tune.Callback):
             self._tracker.start(self.cfg.to_flat())
         return self._tracker
 
+    def _finished_before(self, trial) -> list[dict] | None:
+        """The rows of a trial recorded as finished by an earlier driver of this study (None for every other).
+
+        Decided once per trial and driver, before this driver records anything of it.
+        """
+        if trial.trial_id not in self._earlier:
+            self._earlier[trial.trial_id] = self.writer.finished_rows(trial.trial_id)
+        return self._earlier[trial.trial_id]
+
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.tracker.trial_run_id(trial.trial_id, params={k: v for k, v in trial.config.items()
-                                                          if not k.startswith("_")})
+        if self._finished_before(trial) is None:
+            self.tracker.trial_run_id(trial.trial_id, params={k: v for k, v in trial.config.items()
+                                                              if not k.startswith("_")})
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if self._finished_before(trial) is not None:   # what it says again was recorded already
+            return
         self.writer.record_report(trial.trial_id, trial.config, result)
         self.tracker.log_epoch(trial.trial_id, result, step=int(result.get("epoch") or result["training_iteration"]))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        if (rows := self._finished_before(trial)) is not None:
+            self._close_earlier(trial, rows, trials)
+            return
         rows = self.writer.record_end(trial.trial_id, trial.config)
         status = rows[0]["status"]
         self.tracker.end_trial(trial.trial_id, status, trial.last_result, rows[0].get("error"))
         self._finished(trial, status, rows, trials)
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        if (rows := self._finished_before(trial)) is not None:   # its recorded results stand
+            self._close_earlier(trial, rows, trials)
+            return
         message = error_message(trial_error_text(trial))
         rows = self.writer.record_end(trial.trial_id, trial.config, status="error", error=message)
         self.tracker.end_trial(trial.trial_id, "error", trial.last_result or None, message)
         self._finished(trial, "error", rows, trials)
 
+    def _close_earlier(self, trial, rows: list[dict], trials) -> None:
+        """A trial an earlier driver recorded: its files stay; its MLflow run is closed if that driver died first."""
+        if not self.tracker.is_trial_closed(trial.trial_id):
+            self.tracker.end_trial(trial.trial_id, "ok", trial.last_result, metrics_logged=True)
+        self._finished(trial, "ok", rows, trials, earlier=True)
+
     def on_experiment_end(self, trials, **info):
         self.tracker.mark_stale_runs()
 
-    def _finished(self, trial, status: str, rows: list[dict], trials) -> None:
+    def _finished(self, trial, status: str, rows: list[dict], trials, *, earlier: bool = False) -> None:
         self._statuses[status] += 1
         sign = -1.0 if HIGHER_IS_BETTER[self.cfg.task] else 1.0
         for r in rows:   # trials that share a trained model score the same points: count each once
@@ -114,7 +139,9 @@ class StudyCallback(tune.Callback):
         done = sum(self._statuses.values())
         last = trial.last_result or {}
         name = last.get("metric_name", "metric")
-        if status == "ok":
+        if earlier:
+            outcome = "recorded before the restart"
+        elif status == "ok":
             outcome = (f"val {name} {last['val_metric']:.2f}, compressed {last['compressed_val_metric']:.2f} "
                        f"at gate ×{last['gate_compression']:.1f}"
                        + (" (reused model)" if last.get("reused_checkpoint") else ""))

@@ -397,8 +397,8 @@ def load_gates(study_dir_or_uri: str | os.PathLike, *, filters: str | None = Non
 class ResultsWriter:
     """Records a study from a Ray Tune driver callback: curves after every report, results and gates at the end.
 
-    Everything is keyed by trial id and rewritten whole, so calling it again for a trial (a resume, a trial re-entered
-    at its final checkpoint) replaces that trial's rows instead of adding to them.
+    Everything is keyed by trial id and rewritten whole, so calling it again for a trial (a resume) replaces that
+    trial's rows instead of adding to them.
     """
 
     def __init__(self, study_dir: str | os.PathLike, study: str):
@@ -410,11 +410,26 @@ class ResultsWriter:
     def _known_curve(self, trial_id: str) -> dict[int, dict[str, Any]]:
         """Epochs already on disk: after a driver restart a resumed trial reports only the epochs it has left."""
         if trial_id not in self._curves:
-            fs, root = _filesystem(self.study_dir)
-            path = f"{root.rstrip('/')}/{CURVES_DIR}/{trial_id}.parquet"
+            fs, path = self._path(CURVES_DIR, trial_id)
             rows = pq.read_table(path, filesystem=fs).to_pylist() if _exists(fs, path) else []
             self._curves[trial_id] = {int(r["epoch"]): r for r in rows}
         return self._curves[trial_id]
+
+    def _path(self, sub: str, trial_id: str) -> tuple[pafs.FileSystem, str]:
+        fs, root = _filesystem(self.study_dir)
+        return fs, f"{root.rstrip('/')}/{sub}/{trial_id}.parquet"
+
+    def finished_rows(self, trial_id: str) -> list[dict[str, Any]] | None:
+        """The results rows of a trial recorded as `ok`, e.g. by a driver that has since died; None if there are none.
+
+        Tune restarts a trial that finished just before its driver died (from its last checkpoint, or from scratch
+        if it had none): what it says then was recorded already.
+        """
+        fs, path = self._path(RESULTS_DIR, trial_id)
+        if not _exists(fs, path):
+            return None
+        rows = pq.read_table(path, filesystem=fs).to_pylist()
+        return rows if rows and rows[0]["status"] == "ok" else None
 
     def record_report(self, trial_id: str, config: Mapping[str, Any], report: Mapping[str, Any]) -> None:
         """Keep the report and rewrite the trial's curves file."""

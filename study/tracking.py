@@ -244,13 +244,23 @@ class StudyTracker:
 
     # ----------------------------------------------------------------------- trials
 
+    def _trial_run(self, trial_id: str):
+        """The child run already tagged with the trial's id under this parent, or None."""
+        parent = self._require_parent()
+        query = f"tags.`{PARENT_ID_TAG}` = {_quoted(parent)} AND tags.`{TRIAL_TAG}` = {_quoted(trial_id)}"
+        return next(self._search(query), None)
+
+    def is_trial_closed(self, trial_id: str) -> bool:
+        """Whether `end_trial` closed the trial's run (perhaps under a driver that has since died)."""
+        found = self._trial_run(trial_id)
+        return found is not None and found.info.status != "RUNNING" and STATUS_TAG in found.data.tags
+
     def trial_run_id(self, trial_id: str, params: Mapping[str, Any] | None = None) -> str:
         """The trial's child run: the one already tagged with its id under this parent, else a new one with `params`."""
         if trial_id in self._runs:
             return self._runs[trial_id]
         parent = self._require_parent()
-        query = f"tags.`{PARENT_ID_TAG}` = {_quoted(parent)} AND tags.`{TRIAL_TAG}` = {_quoted(trial_id)}"
-        found = next(self._search(query), None)
+        found = self._trial_run(trial_id)
         if found is not None:
             run_id = found.info.run_id
             if found.info.status != "RUNNING":   # resumed after a crash (KILLED) or retried after an error
@@ -275,11 +285,11 @@ class StudyTracker:
         self._logged[trial_id] = (int(step), (keys if last_step == int(step) else set()) | set(values))
 
     def end_trial(self, trial_id: str, status: str, final_report: Mapping[str, Any] | None,
-                  error: str | None = None) -> None:
+                  error: str | None = None, *, metrics_logged: bool = False) -> None:
         """Log the final metrics, the compression table and gate histograms, tag the status and close the child run.
 
         Metrics already logged at the final step by `log_epoch` (the driver sees the last report twice: as a result
-        and at completion) are not logged again.
+        and at completion) are not logged again; `metrics_logged` says a driver before this one logged them all.
         """
         if status not in TRIAL_RUN_STATUS:
             raise ValueError(f"trial status must be one of {', '.join(TRIAL_RUN_STATUS)}, got {status!r}")
@@ -287,7 +297,8 @@ class StudyTracker:
         report = dict(final_report or {})
         step = int(report.get("epoch") or 0)
         last_step, logged = self._logged.get(trial_id, (None, set()))
-        values = {k: v for k, v in numeric_metrics(report).items() if not (last_step == step and k in logged)}
+        values = {k: v for k, v in numeric_metrics(report).items()
+                  if not (metrics_logged or last_step == step and k in logged)}
         now = int(time.time() * 1000)
         self._log(run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
         if report.get("sweep"):

@@ -24,6 +24,32 @@ def real_data_dir() -> Path | None:
     return None
 
 
+def trial_reports(cfg, work_dir: Path, model_store: Path) -> list[dict]:
+    """Every report of one real trial, run on one thread (a model this small only loses to thread contention)."""
+    from trainables.trainable import run_trial
+
+    reports: list[dict] = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_trial(cfg, work_dir, report=lambda metrics, ckpt: reports.append(metrics), model_store=model_store)
+    finally:
+        torch.set_num_threads(threads)
+    return reports
+
+
+@pytest.fixture(scope="session")
+def trial(tmp_path_factory):
+    """A real tiny LM trial (2 epochs, a 2-rank x 2-bit sweep plus round_clip): its flat config and every report."""
+    from trainables.config import TrialConfig
+    from trainables.trainable import SMOKE
+
+    fast = {"train.max_batches": 2, "train.max_eval_batches": 2}   # the rows' shape is what matters, not the model
+    cfg = TrialConfig.from_flat(SMOKE | fast, base=TrialConfig.preset("lm", "tiny"))
+    store = tmp_path_factory.mktemp("store")
+    return {**cfg.to_flat(), "_model_store": str(store)}, trial_reports(cfg, tmp_path_factory.mktemp("trial"), store)
+
+
 def rerun_compiled(test_file: str, test_name: str) -> bool:
     """True after re-running a GPU test in a fresh process with compiled Triton kernels, which it must then trust.
 

@@ -8,42 +8,19 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 import pytest
-import torch
 
+from conftest import trial_reports
 from study import results
 from trainables.config import TrialConfig
-from trainables.trainable import SMOKE, run_trial
+from trainables.trainable import SMOKE
 
 FINISHED = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
-FAST = {"train.max_batches": 2, "train.max_eval_batches": 2}   # the rows' shape is what matters, not the model
-
-
-def _run(cfg: TrialConfig, work_dir: Path, model_store: Path) -> list[dict]:
-    """Every report of one real trial."""
-    reports: list[dict] = []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # a model this small only loses to thread contention on a busy CI machine
-    try:
-        run_trial(cfg, work_dir, report=lambda metrics, ckpt: reports.append(metrics), model_store=model_store)
-    finally:
-        torch.set_num_threads(threads)
-    return reports
-
-
-@pytest.fixture(scope="module")
-def trial(tmp_path_factory):
-    """A real tiny LM trial (2 epochs, a 2-rank x 2-bit sweep plus round_clip): its flat config and every report."""
-    cfg = TrialConfig.from_flat(SMOKE | FAST, base=TrialConfig.preset("lm", "tiny"))
-    store = tmp_path_factory.mktemp("store")
-    return {**cfg.to_flat(), "_model_store": str(store)}, _run(cfg, tmp_path_factory.mktemp("trial"), store)
-
-
 @pytest.fixture(scope="module")
 def reused(trial, tmp_path_factory):
     """The reports of a second trial with the same training knobs: it reuses the first one's model."""
     config, _ = trial
     cfg = TrialConfig.from_flat({k: v for k, v in config.items() if not k.startswith("_")})
-    return _run(cfg, tmp_path_factory.mktemp("reused"), Path(config["_model_store"]))
+    return trial_reports(cfg, tmp_path_factory.mktemp("reused"), Path(config["_model_store"]))
 
 
 def flat_config(**overrides) -> dict:
@@ -269,6 +246,23 @@ def test_files_with_different_layer_counts_are_unified(tmp_path):
     assert math.isnan(df.loc["two", "gate_l2_f_lt01"]) and df.loc["two", "gate_l1_i_lt01"] == pytest.approx(0.2)
     with pytest.raises(ValueError, match="unknown column"):
         results.write_trial(tmp_path, "bad", [{"trial_id": "bad", "gate_bitz": 1}])
+
+
+def test_finished_rows_are_those_of_an_ok_trial_only(trial, tmp_path):
+    config, reports = trial
+    writer = results.ResultsWriter(tmp_path, "s")
+    for report in reports:
+        writer.record_report("ok", config, report)
+    written = writer.record_end("ok", config)
+    writer.record_report("pruned", config, reports[0])
+    writer.record_end("pruned", config)
+    writer.record_end("error", config, status="error", error="boom")
+
+    later = results.ResultsWriter(tmp_path, "s")   # the next driver
+    rows = later.finished_rows("ok")
+    used = ["status", "training_key", "method", "compress.rank", "compress.bits", "val_metric", "gate_bits"]
+    assert [[r[k] for k in used] for r in rows] == [[r[k] for k in used] for r in written]
+    assert later.finished_rows("pruned") is later.finished_rows("error") is later.finished_rows("never") is None
 
 
 def test_curves_survive_a_driver_restart(trial, tmp_path):

@@ -1,0 +1,68 @@
+"""The driver callback (study/callbacks.py) over a real trial's reports: what a restarted driver records again."""
+from __future__ import annotations
+
+import pickle
+from types import SimpleNamespace
+
+from mlflow.tracking import MlflowClient
+
+from study import results
+from study.callbacks import StudyCallback
+from study.config import StudyConfig
+
+
+def tune_trial(trial_id: str, config: dict) -> SimpleNamespace:
+    """The attributes of a Tune Trial that the callback reads (a real one needs a running Tune controller)."""
+    return SimpleNamespace(trial_id=trial_id, config=config, last_result=None, status="RUNNING", error_file=None)
+
+
+def report(callback: StudyCallback, trial: SimpleNamespace, reports: list[dict]) -> None:
+    for i, result in enumerate(reports, start=1):
+        trial.last_result = {**result, "training_iteration": i}
+        callback.on_trial_result(i, [trial], trial, trial.last_result)
+
+
+def run(callback: StudyCallback, trial: SimpleNamespace, reports: list[dict]) -> None:
+    callback.on_trial_start(0, [trial], trial)
+    report(callback, trial, reports)
+    trial.status = "TERMINATED"
+    callback.on_trial_complete(len(reports), [trial], trial)
+
+
+def test_a_restarted_driver_keeps_what_an_earlier_one_recorded(trial, tmp_path):
+    config, reports = trial
+    cfg = StudyConfig(name="s", preset="tiny")
+    lines: list[str] = []
+    first = StudyCallback(cfg, str(tmp_path), total=3, printer=lines.append)
+    saved = pickle.dumps(first)   # Tune saves the callbacks with the experiment, before any trial runs
+    for trial_id in ("t1", "t3"):
+        run(first, tune_trial(trial_id, config), reports)
+    # t2 finished and its results were written, then the driver died before it closed the MLflow run
+    t2 = tune_trial("t2", config)
+    first.on_trial_start(0, [t2], t2)
+    report(first, t2, reports)
+    first.writer.record_end("t2", config)
+    files = sorted(tmp_path.glob("*/t*.parquet"))
+    stamps = [f.stat().st_mtime_ns for f in files]
+
+    # Tune restarts all three: t1 at its final checkpoint (it says its last report again), t2 from scratch
+    # (the model store makes it a re-scoring), and t3 fails this time
+    restored, lines[:] = pickle.loads(saved), []
+    restored.printer = lines.append
+    run(restored, tune_trial("t1", config), [reports[-1]])
+    run(restored, tune_trial("t2", config), [{**reports[-1], "reused_checkpoint": True, "train_time_s": 0.0}])
+    t3 = tune_trial("t3", config)
+    restored.on_trial_start(0, [t3], t3)
+    restored.on_trial_error(0, [t3], t3)
+
+    assert [f.stat().st_mtime_ns for f in files] == stamps          # nothing rewritten
+    assert len(results.load(tmp_path)) == 3 * len(reports[-1]["sweep"])
+    assert [line[:13] for line in lines] == ["[  1/3] t1 ok", "[  2/3] t2 ok", "[  3/3] t3 ok"]
+    assert all("-> recorded before the restart | ok" in line for line in lines)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("s")
+    runs = client.search_runs([experiment.experiment_id], "tags.`g2.role` = 'trial'")
+    assert sorted(r.data.tags["g2.trial_id"] for r in runs) == ["t1", "t2", "t3"]
+    assert {r.info.status for r in runs} == {"FINISHED"} and {r.data.tags["g2.status"] for r in runs} == {"ok"}
+    for r in runs:   # one value per epoch: nothing was logged twice
+        assert len(client.get_metric_history(r.info.run_id, "val_metric")) == len(reports)
