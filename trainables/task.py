@@ -11,11 +11,12 @@ class Task:
     """One trial's data, model and optimiser. `run_trial` drives any subclass the same way.
 
     Subclasses set `metric` (the validation metric's name, e.g. "ppl" or "bleu") and `higher_is_better`,
-    build `model` and `optimizer`, and implement the three abstract methods.
+    keep their `device`, build `model` and `optimizer`, and implement the three abstract methods.
     """
 
     metric: str
     higher_is_better: bool
+    device: torch.device
     model: nn.Module
     optimizer: torch.optim.Optimizer
 

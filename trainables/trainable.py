@@ -12,6 +12,7 @@ One trial from the command line, no study:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -26,16 +27,16 @@ from typing import Any
 import torch
 
 from trainables import g2lstm_kernels
-from trainables.checkpoint import (BEST_MODEL_FILE, load_checkpoint, load_model, save_checkpoint,
-                                   save_model, set_rng_state, written_aside)
+from trainables.checkpoint import (BEST_MODEL_FILE, load_checkpoint, load_model, save_checkpoint, save_model,
+                                   set_rng_state)
 from trainables.compress import compress_model
 from trainables.config import TrainConfig, TrialConfig, parse_override
 from trainables.data import cache_root
+from trainables.store import ModelStore
 from trainables.task import Task
 
 log = logging.getLogger(__name__)
 Reporter = Callable[[dict[str, Any], "Path | None"], None]   # (metrics, checkpoint directory or None)
-STORE_META = "meta.json"
 SMOKE = {"train.epochs": 2, "train.max_batches": 8, "train.max_eval_batches": 4,
          "sweep.ranks": [0, 8], "sweep.bits": [32, 4], "sweep.paper": ["round_clip"]}
 
@@ -96,19 +97,6 @@ def final_metrics(task: Task, model: torch.nn.Module, cfg: TrialConfig, loop: di
             "sweep": rows}
 
 
-def _store_model(target: Path, model: torch.nn.Module, config: dict, loop: dict) -> None:
-    """Publish the best weights under the training key, for later trials with the same training knobs.
-
-    The weights go first and the meta file last, each written atomically: the meta file is what readers
-    look for, so they never load a model that is still being written.
-    """
-    target.mkdir(parents=True, exist_ok=True)
-    save_model(target / BEST_MODEL_FILE, model, config)
-    meta = {k: loop[k] for k in ("epoch", "best_epoch", "best_metric", "train_time_s")}
-    with written_aside(target / STORE_META) as tmp:
-        tmp.write_text(json.dumps(meta))
-
-
 def run_trial(cfg: TrialConfig, work_dir: Path, *, report: Reporter | None = None, resume: Path | None = None,
               model_store: Path | None = None) -> dict[str, Any]:
     """Train (or resume, or reuse) one configuration, report every epoch, return the final metrics.
@@ -117,27 +105,36 @@ def run_trial(cfg: TrialConfig, work_dir: Path, *, report: Reporter | None = Non
         work_dir: the checkpoint directory lives in `work_dir/checkpoint` (rewritten each epoch).
         report: called with (metrics, checkpoint dir) after every epoch; the last call carries `sweep`.
         resume: a checkpoint directory to continue from exactly.
-        model_store: a directory of best models keyed by `cfg.training_key()`; a hit skips training.
+        model_store: a `ModelStore` directory. A model stored under `cfg.training_key()` skips training; while
+            another trial trains the same knobs, this one waits for its model.
     """
     report = report or (lambda metrics, ckpt: None)
     device = pick_device(cfg.train)
-    ckpt_dir = Path(work_dir) / "checkpoint"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    flat, key = cfg.to_flat(), cfg.training_key()
     task = make_task(cfg, device)
+    key = cfg.training_key()
     common = {"metric_name": task.metric, "device": str(device), "training_key": key}
+    store = ModelStore(model_store) if model_store else None
+    train = functools.partial(_train, cfg, task, Path(work_dir) / "checkpoint", common, report, store=store)
+    if store is None or resume is not None:   # a resumed trial carries on from its own checkpoint
+        return train(resume=resume)
+    with store.training(key) as meta:
+        if meta is None:
+            return train(resume=None)
+        store.load(key, task.model, device)
+    log.info("reusing the model trained for %s; scoring the compression sweep only", key)
+    metrics = {**common, "epoch": meta["epoch"], "train_time_s": meta["train_time_s"], "reused_checkpoint": True,
+               **final_metrics(task, task.model, cfg, meta)}
+    report(metrics, None)
+    return metrics
 
-    stored = Path(model_store) / key if model_store else None
-    if resume is None and stored is not None and (stored / STORE_META).exists():
-        loop = json.loads((stored / STORE_META).read_text())
-        load_model(stored / BEST_MODEL_FILE, task.model, device)
-        log.info("reusing the model trained for %s; scoring the compression sweep only", key)
-        metrics = {**common, "epoch": loop["epoch"], "train_time_s": loop["train_time_s"],
-                   "reused_checkpoint": True, **final_metrics(task, task.model, cfg, loop)}
-        report(metrics, None)
-        return metrics
 
+def _train(cfg: TrialConfig, task: Task, ckpt_dir: Path, common: dict[str, Any], report: Reporter, *,
+           resume: Path | None, store: ModelStore | None) -> dict[str, Any]:
+    """The epochs of `run_trial`, from `resume` or from the start; the best model goes to `store` at the end."""
+    device = task.device
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    flat = cfg.to_flat()
     loop = {"epoch": 0, "best_epoch": 0, "best_metric": None, "train_time_s": 0.0, "final": None}
     if resume is not None:
         saved = load_checkpoint(resume, device)
@@ -188,8 +185,8 @@ def run_trial(cfg: TrialConfig, work_dir: Path, *, report: Reporter | None = Non
             loop["final"] = metrics
         save_checkpoint(ckpt_dir, model=task.model, optimizer=task.optimizer, config=flat, epoch=epoch,
                         loop=loop, task=task.state_dict())
-        if epoch == total_epochs and stored is not None:   # before the report: Tune stops a `done` trial at once
-            _store_model(stored, task.model, flat, loop)       # task.model holds the best weights here
+        if epoch == total_epochs and store is not None:   # before the report: Tune stops a `done` trial at once
+            store.publish(common["training_key"], task.model, flat, loop)   # task.model holds the best weights
         report(metrics, ckpt_dir)
     return metrics
 

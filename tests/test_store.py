@@ -1,0 +1,134 @@
+"""The model store (trainables/store.py): entries, and one trainer per training key across processes."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT
+from trainables.store import ModelStore
+
+LOOP = {"epoch": 3, "best_epoch": 2, "best_metric": 41.5, "train_time_s": 12.0, "final": None}
+
+# Holds the lock of key "k" until told to go on (a line on stdin), then publishes a model unless told "die".
+HOLDER = """
+import sys, torch
+from trainables.store import ModelStore
+store = ModelStore(sys.argv[1])
+with store.training("k") as meta:
+    print("held", meta, flush=True)
+    if sys.stdin.readline().strip() == "publish":
+        store.publish("k", torch.nn.Linear(2, 2), {"seed": 1}, {"epoch": 3, "best_epoch": 2, "best_metric": 4.0,
+                                                                "train_time_s": 1.0})
+"""
+
+# One tiny trial on a shared store; trial "a" holds still after its first epoch until the file `go` exists.
+TRIAL = """
+import json, logging, sys, time
+from pathlib import Path
+import torch
+from trainables.config import TrialConfig
+from trainables.trainable import SMOKE, run_trial
+logging.basicConfig(level=logging.INFO)
+torch.set_num_threads(1)
+tmp, name = Path(sys.argv[1]), sys.argv[2]
+cfg = TrialConfig.from_flat({**SMOKE, "data.cache_dir": str(tmp / "cache"), "compress.bits": int(sys.argv[3])},
+                            base=TrialConfig.preset("lm", "tiny"))
+def report(metrics, ckpt):
+    if name == "a" and metrics["epoch"] == 1 and not metrics.get("done"):
+        (tmp / "a-training").touch()
+        while not (tmp / "go").exists():
+            time.sleep(0.05)
+final = run_trial(cfg, tmp / name, report=report, model_store=tmp / "store")
+print(json.dumps({"reused": bool(final.get("reused_checkpoint")), "key": final["training_key"],
+                  "sweep": final["sweep"]}))
+"""
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout:.0f}s for {what}")
+        time.sleep(0.05)
+
+
+def start_holder(root: Path) -> subprocess.Popen:
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(root)], cwd=REPO_ROOT, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert holder.stdout.readline().strip() == "held None"
+    return holder
+
+
+def in_thread(store: ModelStore, key: str) -> tuple[threading.Thread, dict]:
+    """Enter `store.training(key)` in a thread; `out["meta"]` is what it yielded once it got the lock."""
+    out: dict = {}
+
+    def enter():
+        with store.training(key) as meta:
+            out["meta"] = meta
+
+    thread = threading.Thread(target=enter, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def test_publish_then_load_round_trips(tmp_path):
+    store = ModelStore(tmp_path)
+    assert store.meta("k") is None
+    model = torch.nn.Linear(3, 2)
+    store.publish("k", model, {"seed": 1}, LOOP)
+    assert store.meta("k") == {k: LOOP[k] for k in ("epoch", "best_epoch", "best_metric", "train_time_s")}
+    other = torch.nn.Linear(3, 2)
+    assert store.load("k", other) == store.meta("k")
+    assert torch.equal(other.weight, model.weight) and torch.equal(other.bias, model.bias)
+    assert sorted(p.name for p in (tmp_path / "k").iterdir()) == ["best_model.pt", "meta.json"]   # no temp files
+
+
+def test_a_second_trainer_waits_for_the_first_ones_model(tmp_path):
+    store = ModelStore(tmp_path)
+    holder = start_holder(tmp_path)
+    thread, out = in_thread(store, "k")
+    thread.join(1.0)
+    assert thread.is_alive() and "meta" not in out          # blocked while the other process trains
+    with store.training("other-key") as meta:                # other keys are not held up
+        assert meta is None
+    holder.communicate("publish\n", timeout=60)
+    thread.join(30)
+    assert not thread.is_alive() and out["meta"]["best_metric"] == 4.0
+
+
+def test_a_trainer_that_dies_hands_the_key_on(tmp_path):
+    store = ModelStore(tmp_path)
+    holder = start_holder(tmp_path)
+    thread, out = in_thread(store, "k")
+    thread.join(0.5)
+    assert thread.is_alive()
+    holder.kill()
+    holder.wait(30)
+    thread.join(30)
+    assert not thread.is_alive() and out["meta"] is None     # no model: the waiter trains the knobs itself
+
+
+@pytest.mark.slow
+def test_concurrent_trials_with_the_same_knobs_train_once(tmp_path):
+    def trial(name: str, bits: int) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", TRIAL, str(tmp_path), name, str(bits)], cwd=REPO_ROOT,
+                                text=True, stdout=subprocess.PIPE, stderr=open(tmp_path / f"{name}.log", "w"))
+
+    first = trial("a", 32)
+    wait_for(lambda: (tmp_path / "a-training").exists() or first.poll() is not None, 300, "trial a's first epoch")
+    second = trial("b", 4)                    # the same training knobs, another compression setting
+    wait_for(lambda: "waiting for its model" in (tmp_path / "b.log").read_text() or second.poll() is not None,
+             300, "trial b to wait")
+    (tmp_path / "go").touch()
+    a, b = (json.loads(p.communicate(timeout=300)[0].splitlines()[-1]) for p in (first, second))
+    assert first.returncode == second.returncode == 0
+    assert not a["reused"] and b["reused"] and a["key"] == b["key"]
+    assert [r["val_metric"] for r in a["sweep"]] == [r["val_metric"] for r in b["sweep"]]   # the same model

@@ -1,0 +1,74 @@
+"""The model store: the best weights of every trained configuration of a study, keyed by its training knobs.
+
+Many trials of a study differ only in how the trained model is compressed (every `lstm` trial of the default
+space shares one set of training knobs), so a trial whose knobs were trained already re-scores that model instead
+of training it again. A trial whose knobs another trial is training right now waits for that model rather than
+train a second copy beside it: the trainer holds an exclusive lock on `<key>.lock` for as long as it trains. The
+kernel drops the lock when its process ends, however it ends (finished, diverged, stopped by a scheduler,
+killed), so a waiter never waits on a dead trial; finding no model then, it trains the knobs itself.
+
+    <root>/<key>/best_model.pt   the weights (`checkpoint.save_model`)
+    <root>/<key>/meta.json       epochs and timings of the run that trained them; written last, so it marks a
+                                 complete entry
+    <root>/<key>.lock            the trainer's lock (an empty file)
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainables.checkpoint import BEST_MODEL_FILE, load_model, save_model, written_aside
+
+log = logging.getLogger(__name__)
+META_FILE = "meta.json"
+META_KEYS = ("epoch", "best_epoch", "best_metric", "train_time_s")
+
+
+class ModelStore:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def meta(self, key: str) -> dict[str, Any] | None:
+        """What the run that trained `key` recorded, or None if no complete model is stored under it."""
+        path = self.root / key / META_FILE
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def load(self, key: str, model: nn.Module, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+        """Load the stored weights of `key` into `model`; returns the meta."""
+        load_model(self.root / key / BEST_MODEL_FILE, model, map_location)
+        return self.meta(key)
+
+    def publish(self, key: str, model: nn.Module, config: dict[str, Any], loop: dict[str, Any]) -> None:
+        """Store `model`'s weights under `key`: weights first, meta last, each written aside then renamed, so a
+        reader never loads a model that is still being written."""
+        target = self.root / key
+        target.mkdir(parents=True, exist_ok=True)
+        save_model(target / BEST_MODEL_FILE, model, config)
+        with written_aside(target / META_FILE) as tmp:
+            tmp.write_text(json.dumps({k: loop[k] for k in META_KEYS}))
+
+    @contextmanager
+    def training(self, key: str) -> Iterator[dict[str, Any] | None]:
+        """Hold `key`'s lock for the body; yields the stored meta, if there is a model by the time the lock is held.
+
+        Blocks while another process holds the lock, i.e. while another trial trains these knobs.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / f"{key}.lock", "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("another trial is training %s: waiting for its model instead of training a copy", key)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield self.meta(key)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
