@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from analysis.pareto import matches, ok_rows
+
 GATE_MODES = ("lstm", "sharpened", "g2")  # lstm = the paper's baseline
 SETTINGS = ("original", "round", "round_clip", "svd_big", "svd_small")
 METRIC_NAME = {"lm": "ppl", "nmt": "bleu"}
@@ -53,16 +55,6 @@ _SATURATION = {
 
 # Uncompressed PTB perplexity without the cache pointer: (test, validation).
 _UNCOMPRESSED_PTB = {"lstm": (57.3, 60.0), "sharpened": (57.5, 59.9), "g2": (56.1, 58.5)}
-
-
-def _is(column: pd.Series, value: object) -> np.ndarray:
-    """column == value as a plain bool mask; a missing value (pd.NA in the nullable results dtypes) is False."""
-    return (column == value).to_numpy(dtype=bool, na_value=False)
-
-
-def _ok(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows with status "ok" (all rows if there is no status column): failed trials have no figures to compare."""
-    return df[_is(df["status"], "ok")] if "status" in df.columns else df
 
 
 def paper_compression() -> pd.DataFrame:
@@ -112,15 +104,15 @@ def _svd_ranks(svd: pd.DataFrame, paper_ranks: tuple[int, int]) -> tuple[int | N
 def _setting_rows(df: pd.DataFrame, task: str) -> dict[str, tuple[pd.DataFrame, int]]:
     """Our rows for each of the paper's settings, with the SVD rank used (0 where none)."""
     method = df["method"]
-    full_precision = _is(df["compress.bits"], FULL_PRECISION_BITS) if "compress.bits" in df else True
-    svd = df[_is(method, "svd") & full_precision]
+    full_precision = matches(df["compress.bits"], FULL_PRECISION_BITS) if "compress.bits" in df else True
+    svd = df[matches(method, "svd") & full_precision]
     big, small = _svd_ranks(svd, _COMPRESSION[task]["ranks"])
     return {
-        "original": (df[_is(method, "none")], 0),
-        "round": (df[_is(method, "round")], 0),
-        "round_clip": (df[_is(method, "round_clip")], 0),
-        "svd_big": (svd[_is(svd["compress.rank"], big)], big or 0),
-        "svd_small": (svd[_is(svd["compress.rank"], small)], small or 0),
+        "original": (df[matches(method, "none")], 0),
+        "round": (df[matches(method, "round")], 0),
+        "round_clip": (df[matches(method, "round_clip")], 0),
+        "svd_big": (svd[matches(svd["compress.rank"], big)], big or 0),
+        "svd_small": (svd[matches(svd["compress.rank"], small)], small or 0),
     }
 
 
@@ -148,10 +140,10 @@ def compare_with_paper(
     for col in ("task", "g2.gate_mode", "method", "compress.rank", metric):
         if col not in df.columns:
             raise ValueError(f"column {col!r} is not in the results")
-    ours = _ok(df)
-    ours = ours[_is(ours["task"], task)]
+    ours = ok_rows(df)
+    ours = ours[matches(ours["task"], task)]
     if eval_gate is not None and "g2.eval_gate" in ours.columns:
-        ours = ours[~_is(ours["g2.gate_mode"], "g2") | _is(ours["g2.eval_gate"], eval_gate)]
+        ours = ours[~matches(ours["g2.gate_mode"], "g2") | matches(ours["g2.eval_gate"], eval_gate)]
     rows = []
     for setting, (sub, rank) in _setting_rows(ours, task).items():
         values = sub[metric].to_numpy(dtype=float, na_value=np.nan)
@@ -188,8 +180,8 @@ def compare_saturation(df: pd.DataFrame, layer: int | None = None) -> pd.DataFra
     Returns:
         Columns gate_mode, gate, lt01_paper, gt09_paper, lt01, gt09, n_trials, layer (our k).
     """
-    ours = _ok(df)
-    ours = ours[_is(ours["task"], "nmt")] if "task" in ours.columns else ours
+    ours = ok_rows(df)
+    ours = ours[matches(ours["task"], "nmt")] if "task" in ours.columns else ours
     if "trial_id" in ours.columns:
         ours = ours.drop_duplicates("trial_id")
     if layer is None and len(ours):

@@ -127,9 +127,15 @@ def _objective_columns(df: pd.DataFrame, objectives: Mapping[str, Direction]) ->
     return list(objectives), [objectives[c] == "min" for c in objectives]
 
 
-def _ok_rows(df: pd.DataFrame, status_col: str) -> pd.DataFrame:
-    """Rows allowed into a front: status "ok", or all rows if there is no status column."""
-    return df[df[status_col] == "ok"] if status_col in df.columns else df
+def matches(column: pd.Series, value: object) -> np.ndarray:
+    """column == value as a plain bool mask; a missing value (pd.NA in the nullable results dtypes) is False."""
+    return (column == value).to_numpy(dtype=bool, na_value=False)
+
+
+def ok_rows(df: pd.DataFrame, status_col: str = "status") -> pd.DataFrame:
+    """Rows of finished trials (status "ok"), or all rows if there is no status column: only they have figures that
+    can be compared (pruned, diverged and failed trials are truncated or meaningless points)."""
+    return df[matches(df[status_col], "ok")] if status_col in df.columns else df
 
 
 def _values(df: pd.DataFrame, cols: list[str]) -> np.ndarray:
@@ -144,7 +150,7 @@ def pareto_front(df: pd.DataFrame, objectives: Mapping[str, Direction], *, statu
     The original index is kept; rows are sorted by the first objective (ascending), ties by the next ones.
     """
     cols, minimize = _objective_columns(df, objectives)
-    ok = _ok_rows(df, status_col)
+    ok = ok_rows(df, status_col)
     front = ok[pareto_mask(_values(ok, cols), minimize)]
     return front.sort_values(cols, kind="stable")
 
@@ -296,7 +302,7 @@ def front_over_seeds(
             raise ValueError(f"column {col!r} is not in the results")
     if seed_col in config_cols:
         raise ValueError(f"seed column {seed_col!r} must not be one of config_cols")
-    ok = _ok_rows(df, status_col)
+    ok = ok_rows(df, status_col)
     values = pd.DataFrame(_values(ok, cols), columns=cols, index=ok.index)
     values["_finite"] = np.isfinite(values[cols].to_numpy()).all(axis=1)
     grouped = values.groupby([ok[c] for c in config_cols], sort=True, dropna=False)
@@ -327,7 +333,7 @@ def hypervolume_over_time(
     cols, minimize = _objective_columns(df, objectives)
     if time_col not in df.columns:
         raise ValueError(f"time column {time_col!r} is not in the results")
-    ok = _ok_rows(df, status_col)
+    ok = ok_rows(df, status_col)
     ok = ok[ok[time_col].notna()].sort_values(time_col, kind="stable")
     values = _values(ok, cols)
     hypervolume(values[:0], reference, minimize)  # refuse a bad reference or objective count before the loop

@@ -9,7 +9,6 @@ selection with nothing to show gives a figure saying so rather than an exception
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -68,11 +67,6 @@ def _no_data(ax: Axes, message: str) -> None:
     ax.set_yticks([])
 
 
-def _is(column: pd.Series, value: object) -> np.ndarray:
-    """column == value as a plain bool mask; a missing value (pd.NA in the nullable results dtypes) is False."""
-    return (column == value).to_numpy(dtype=bool, na_value=False)
-
-
 def _floats(column: pd.Series) -> np.ndarray:
     """A numeric column (float64, or nullable Int64) as floats, missing values NaN."""
     return pd.to_numeric(column, errors="coerce").to_numpy(dtype=float, na_value=np.nan)
@@ -80,7 +74,7 @@ def _floats(column: pd.Series) -> np.ndarray:
 
 def _ok_finite(df: pd.DataFrame, cols: Sequence[str]) -> pd.DataFrame:
     """Status-ok rows whose cols are all finite numbers (all of them missing from df: no rows)."""
-    ok = df[_is(df["status"], "ok")] if "status" in df.columns else df
+    ok = pareto.ok_rows(df)
     if not set(cols) <= set(ok.columns):
         return ok.iloc[:0]
     finite = np.ones(len(ok), dtype=bool)
@@ -105,7 +99,7 @@ def _groups(df: pd.DataFrame, by: str | None) -> Iterator[tuple[str, pd.DataFram
     others = sorted((v for v in values if v not in known), key=str)
     for value in known + others:
         color = GATE_MODE_COLORS.get(value) or _EXTRA_COLORS[others.index(value) % len(_EXTRA_COLORS)]
-        yield str(value), df[_is(df[by], value)], color
+        yield str(value), df[pareto.matches(df[by], value)], color
 
 
 def _metric_name(df: pd.DataFrame) -> str | None:
@@ -330,7 +324,7 @@ def plot_objective_vs(df: pd.DataFrame, knob: str = "g2.tau", y: str = "val_metr
     Where knob values repeat (a grid, several seeds) their means are joined by a line.
     """
     fig, ax = _figure(ax)
-    rows = df if method is None or "method" not in df.columns else df[_is(df["method"], method)]
+    rows = df if method is None or "method" not in df.columns else df[pareto.matches(df["method"], method)]
     rows = _ok_finite(rows, [y])
     rows = rows[rows[knob].notna()] if knob in rows.columns else rows.iloc[:0]
     if rows.empty:
@@ -402,7 +396,7 @@ def plot_paper_comparison(df: pd.DataFrame, task: str, *, metric: str = "test_me
     fig, grid = _grid(axes, 1, 2, (5.4, 4.0), sharey=relative)
     table = compare_with_paper(df, task, metric=metric)
     dataset = paper_compression().query("task == @task")["dataset"].iloc[0]
-    ours = df[_is(df["task"], task)] if "task" in df.columns else df
+    ours = df[pareto.matches(df["task"], task)] if "task" in df.columns else df
     paper_label = label(pd.DataFrame({"metric_name": [METRIC_NAME[task]]}), "test_metric")
     colors = {mode: color for mode, _, color in _groups(table, "gate_mode")}
     x = np.arange(len(SETTINGS))

@@ -11,11 +11,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
+import pandas as pd
 from ray import tune
 
-from analysis.pareto import pareto_mask
-from study.config import HIGHER_IS_BETTER, StudyConfig
+from study.config import StudyConfig
+from study.report import study_front
 from study.results import ResultsWriter
 from study.tracking import StudyTracker
 
@@ -60,7 +60,7 @@ class StudyCallback(tune.Callback):
         self._writer: ResultsWriter | None = None
         self._tracker: StudyTracker | None = None
         self._statuses: Counter = Counter()
-        self._points: dict[tuple, tuple[float, float]] = {}   # model + setting -> (signed metric, gate bits)
+        self._ok_rows: list[dict] = []   # the results rows of the ok trials finished so far
         self._earlier: dict[str, list[dict] | None] = {}   # trial id -> rows recorded by an earlier driver
 
     def __getstate__(self):
@@ -76,7 +76,7 @@ class StudyCallback(tune.Callback):
     def tracker(self) -> StudyTracker:
         if self._tracker is None:
             self._tracker = open_tracker(self.cfg, self.root)
-            self._tracker.start(self.cfg.to_flat())
+            self._tracker.attach()   # the driver started the parent run before Tune started
         return self._tracker
 
     def _finished_before(self, trial) -> list[dict] | None:
@@ -113,7 +113,7 @@ class StudyCallback(tune.Callback):
             self._close_earlier(trial, rows, trials)
             return
         message = error_message(trial_error_text(trial))
-        rows = self.writer.record_end(trial.trial_id, trial.config, status="error", error=message)
+        rows = self.writer.record_end(trial.trial_id, trial.config, error=message)
         self.tracker.end_trial(trial.trial_id, "error", trial.last_result or None, message)
         self._finished(trial, "error", rows, trials)
 
@@ -128,13 +128,9 @@ class StudyCallback(tune.Callback):
 
     def _finished(self, trial, status: str, rows: list[dict], trials, *, earlier: bool = False) -> None:
         self._statuses[status] += 1
-        sign = -1.0 if HIGHER_IS_BETTER[self.cfg.task] else 1.0
-        for r in rows:   # trials that share a trained model score the same points: count each once
-            if status == "ok" and r.get("val_metric") is not None:
-                key = (r.get("training_key"), r["method"], r["compress.rank"], r["compress.bits"])
-                self._points[key] = (sign * r["val_metric"], r["gate_bits"])
-        points = np.array(list(self._points.values()))
-        front = int(pareto_mask(points, [True, True]).sum()) if len(points) else 0
+        if status == "ok":
+            self._ok_rows.extend(rows)
+        front = len(study_front(pd.DataFrame(self._ok_rows), self.cfg))   # the front `close_study` will print
         running = sum(1 for t in trials if t.status == "RUNNING")
         done = sum(self._statuses.values())
         last = trial.last_result or {}

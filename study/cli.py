@@ -9,16 +9,17 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 from pathlib import Path
 
 from study.config import load_study_config
+from trainables.config import SMOKE
 
 QUICKSTART = Path(__file__).resolve().parent / "configs" / "quickstart.toml"
-STUDY_SMOKE = ["study.num_samples=4", "train.epochs=2", "train.max_batches=8", "train.max_eval_batches=4",
-               "sweep.ranks=[0, 8]", "sweep.bits=[32, 4]", 'sweep.paper=["round_clip"]']
+STUDY_SMOKE = ["study.num_samples=4", *(f"{field}={json.dumps(value)}" for field, value in SMOKE.items())]
 EXIT_BAD_INPUT = 2
 
 

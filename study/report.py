@@ -88,7 +88,7 @@ def close_study(cfg: StudyConfig, root: str, tracking_uri: str, printer: Callabl
     metric = metric_name_of(df)
     figure = front_plot(df, cfg, Path(root) / "pareto_front.png") if not df.empty else None
     tracker = open_tracker(cfg, root)
-    tracker.start(cfg.to_flat())
+    tracker.attach()
     all_failed = len(per_trial) > 0 and failed == len(per_trial)
     tracker.end("failed" if all_failed else "finished", front=front, figure_path=figure)
     printer(f"\nstudy {cfg.name}: {len(per_trial)} trial(s): "

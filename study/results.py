@@ -442,18 +442,16 @@ class ResultsWriter:
         if curve:
             write_curves(self.study_dir, trial_id, [curve[e] for e in sorted(curve)])
 
-    def record_end(self, trial_id: str, config: Mapping[str, Any], status: str | None = None, error: str | None = None,
-                   *, finished_at: datetime | None = None) -> list[dict[str, Any]]:
+    def record_end(self, trial_id: str, config: Mapping[str, Any], error: str | None = None, *,
+                   finished_at: datetime | None = None) -> list[dict[str, Any]]:
         """Write the trial's results file from its last report, and its gates file; returns the results rows written.
 
-        `status` None derives it from the last report (`trial_status`); an `ok` without a sweep is stored as `pruned`
-        and a diverged report as `diverged`, whatever the caller thought. The gates file comes from the last report
-        that carried histograms (a diverged trial's from its last good epoch); a reused model reported none: no file.
+        The status follows from `error` (the trial raised) and the last report (`trial_status`): a trial that returned
+        without a sweep was stopped early (`pruned`). The gates file comes from the last report that carried
+        histograms (a diverged trial's from its last good epoch); a reused model reported none: no file.
         """
         last = self._last.get(trial_id)
-        derived = trial_status(last, error)
-        if status is None or (status == "ok" and derived != "ok"):
-            status = derived
+        status = trial_status(last, error)
         rows = trial_rows(self.study, trial_id, config, last, status=status, error=error,
                           finished_at=finished_at or datetime.now(timezone.utc))
         write_trial(self.study_dir, trial_id, rows)

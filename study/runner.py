@@ -57,11 +57,14 @@ class StudyPaths:
         return cfg.optuna_storage or f"sqlite:///{self.root / 'optuna.db'}"
 
     def tracking_uri(self, cfg: StudyConfig) -> str:
-        return cfg.tracking_uri or f"sqlite:///{self.root / 'mlflow.db'}"
+        """`study.tracking_uri`, by default an absolute SQLite store in the study directory."""
+        return cfg.tracking_uri or f"sqlite:///{(self.root / 'mlflow.db').as_posix()}"
 
     def artifact_location(self, cfg: StudyConfig) -> str | None:
-        """Local stores keep artifacts beside the database; a server decides for itself."""
-        return None if cfg.tracking_uri.startswith(("http://", "https://")) else (self.root / "mlartifacts").as_uri()
+        """Local stores keep artifacts in `<root>/mlartifacts`; a server (None) decides for itself."""
+        if self.tracking_uri(cfg).startswith(("http://", "https://", "databricks")):
+            return None
+        return (self.root / "mlartifacts").as_uri()
 
 
 @dataclass
@@ -183,16 +186,17 @@ def make_searcher(cfg: StudyConfig, paths: StudyPaths, seed: int):
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
+    from study.results import trial_status
+
     class StudySearch(OptunaSearch):
         """Tells Optuna the truth about unfinished trials: a diverged or errored trial FAILED, one stopped
         early (ASHA) was PRUNED. Neither is a real point of the front."""
 
         def on_trial_complete(self, trial_id, result=None, error=False):
             # Tune marks a scheduler-stopped result `done` too: only the final report carries the sweep
-            if result and result.get("status") == "diverged":
-                result, error = None, True
-            elif result and "sweep" not in result:
-                result, error = None, False
+            status = "error" if error else trial_status(result)
+            if status != "ok":
+                result, error = None, status in ("error", "diverged")
             super().on_trial_complete(trial_id, result=result, error=error)
 
     url = paths.optuna_url(cfg)

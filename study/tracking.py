@@ -45,18 +45,6 @@ _BAD_NAME_CHARS = re.compile(r"[^/\w.\- :]")
 _TRUNCATED = "…[truncated]"
 
 
-def default_tracking_uri(study_dir: Path) -> str:
-    """An absolute SQLite store in the study directory (a relative one would follow the cwd)."""
-    return f"sqlite:///{(Path(study_dir).expanduser().resolve() / 'mlflow.db').as_posix()}"
-
-
-def default_artifact_location(study_dir: Path, tracking_uri: str) -> str | None:
-    """`<study_dir>/mlartifacts` for a local store; None (the server's own default) for an http(s) server."""
-    if tracking_uri.startswith(("http://", "https://", "databricks")):
-        return None
-    return (Path(study_dir).expanduser().resolve() / "mlartifacts").as_uri()
-
-
 def code_version() -> dict[str, str]:
     """Tags naming the code that ran: the package version and, in a git checkout, the commit and whether it is dirty."""
     tags = {}
@@ -188,14 +176,25 @@ class StudyTracker:
 
     # ----------------------------------------------------------------------- the study
 
+    def _parent_run(self):
+        query = f"tags.`{STUDY_TAG}` = {_quoted(self.study_name)} AND tags.`{ROLE_TAG}` = 'parent'"
+        return next(self._search(query), None)
+
+    def attach(self) -> str:
+        """Find the parent run that `start` opened (in this driver, or another process of it); returns its id."""
+        found = self._parent_run()
+        if found is None:
+            raise RuntimeError(f"study {self.study_name!r} has no parent run yet: StudyTracker.start() opens it")
+        self.parent_id = found.info.run_id
+        return self.parent_id
+
     def start(self, config_flat: Mapping[str, Any], tags: Mapping[str, Any] | None = None) -> str:
         """Open (or, on a resume, reopen) the study's parent run; returns its id.
 
         Params already on a reopened run are kept: MLflow refuses to change a param, so a value that differs now is
         only reported in the log and in the `study_config.json` artifact, which always holds the latest config.
         """
-        query = f"tags.`{STUDY_TAG}` = {_quoted(self.study_name)} AND tags.`{ROLE_TAG}` = 'parent'"
-        found = next(self._search(query), None)
+        found = self._parent_run()
         if found is None:
             run = self.client.create_run(self.experiment_id, run_name=self.study_name,
                                          tags={STUDY_TAG: self.study_name, ROLE_TAG: "parent"})

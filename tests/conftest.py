@@ -1,7 +1,10 @@
 """Shared test fixtures: seeded RNGs, the location of the real corpora, compiled-kernel GPU re-runs."""
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,29 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check, timeout: float, what: str, poll: float = 0.5) -> None:
+    """Poll `check()` until it is true; a TimeoutError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not ready after {timeout}s")
+        time.sleep(poll)
+
+
+def healthy(url: str) -> bool:
+    """Whether an HTTP server answers `url` with 200 (a server still starting refuses the connection)."""
+    try:
+        return urllib.request.urlopen(url, timeout=2).status == 200
+    except OSError:
+        return False
 
 
 def real_data_dir() -> Path | None:
@@ -41,8 +67,7 @@ def trial_reports(cfg, work_dir: Path, model_store: Path) -> list[dict]:
 @pytest.fixture(scope="session")
 def trial(tmp_path_factory):
     """A real tiny LM trial (2 epochs, a 2-rank x 2-bit sweep plus round_clip): its flat config and every report."""
-    from trainables.config import TrialConfig
-    from trainables.trainable import SMOKE
+    from trainables.config import SMOKE, TrialConfig
 
     fast = {"train.max_batches": 2, "train.max_eval_batches": 2}   # the rows' shape is what matters, not the model
     cfg = TrialConfig.from_flat(SMOKE | fast, base=TrialConfig.preset("lm", "tiny"))

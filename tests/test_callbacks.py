@@ -7,8 +7,9 @@ from types import SimpleNamespace
 from mlflow.tracking import MlflowClient
 
 from study import results
-from study.callbacks import StudyCallback
+from study.callbacks import StudyCallback, open_tracker
 from study.config import StudyConfig
+from study.report import study_front
 
 
 def tune_trial(trial_id: str, config: dict) -> SimpleNamespace:
@@ -32,6 +33,7 @@ def run(callback: StudyCallback, trial: SimpleNamespace, reports: list[dict]) ->
 def test_a_restarted_driver_keeps_what_an_earlier_one_recorded(trial, tmp_path):
     config, reports = trial
     cfg = StudyConfig(name="s", preset="tiny")
+    open_tracker(cfg, str(tmp_path)).start(cfg.to_flat())   # as the driver does before Tune starts
     lines: list[str] = []
     first = StudyCallback(cfg, str(tmp_path), total=3, printer=lines.append)
     saved = pickle.dumps(first)   # Tune saves the callbacks with the experiment, before any trial runs
@@ -59,6 +61,8 @@ def test_a_restarted_driver_keeps_what_an_earlier_one_recorded(trial, tmp_path):
     assert len(results.load(tmp_path)) == 3 * len(reports[-1]["sweep"])
     assert [line[:13] for line in lines] == ["[  1/3] t1 ok", "[  2/3] t2 ok", "[  3/3] t3 ok"]
     assert all("-> recorded before the restart | ok" in line for line in lines)
+    front = len(study_front(results.load(tmp_path), cfg))      # what the study prints when it closes
+    assert front >= 1 and lines[-1].endswith(f"front: {front} point(s)")
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("s")
     runs = client.search_runs([experiment.experiment_id], "tags.`g2.role` = 'trial'")

@@ -2,16 +2,15 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from conftest import free_port, healthy, wait_for
 from study import results
 from study.config import StudyConfig
 from study.report import study_front
@@ -59,23 +58,14 @@ def test_results_of_an_unknown_study_is_a_clear_error(tmp_path):
 
 
 def test_ui_serves_the_study_runs(real_study, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ui = subprocess.Popen([G2, "ui", "real", "--storage", str(real_study["storage"]), "--port", str(port)],
                           cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           start_new_session=True)
     try:
         assert f"http://127.0.0.1:{port}" in ui.stdout.readline()
         base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while True:
-            try:
-                if urllib.request.urlopen(f"{base}/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                assert time.time() < deadline, "mlflow ui did not start"
-                time.sleep(0.5)
+        wait_for(lambda: healthy(f"{base}/health"), 120, "the MLflow UI", poll=0.5)
         request = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", method="POST",
                                          data=json.dumps({"experiment_ids": ["1"], "max_results": 100}).encode(),
                                          headers={"Content-Type": "application/json"})

@@ -11,8 +11,7 @@ import pytest
 
 from conftest import trial_reports
 from study import results
-from trainables.config import TrialConfig
-from trainables.trainable import SMOKE
+from trainables.config import SMOKE, TrialConfig
 
 FINISHED = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 @pytest.fixture(scope="module")
@@ -101,10 +100,10 @@ def test_rewriting_a_trial_does_not_duplicate_rows(trial, tmp_path):
     writer = results.ResultsWriter(tmp_path, "s")
     for report in reports:
         writer.record_report("t1", config, report)
-    writer.record_end("t1", config, "ok")
-    writer.record_end("t1", config, "ok")
-    results.ResultsWriter(tmp_path, "s").record_end("t2", config, "error", "boom")
-    results.ResultsWriter(tmp_path, "s").record_end("t2", config, "error", "boom")   # a resumed driver
+    writer.record_end("t1", config)
+    writer.record_end("t1", config)
+    results.ResultsWriter(tmp_path, "s").record_end("t2", config, "boom")
+    results.ResultsWriter(tmp_path, "s").record_end("t2", config, "boom")   # a resumed driver
 
     df = results.load(tmp_path)
     assert df.groupby("trial_id").size().to_dict() == {"t1": 5, "t2": 1}
@@ -166,7 +165,7 @@ def test_error_trial_is_one_row_with_its_message(trial, tmp_path):
     config, reports = trial
     writer = results.ResultsWriter(tmp_path, "s")
     writer.record_report("t9", config, reports[0])   # it failed during epoch 2
-    rows = writer.record_end("t9", config | {"g2.tau": 0.3}, "error", "RuntimeError: CUDA out of memory")
+    rows = writer.record_end("t9", config | {"g2.tau": 0.3}, "RuntimeError: CUDA out of memory")
 
     assert len(rows) == 1
     df = results.load(tmp_path)
@@ -181,7 +180,7 @@ def test_error_trial_is_one_row_with_its_message(trial, tmp_path):
 
 
 def test_error_before_any_report(tmp_path):
-    rows = results.ResultsWriter(tmp_path, "s").record_end("t0", flat_config(), "error", "bad config")
+    rows = results.ResultsWriter(tmp_path, "s").record_end("t0", flat_config(), "bad config")
     assert len(rows) == 1 and rows[0]["epoch"] is None
     assert results.load(tmp_path)["error"].tolist() == ["bad config"]
 
@@ -194,9 +193,9 @@ def test_diverged_and_truncated_trials(trial, tmp_path):
                 "compressed_val_metric": math.nan}
     writer.record_report("td", config, reports[0])
     writer.record_report("td", config, diverged)
-    writer.record_end("td", config, "ok")              # Tune saw a normal return
+    writer.record_end("td", config)                    # Tune saw a normal return
     writer.record_report("tp", config, reports[0])
-    writer.record_end("tp", config, "ok")              # stopped before its last epoch: no sweep
+    writer.record_end("tp", config)                    # stopped before its last epoch: no sweep
 
     df = results.load(tmp_path).set_index("trial_id")
     assert df.loc["td", "status"] == "diverged" and df.loc["td", "error"] == "non-finite loss at batch 3"
@@ -256,7 +255,7 @@ def test_finished_rows_are_those_of_an_ok_trial_only(trial, tmp_path):
     written = writer.record_end("ok", config)
     writer.record_report("pruned", config, reports[0])
     writer.record_end("pruned", config)
-    writer.record_end("error", config, status="error", error="boom")
+    writer.record_end("error", config, error="boom")
 
     later = results.ResultsWriter(tmp_path, "s")   # the next driver
     rows = later.finished_rows("ok")

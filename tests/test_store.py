@@ -5,13 +5,12 @@ import json
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, wait_for
 from trainables.store import ModelStore
 
 LOOP = {"epoch": 3, "best_epoch": 2, "best_metric": 41.5, "train_time_s": 12.0, "final": None}
@@ -33,8 +32,8 @@ TRIAL = """
 import json, logging, sys, time
 from pathlib import Path
 import torch
-from trainables.config import TrialConfig
-from trainables.trainable import SMOKE, run_trial
+from trainables.config import SMOKE, TrialConfig
+from trainables.trainable import run_trial
 logging.basicConfig(level=logging.INFO)
 torch.set_num_threads(1)
 tmp, name = Path(sys.argv[1]), sys.argv[2]
@@ -49,14 +48,6 @@ final = run_trial(cfg, tmp / name, report=report, model_store=tmp / "store")
 print(json.dumps({"reused": bool(final.get("reused_checkpoint")), "key": final["training_key"],
                   "sweep": final["sweep"]}))
 """
-
-
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout:.0f}s for {what}")
-        time.sleep(0.05)
 
 
 def start_holder(root: Path) -> subprocess.Popen:
@@ -123,10 +114,10 @@ def test_concurrent_trials_with_the_same_knobs_train_once(tmp_path):
                                 text=True, stdout=subprocess.PIPE, stderr=open(tmp_path / f"{name}.log", "w"))
 
     first = trial("a", 32)
-    wait_for(lambda: (tmp_path / "a-training").exists() or first.poll() is not None, 300, "trial a's first epoch")
+    wait_for(lambda: (tmp_path / "a-training").exists() or first.poll() is not None, 300, "trial a's first epoch", poll=0.05)
     second = trial("b", 4)                    # the same training knobs, another compression setting
     wait_for(lambda: "waiting for its model" in (tmp_path / "b.log").read_text() or second.poll() is not None,
-             300, "trial b to wait")
+             300, "trial b to wait", poll=0.05)
     (tmp_path / "go").touch()
     a, b = (json.loads(p.communicate(timeout=300)[0].splitlines()[-1]) for p in (first, second))
     assert first.returncode == second.returncode == 0

@@ -7,12 +7,9 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -21,25 +18,11 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import free_port, healthy, wait_for
 from study import results
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(check, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if check():
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"{what} not ready after {timeout}s")
 
 
 @pytest.fixture(scope="module")
@@ -78,14 +61,7 @@ def mlflow_server(tmp_path_factory):
                               env=env, stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
                               start_new_session=True)   # its own process group: teardown stops its workers too
     uri = f"http://127.0.0.1:{port}"
-
-    def healthy():
-        try:
-            return urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200
-        except OSError:
-            return False
-
-    wait_for(healthy, 120, "mlflow server")
+    wait_for(lambda: healthy(f"{uri}/health"), 120, "mlflow server")
     yield uri
     os.killpg(server.pid, signal.SIGTERM)
     server.wait(30)

@@ -11,6 +11,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from study import tracking
+from study.config import StudyConfig
+from study.runner import StudyPaths
 from study.tracking import StudyTracker
 
 EXPERIMENT = "g2-tests"
@@ -21,9 +23,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:D
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> dict:
     """One SQLite store for the module (creating its tables costs a second or two)."""
-    study_dir = tmp_path_factory.mktemp("study")
-    uri = tracking.default_tracking_uri(study_dir)
-    return {"uri": uri, "artifacts": tracking.default_artifact_location(study_dir, uri), "dir": study_dir,
+    paths, cfg = StudyPaths(tmp_path_factory.mktemp("study")), StudyConfig()
+    uri = paths.tracking_uri(cfg)
+    return {"uri": uri, "artifacts": paths.artifact_location(cfg), "dir": paths.root,
             "client": MlflowClient(tracking_uri=uri)}
 
 
@@ -65,10 +67,12 @@ def artifacts(store, run_id: str) -> set[str]:
 
 def test_default_uri_and_artifacts_are_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    uri = tracking.default_tracking_uri(Path("rel"))
-    assert uri == f"sqlite:///{(tmp_path / 'rel' / 'mlflow.db').resolve().as_posix()}" and uri.startswith("sqlite:////")
-    assert tracking.default_artifact_location(Path("rel"), uri) == (tmp_path / "rel" / "mlartifacts").resolve().as_uri()
-    assert tracking.default_artifact_location(Path("rel"), "http://127.0.0.1:5000") is None
+    paths = StudyPaths.named("rel", "s")
+    uri = paths.tracking_uri(StudyConfig())
+    assert uri == f"sqlite:///{(tmp_path / 'rel' / 's' / 'mlflow.db').resolve().as_posix()}"
+    assert uri.startswith("sqlite:////")
+    assert paths.artifact_location(StudyConfig()) == (tmp_path / "rel" / "s" / "mlartifacts").resolve().as_uri()
+    assert paths.artifact_location(StudyConfig(tracking_uri="http://127.0.0.1:5000")) is None
 
 
 def test_parent_children_metrics_and_artifacts(store, tmp_path):
@@ -122,8 +126,11 @@ def test_resume_reuses_the_parent_and_child_runs(store):
     first.log_epoch("trial_00000", epoch_report(1), step=1)
     first.end("interrupted")
 
+    with pytest.raises(RuntimeError, match="no parent run yet"):
+        tracker(store, "study-never-started").attach()
     again = tracker(store, "study-b")   # a resumed driver: nothing in memory
     assert again.start({"num_samples": 3}, tags={}) == parent
+    assert tracker(store, "study-b").attach() == parent   # its callback, its closing report
     assert again.trial_run_id("trial_00000", {"g2.tau": 0.5}) == child
     again.log_epoch("trial_00000", epoch_report(2), step=2)
     again.end_trial("trial_00000", "ok", final_report(2))

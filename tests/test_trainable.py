@@ -6,8 +6,8 @@ import torch
 
 from trainables import trainable
 from trainables.checkpoint import load_checkpoint
-from trainables.config import TrialConfig
-from trainables.trainable import SMOKE, main, run_trial
+from trainables.config import SMOKE, TrialConfig
+from trainables.trainable import main, run_trial
 
 EVERY_EPOCH = {"epoch", "train_loss", "val_loss", "val_metric", "compressed_val_metric", "gate_bits", "model_bits",
                "gate_compression", "model_compression", "epoch_time_s", "train_time_s", "gate_l0_i_lt01",

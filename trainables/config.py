@@ -272,6 +272,9 @@ class DataConfig:
 SECTIONS = {"g2": G2Config, "compress": CompressConfig, "sweep": SweepConfig, "lm": LMConfig, "nmt": NMTConfig,
             "train": TrainConfig, "data": DataConfig}
 TASKS = ("lm", "nmt")
+# `--smoke`: a few batches of two epochs and a small sweep, to check that a setup runs end to end.
+SMOKE = {"train.epochs": 2, "train.max_batches": 8, "train.max_eval_batches": 4,
+         "sweep.ranks": [0, 8], "sweep.bits": [32, 4], "sweep.paper": ["round_clip"]}
 
 
 @dataclass(frozen=True)

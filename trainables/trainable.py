@@ -30,15 +30,13 @@ from trainables import g2lstm_kernels
 from trainables.checkpoint import (BEST_MODEL_FILE, load_checkpoint, load_model, save_checkpoint, save_model,
                                    set_rng_state)
 from trainables.compress import compress_model
-from trainables.config import TrainConfig, TrialConfig, parse_override
+from trainables.config import SMOKE, TrainConfig, TrialConfig, parse_override
 from trainables.data import cache_root
 from trainables.store import ModelStore
 from trainables.task import Task
 
 log = logging.getLogger(__name__)
 Reporter = Callable[[dict[str, Any], "Path | None"], None]   # (metrics, checkpoint directory or None)
-SMOKE = {"train.epochs": 2, "train.max_batches": 8, "train.max_eval_batches": 4,
-         "sweep.ranks": [0, 8], "sweep.bits": [32, 4], "sweep.paper": ["round_clip"]}
 
 
 def pick_device(train: TrainConfig) -> torch.device:
