@@ -80,12 +80,12 @@ class StudyCallback(tune.Callback):
         return self._tracker
 
     def _finished_before(self, trial) -> list[dict] | None:
-        """The rows of a trial recorded as finished by an earlier driver of this study (None for every other).
+        """The rows of a trial whose end an earlier driver of this study recorded (None for every other).
 
         Decided once per trial and driver, before this driver records anything of it.
         """
         if trial.trial_id not in self._earlier:
-            self._earlier[trial.trial_id] = self.writer.finished_rows(trial.trial_id)
+            self._earlier[trial.trial_id] = self.writer.recorded_rows(trial.trial_id)
         return self._earlier[trial.trial_id]
 
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -110,6 +110,8 @@ class StudyCallback(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         if (rows := self._finished_before(trial)) is not None:   # its recorded results stand
+            log.warning("trial %s, run again after a restart, failed (%s); its recorded end stands", trial.trial_id,
+                        error_message(trial_error_text(trial)))
             self._close_earlier(trial, rows, trials)
             return
         message = error_message(trial_error_text(trial))
@@ -119,9 +121,11 @@ class StudyCallback(tune.Callback):
 
     def _close_earlier(self, trial, rows: list[dict], trials) -> None:
         """A trial an earlier driver recorded: its files stay; its MLflow run is closed if that driver died first."""
+        status = rows[0]["status"]
         if not self.tracker.is_trial_closed(trial.trial_id):
-            self.tracker.end_trial(trial.trial_id, "ok", trial.last_result, metrics_logged=True)
-        self._finished(trial, "ok", rows, trials, earlier=True)
+            self.tracker.end_trial(trial.trial_id, status, trial.last_result, rows[0].get("error"),
+                                   metrics_logged=True)
+        self._finished(trial, status, rows, trials, earlier=True)
 
     def on_experiment_end(self, trials, **info):
         self.tracker.mark_stale_runs()

@@ -419,17 +419,14 @@ class ResultsWriter:
         fs, root = _filesystem(self.study_dir)
         return fs, f"{root.rstrip('/')}/{sub}/{trial_id}.parquet"
 
-    def finished_rows(self, trial_id: str) -> list[dict[str, Any]] | None:
-        """The results rows of a trial recorded as `ok`, e.g. by a driver that has since died; None if there are none.
+    def recorded_rows(self, trial_id: str) -> list[dict[str, Any]] | None:
+        """The results rows of a trial whose end is recorded already, e.g. by a driver that has since died; else None.
 
-        Tune restarts a trial that finished just before its driver died (from its last checkpoint, or from scratch
-        if it had none): what it says then was recorded already.
+        Tune runs again a trial that ended just before its driver died (from its last checkpoint, or from scratch if
+        it had none); its recorded end is what Optuna was told, so it stands.
         """
         fs, path = self._path(RESULTS_DIR, trial_id)
-        if not _exists(fs, path):
-            return None
-        rows = pq.read_table(path, filesystem=fs).to_pylist()
-        return rows if rows and rows[0]["status"] == "ok" else None
+        return pq.read_table(path, filesystem=fs).to_pylist() if _exists(fs, path) else None
 
     def record_report(self, trial_id: str, config: Mapping[str, Any], report: Mapping[str, Any]) -> None:
         """Keep the report and rewrite the trial's curves file."""

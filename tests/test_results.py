@@ -247,7 +247,7 @@ def test_files_with_different_layer_counts_are_unified(tmp_path):
         results.write_trial(tmp_path, "bad", [{"trial_id": "bad", "gate_bitz": 1}])
 
 
-def test_finished_rows_are_those_of_an_ok_trial_only(trial, tmp_path):
+def test_recorded_rows_are_what_an_earlier_driver_wrote(trial, tmp_path):
     config, reports = trial
     writer = results.ResultsWriter(tmp_path, "s")
     for report in reports:
@@ -258,10 +258,11 @@ def test_finished_rows_are_those_of_an_ok_trial_only(trial, tmp_path):
     writer.record_end("error", config, error="boom")
 
     later = results.ResultsWriter(tmp_path, "s")   # the next driver
-    rows = later.finished_rows("ok")
+    rows = later.recorded_rows("ok")
     used = ["status", "training_key", "method", "compress.rank", "compress.bits", "val_metric", "gate_bits"]
     assert [[r[k] for k in used] for r in rows] == [[r[k] for k in used] for r in written]
-    assert later.finished_rows("pruned") is later.finished_rows("error") is later.finished_rows("never") is None
+    assert [r["status"] for r in later.recorded_rows("pruned") + later.recorded_rows("error")] == ["pruned", "error"]
+    assert later.recorded_rows("error")[0]["error"] == "boom" and later.recorded_rows("never") is None
 
 
 def test_curves_survive_a_driver_restart(trial, tmp_path):

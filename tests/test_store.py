@@ -1,6 +1,8 @@
 """The model store (trainables/store.py): entries, and one trainer per training key across processes."""
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import subprocess
 import sys
@@ -11,19 +13,21 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, wait_for
+from trainables.config import SMOKE, TrialConfig
 from trainables.store import ModelStore
+from trainables.trainable import run_trial
 
 LOOP = {"epoch": 3, "best_epoch": 2, "best_metric": 41.5, "train_time_s": 12.0, "final": None}
 
-# Holds the lock of key "k" until told to go on (a line on stdin), then publishes a model unless told "die".
+# Holds the lock of a key until a line on stdin says go on; publishes a model if it says "publish".
 HOLDER = """
 import sys, torch
 from trainables.store import ModelStore
-store = ModelStore(sys.argv[1])
-with store.training("k") as meta:
+store, key = ModelStore(sys.argv[1]), sys.argv[2]
+with store.training(key) as meta:
     print("held", meta, flush=True)
     if sys.stdin.readline().strip() == "publish":
-        store.publish("k", torch.nn.Linear(2, 2), {"seed": 1}, {"epoch": 3, "best_epoch": 2, "best_metric": 4.0,
+        store.publish(key, torch.nn.Linear(2, 2), {"seed": 1}, {"epoch": 3, "best_epoch": 2, "best_metric": 4.0,
                                                                 "train_time_s": 1.0})
 """
 
@@ -50,8 +54,8 @@ print(json.dumps({"reused": bool(final.get("reused_checkpoint")), "key": final["
 """
 
 
-def start_holder(root: Path) -> subprocess.Popen:
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(root)], cwd=REPO_ROOT, text=True,
+def start_holder(root: Path, key: str = "k") -> subprocess.Popen:
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(root), key], cwd=REPO_ROOT, text=True,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert holder.stdout.readline().strip() == "held None"
     return holder
@@ -105,6 +109,40 @@ def test_a_trainer_that_dies_hands_the_key_on(tmp_path):
     holder.wait(30)
     thread.join(30)
     assert not thread.is_alive() and out["meta"] is None     # no model: the waiter trains the knobs itself
+
+
+def test_without_working_locks_trials_go_on_unlocked(tmp_path, monkeypatch, caplog):
+    def no_locks(fd, operation):   # what a filesystem mounted without lock support answers
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with ModelStore(tmp_path).training("k") as meta:
+        assert meta is None
+    assert "cannot lock" in caplog.text and "may train copies" in caplog.text
+
+
+def test_a_resumed_trial_waits_for_the_lock_then_carries_on_with_its_checkpoint(tmp_path):
+    cfg = TrialConfig.from_flat({**SMOKE, "data.cache_dir": str(tmp_path / "cache")},
+                                base=TrialConfig.preset("lm", "tiny"))
+    work, store = tmp_path / "work", tmp_path / "store"
+
+    def stop_after_epoch_1(metrics, ckpt):
+        if metrics["epoch"] == 1:
+            raise KeyboardInterrupt("stopped on purpose")
+
+    with pytest.raises(KeyboardInterrupt):
+        run_trial(cfg, work, report=stop_after_epoch_1, model_store=store)
+    holder = start_holder(store, cfg.training_key())
+    reports: list[dict] = []
+    resumed = threading.Thread(target=run_trial, args=(cfg, work), daemon=True, kwargs={
+        "report": lambda metrics, ckpt: reports.append(metrics), "resume": work / "checkpoint", "model_store": store})
+    resumed.start()
+    resumed.join(1.0)
+    assert resumed.is_alive() and not reports                # another process holds the knobs: it waits
+    holder.communicate("publish\n", timeout=60)              # that one stored a model; the resumed trial keeps its own
+    resumed.join(120)
+    assert [r["epoch"] for r in reports] == [2] and not reports[-1].get("reused_checkpoint")
+    assert ModelStore(store).meta(cfg.training_key())["epoch"] == 2   # and it stored its model when it was done
 
 
 @pytest.mark.slow

@@ -5,7 +5,9 @@ space shares one set of training knobs), so a trial whose knobs were trained alr
 of training it again. A trial whose knobs another trial is training right now waits for that model rather than
 train a second copy beside it: the trainer holds an exclusive lock on `<key>.lock` for as long as it trains. The
 kernel drops the lock when its process ends, however it ends (finished, diverged, stopped by a scheduler,
-killed), so a waiter never waits on a dead trial; finding no model then, it trains the knobs itself.
+killed), so a waiter never waits on a dead trial; finding no model then, it trains the knobs itself. On a cluster
+the store lives on the shared study directory: use a filesystem with working `flock` (local disk, NFSv4, Lustre);
+where locking fails, trials go on without it and may train copies.
 
     <root>/<key>/best_model.pt   the weights (`checkpoint.save_model`)
     <root>/<key>/meta.json       epochs and timings of the run that trained them; written last, so it marks a
@@ -68,6 +70,11 @@ class ModelStore:
             except BlockingIOError:
                 log.info("another trial is training %s: waiting for its model instead of training a copy", key)
                 fcntl.flock(lock, fcntl.LOCK_EX)
+            except OSError as err:   # a filesystem without locks (some FUSE mounts, NFS mounted `nolock`)
+                log.warning("cannot lock %s (%s): trials with the same training knobs may train copies", lock.name,
+                            err)
+                yield self.meta(key)
+                return
             try:
                 yield self.meta(key)
             finally:

@@ -12,7 +12,7 @@ One trial from the command line, no study:
 from __future__ import annotations
 
 import argparse
-import functools
+import contextlib
 import json
 import logging
 import math
@@ -103,22 +103,19 @@ def run_trial(cfg: TrialConfig, work_dir: Path, *, report: Reporter | None = Non
         work_dir: the checkpoint directory lives in `work_dir/checkpoint` (rewritten each epoch).
         report: called with (metrics, checkpoint dir) after every epoch; the last call carries `sweep`.
         resume: a checkpoint directory to continue from exactly.
-        model_store: a `ModelStore` directory. A model stored under `cfg.training_key()` skips training; while
-            another trial trains the same knobs, this one waits for its model.
+        model_store: a `ModelStore` directory. A model stored under `cfg.training_key()` skips training (a resumed
+            trial carries on with its own); while another trial trains the same knobs, this one waits for it.
     """
     report = report or (lambda metrics, ckpt: None)
     device = pick_device(cfg.train)
-    torch.manual_seed(cfg.seed)
-    task = make_task(cfg, device)
     key = cfg.training_key()
-    common = {"metric_name": task.metric, "device": str(device), "training_key": key}
     store = ModelStore(model_store) if model_store else None
-    train = functools.partial(_train, cfg, task, Path(work_dir) / "checkpoint", common, report, store=store)
-    if store is None or resume is not None:   # a resumed trial carries on from its own checkpoint
-        return train(resume=resume)
-    with store.training(key) as meta:
-        if meta is None:
-            return train(resume=None)
+    with store.training(key) if store else contextlib.nullcontext() as meta:   # before the task takes any memory
+        torch.manual_seed(cfg.seed)
+        task = make_task(cfg, device)
+        common = {"metric_name": task.metric, "device": str(device), "training_key": key}
+        if meta is None or resume is not None:   # a resumed trial carries on from its own checkpoint
+            return _train(cfg, task, Path(work_dir) / "checkpoint", common, report, resume=resume, store=store)
         store.load(key, task.model, device)
     log.info("reusing the model trained for %s; scoring the compression sweep only", key)
     metrics = {**common, "epoch": meta["epoch"], "train_time_s": meta["train_time_s"], "reused_checkpoint": True,
