@@ -24,7 +24,7 @@ from trainables.g2lstm import G2LSTM, GateStatistics
 from trainables.graphs import WindowGraphs
 from trainables.regularize import (NonMonotoneTrigger, activation_regularization, embedding_dropout,
                                    locked_dropout, temporal_activation_regularization)
-from trainables.task import Task
+from trainables.task import Task, make_optimizer
 
 log = logging.getLogger(__name__)
 State = list[tuple[Tensor, Tensor]]     # per layer (h, c), each (1, B, H_k)
@@ -173,15 +173,11 @@ class LMTask(Task):
         return WindowGraphs(self.model.recurrent, params, module=self.model)
 
     def _make_optimizer(self, asgd: bool) -> torch.optim.Optimizer:
+        """`train.optimizer`, or AWD's averaged SGD once NT-ASGD switched (or the fine-tune stage began)."""
         t = self.cfg.train
-        params = self.model.parameters()
         if asgd:
-            return torch.optim.ASGD(params, lr=t.lr, t0=0, lambd=0.0, weight_decay=t.weight_decay)
-        if t.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=t.lr, weight_decay=t.weight_decay)
-        if t.optimizer == "adam":
-            return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
-        return torch.optim.Adadelta(params, lr=t.lr, weight_decay=t.weight_decay)
+            return torch.optim.ASGD(self.model.parameters(), lr=t.lr, t0=0, lambd=0.0, weight_decay=t.weight_decay)
+        return make_optimizer(t, self.model.parameters())
 
     @property
     def averaging(self) -> bool:

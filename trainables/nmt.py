@@ -32,7 +32,7 @@ from torch.func import functional_call
 from trainables import data
 from trainables.config import G2Config, NMTConfig, TrialConfig
 from trainables.g2lstm import G2LSTM, GateStatistics
-from trainables.task import Task
+from trainables.task import Task, make_optimizer
 
 RecurrentFactory = Callable[..., G2LSTM]   # (input_size, hidden_size, num_layers, **kw) -> a G2LSTM
 
@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 
 TOY_CORPORA = {"toy-copy": "copy", "toy-reverse": "reverse"}
 GATE_BATCHES = 4            # validation batches measured by `NMTTask.gate_statistics`
-ADADELTA_RHO, ADADELTA_EPS = 0.95, 1e-6   # Zeiler (2012), as in the Theano-era NMT recipes the paper follows
 
 
 def run_rnn(rnn: G2LSTM, x: Tensor, state=None, return_gates: bool = False, weights: dict | None = None):
@@ -327,10 +326,13 @@ def beam_search(model: Seq2Seq, batch: data.Seq2SeqBatch, beam_size: int = NMTCo
         top, idx = cand.topk(min(2 * k, cand.size(1)), dim=1)               # (B, 2K): ≥ K non-eos among them
         beam, tok = idx // vocab, idx % vocab
         is_eos = tok == model.eos_id
-        for b, j in is_eos[:, :k].nonzero().tolist():
-            score = top[b, j].item()
-            if not done[b] and len(finished[b]) < k and score > -math.inf:
-                finished[b].append((score / t ** length_penalty, seqs[b * k + beam[b, j]].tolist()))
+        ended = [(b, j) for b, j in is_eos[:, :k].nonzero().tolist() if not done[b]]
+        if ended:   # this step's finished candidates reach the host in one transfer each, not one per candidate
+            top_k, beam_k = top[:, :k].tolist(), beam[:, :k].tolist()
+            prefixes = seqs[[b * k + beam_k[b][j] for b, j in ended]].tolist()
+            for (b, j), prefix in zip(ended, prefixes):
+                if len(finished[b]) < k and top_k[b][j] > -math.inf:
+                    finished[b].append((top_k[b][j] / t ** length_penalty, prefix))
         scores, pos = top.masked_fill(is_eos, -math.inf).topk(k, dim=1)    # (B, K) best live candidates
         rows = (row0 + beam.gather(1, pos)).view(-1)                         # (B·K,) parent rows
         tokens = tok.gather(1, pos).view(-1)
@@ -387,7 +389,7 @@ class NMTTask(Task):
         torch.manual_seed(cfg.seed)   # same knobs and seed -> same initial weights (checkpoint reuse)
         self.model = Seq2Seq(cfg.nmt, cfg.g2, self.data.vocab_size, self.data.pad_id, self.data.bos_id,
                              self.data.eos_id, impl=cfg.train.impl, precision=cfg.train.precision).to(self.device)
-        self.optimizer = make_optimizer(cfg, self.model.parameters())
+        self.optimizer = make_optimizer(cfg.train, self.model.parameters())
         if cfg.train.cuda_graphs:   # decoder steps are one-token windows with attention in between: nothing to graph
             log.info("train.cuda_graphs applies to language models only; translation trains eagerly")
         self.eval_batches = {split: [b.to(self.device) for b in self._batches(getattr(self.data, split),
@@ -480,13 +482,3 @@ def load_corpus(cfg: TrialConfig, work_dir: Path) -> data.ParallelData:
     return data.load_parallel_data(path, src_ext=src_ext, tgt_ext=tgt_ext, vocab_size=cfg.data.bpe_vocab_size,
                                    cache_dir=data.cache_root(cfg.data.cache_dir) / "bpe", max_len=cfg.data.max_len,
                                    seed=cfg.seed)
-
-
-def make_optimizer(cfg: TrialConfig, params) -> torch.optim.Optimizer:
-    train = cfg.train
-    if train.optimizer == "adam":
-        return torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay)
-    if train.optimizer == "adadelta":
-        return torch.optim.Adadelta(params, lr=train.lr, rho=ADADELTA_RHO, eps=ADADELTA_EPS,
-                                    weight_decay=train.weight_decay)
-    return torch.optim.SGD(params, lr=train.lr, weight_decay=train.weight_decay)

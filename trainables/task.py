@@ -4,7 +4,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from trainables.config import TrainConfig
 from trainables.g2lstm import GateStatistics
+
+ADADELTA_RHO, ADADELTA_EPS = 0.95, 1e-6   # Zeiler (2012), as in the Theano-era NMT recipes the paper follows
+
+
+def make_optimizer(train: TrainConfig, params) -> torch.optim.Optimizer:
+    """The optimiser `train.optimizer` names, with the trial's learning rate and weight decay."""
+    if train.optimizer == "adam":
+        return torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay)
+    if train.optimizer == "adadelta":
+        return torch.optim.Adadelta(params, lr=train.lr, rho=ADADELTA_RHO, eps=ADADELTA_EPS,
+                                    weight_decay=train.weight_decay)
+    return torch.optim.SGD(params, lr=train.lr, weight_decay=train.weight_decay)
 
 
 class Task:
