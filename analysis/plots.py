@@ -219,14 +219,21 @@ def plot_front(df: pd.DataFrame, x: str = "gate_compression", y: str = "val_metr
 
 def _histogram_models(hist: Histograms | Mapping[str, Histograms] | pd.DataFrame,
                       ) -> dict[str, dict[tuple[int, str], np.ndarray]]:
-    """{model: {(layer, gate): 10 fractions}} from a mapping, a mapping of mappings, or a tidy frame."""
+    """{model: {(layer, gate): 10 fractions}} from a mapping, a mapping of mappings, or a tidy frame.
+
+    A frame's rows of one model that come from several trials are averaged, each trial weighing the same (each has
+    one row per bin); gate modes come in the paper's order (lstm, sharpened, g2), other models as they appear.
+    """
     if isinstance(hist, pd.DataFrame):
-        model_col = next((c for c in ("model", "gate_mode") if c in hist.columns), None)
+        model_col = next((c for c in ("model", "gate_mode", "g2.gate_mode") if c in hist.columns), None)
+        keys = [model_col, "layer", "gate", "bin"] if model_col else ["layer", "gate", "bin"]
+        mean = hist.groupby(keys, sort=False)["fraction"].mean().reset_index()
         models = {}
-        for model, rows in hist.groupby(model_col, sort=False) if model_col else [("", hist)]:
+        for model, rows in mean.groupby(model_col, sort=False) if model_col else [("", mean)]:
             models[str(model)] = {(int(layer), str(gate)): g.sort_values("bin")["fraction"].to_numpy(dtype=float)
                                   for (layer, gate), g in rows.groupby(["layer", "gate"], sort=True)}
-        return models
+        order = {mode: j for j, mode in enumerate(GATE_MODE_COLORS)}
+        return dict(sorted(models.items(), key=lambda item: order.get(item[0], len(order))))
     values = list(hist.values())
     if values and isinstance(values[0], Mapping):
         return {str(model): _histogram_models(h)[""] for model, h in hist.items()}
@@ -249,7 +256,8 @@ def plot_gate_histograms(hist: Histograms | Mapping[str, Histograms] | pd.DataFr
     Args:
         hist: {"l0_i": [10 fractions], "l0_f": [...], ...} (GateStatistics.histograms()), or several such by model
             ({"lstm": hist, "g2": hist}, drawn side by side), or a tidy frame with layer, gate, bin, fraction and an
-            optional model / gate_mode column.
+            optional model / gate_mode / g2.gate_mode column, such as `results.load_gates`: the trials of a model
+            are averaged.
         layer_names: titles of the layers (default "layer k").
         axes: layers × models axes, row-major.
     """

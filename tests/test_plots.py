@@ -217,6 +217,13 @@ def test_gate_histograms_single_model_and_tidy_frame(tmp_path):
                          for g in "if" for b in range(10)])
     heights = [b.get_height() for b in plots.plot_gate_histograms(tidy).axes[0].containers[1]]
     assert heights == one["l0_f"]
+    # results.load_gates: several trials per gate mode, averaged; the modes in the paper's order
+    rows = [{"trial_id": f"{mode}{t}", "g2.gate_mode": mode, "layer": 0, "gate": g, "bin": b,
+             "fraction": (t + 1) * one[f"l0_{g}"][b] / 2 if mode == "g2" else 0.1}
+            for mode in ("g2", "lstm") for t in range(2) for g in "if" for b in range(10)]
+    fig2 = plots.plot_gate_histograms(pd.DataFrame(rows))
+    assert [ax.get_title() for ax in fig2.axes] == ["lstm: layer 0", "g2: layer 0"]
+    assert np.allclose([b.get_height() for b in fig2.axes[1].containers[1]], np.array(one["l0_f"]) * 0.75)
     with pytest.raises(ValueError, match="l<k>_i"):
         plots.plot_gate_histograms({"layer0_i": [0.1] * 10})
     with pytest.raises(ValueError, match="has 5 bins, expected 10"):
