@@ -171,6 +171,13 @@ def compare_with_paper(
                 "metric"]].reset_index(drop=True)
 
 
+def nmt_layer_names(encoder_layers: int, decoder_layers: int) -> list[str]:
+    """Names of an NMT model's `gate_l{k}` layers, in the order the trainer measures them: the encoder first, its
+    bidirectional first layer twice (forward, backward), then the decoder."""
+    return (["enc fwd", "enc bwd"] + [f"enc {j + 1}" for j in range(encoder_layers - 1)]
+            + [f"dec {j}" for j in range(decoder_layers)])
+
+
 def compare_saturation(df: pd.DataFrame, layer: int | None = None) -> pd.DataFrame:
     """Our gate saturation beside the paper's Fig. 3, one row per (gate_mode, gate).
 
@@ -185,7 +192,7 @@ def compare_saturation(df: pd.DataFrame, layer: int | None = None) -> pd.DataFra
     if "trial_id" in ours.columns:
         ours = ours.drop_duplicates("trial_id")
     if layer is None and len(ours):
-        layer = int(ours["nmt.encoder_layers"].iloc[0]) + 1  # forward + backward + upper encoder layers
+        layer = nmt_layer_names(int(ours["nmt.encoder_layers"].iloc[0]), 1).index("dec 0")
     rows = []
     for mode, group in ours.groupby("g2.gate_mode", sort=False):
         for gate in "if":

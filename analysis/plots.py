@@ -19,7 +19,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from analysis import pareto
-from analysis.paper import GATE_MODES, METRIC_NAME, SETTINGS, compare_with_paper, paper_compression
+from analysis.paper import (GATE_MODES, METRIC_NAME, SETTINGS, compare_with_paper, nmt_layer_names,
+                            paper_compression)
 from study.results import GATE_COLUMN, HISTOGRAM_KEY
 
 Histograms = Mapping[str, Sequence[float]]  # {"l0_i": [10 fractions], "l0_f": [...], ...}
@@ -146,7 +147,7 @@ def layer_labels(df: pd.DataFrame) -> dict[int, str]:
     tasks = set(df["task"].dropna().unique()) if "task" in df.columns else set()
     if tasks == {"nmt"} and {"nmt.encoder_layers", "nmt.decoder_layers"} <= set(df.columns) and len(df):
         enc, dec = int(df["nmt.encoder_layers"].iloc[0]), int(df["nmt.decoder_layers"].iloc[0])
-        names = ["enc fwd", "enc bwd"] + [f"enc {j + 1}" for j in range(enc - 1)] + [f"dec {j}" for j in range(dec)]
+        names = nmt_layer_names(enc, dec)
         if len(names) >= len(ks):
             return {k: names[k] for k in ks}
     return {k: f"layer {k}" for k in ks}

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from analysis.paper import nmt_layer_names
 from trainables import data
 from trainables.compress import compress_model, gate_rows
 from trainables.config import CompressConfig, G2Config, NMTConfig, TrialConfig
@@ -67,6 +68,8 @@ def test_forward_shapes_and_gate_layers(encoder_layers, decoder_layers):
     names = model.recurrent_layer_names()
     assert len(names) == len(gates) == encoder_layers + 1 + decoder_layers
     assert names[:2] == ["encoder.forward", "encoder.backward"] and names[-1] == f"decoder.l{decoder_layers - 1}"
+    analysis_names = nmt_layer_names(encoder_layers, decoder_layers)          # what the notebooks call them
+    assert [n.split()[0] for n in analysis_names] == [n.split(".")[0][:3] for n in names]
     n_enc = encoder_layers + 1
     assert all(g.shape == (src_len, b, 2 * 24) for g in gates[:n_enc])
     assert all(g.shape == (tgt_len, b, 2 * 24) for g in gates[n_enc:])
