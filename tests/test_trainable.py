@@ -115,10 +115,18 @@ def test_nan_loss_ends_the_trial_as_diverged(tmp_path, monkeypatch):
         return task
 
     monkeypatch.setattr(trainable, "make_task", poisoned)
-    rec = Recorder()
-    result = run_trial(smoke_cfg(tmp_path), tmp_path / "work", report=rec)
+    rec, store = Recorder(), tmp_path / "store"
+    result = run_trial(smoke_cfg(tmp_path), tmp_path / "work", report=rec, model_store=store)
     assert result["status"] == "diverged" and "nan" in result["error"]
     assert len(rec.reports) == 1 and math.isnan(result["compressed_val_metric"])
+
+    # the same training knobs (another compression setting) would diverge the same way: nothing is trained
+    monkeypatch.setattr(trainable, "make_task", make_task)
+    again = run_trial(smoke_cfg(tmp_path, **{"compress.bits": 4}), tmp_path / "again", model_store=store)
+    assert again["status"] == "diverged" and again["reused_checkpoint"] and again["error"] == result["error"]
+    assert again["epoch"] == result["epoch"] and math.isnan(again["val_metric"])
+    other = run_trial(smoke_cfg(tmp_path, **{"train.epochs": 1}), tmp_path / "other", model_store=store)
+    assert other["status"] == "ok"                                       # other knobs train as usual
 
 
 def test_command_line_runs_one_trial(tmp_path, capsys):

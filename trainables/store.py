@@ -12,6 +12,8 @@ where locking fails, trials go on without it and may train copies.
     <root>/<key>/best_model.pt   the weights (`checkpoint.save_model`)
     <root>/<key>/meta.json       epochs and timings of the run that trained them; written last, so it marks a
                                  complete entry
+    <root>/<key>/diverged.json   instead, the report of a run that diverged: the knobs and seed are the same, so
+                                 the next trial would diverge too; it reports this instead of training
     <root>/<key>.lock            the trainer's lock (an empty file)
 """
 from __future__ import annotations
@@ -30,7 +32,7 @@ from torch import nn
 from trainables.checkpoint import BEST_MODEL_FILE, load_model, save_model, written_aside
 
 log = logging.getLogger(__name__)
-META_FILE = "meta.json"
+META_FILE, DIVERGED_FILE = "meta.json", "diverged.json"
 META_KEYS = ("epoch", "best_epoch", "best_metric", "train_time_s")
 
 
@@ -42,6 +44,17 @@ class ModelStore:
         """What the run that trained `key` recorded, or None if no complete model is stored under it."""
         path = self.root / key / META_FILE
         return json.loads(path.read_text()) if path.exists() else None
+
+    def diverged(self, key: str) -> dict[str, Any] | None:
+        """The report of the run of `key` that diverged, or None."""
+        path = self.root / key / DIVERGED_FILE
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def publish_diverged(self, key: str, report: dict[str, Any]) -> None:
+        target = self.root / key
+        target.mkdir(parents=True, exist_ok=True)
+        with written_aside(target / DIVERGED_FILE) as tmp:
+            tmp.write_text(json.dumps(report))   # NaN metrics stay NaN (Python's JSON reads them back)
 
     def load(self, key: str, model: nn.Module, map_location: str | torch.device = "cpu") -> dict[str, Any]:
         """Load the stored weights of `key` into `model`; returns the meta."""

@@ -104,7 +104,8 @@ def run_trial(cfg: TrialConfig, work_dir: Path, *, report: Reporter | None = Non
         report: called with (metrics, checkpoint dir) after every epoch; the last call carries `sweep`.
         resume: a checkpoint directory to continue from exactly.
         model_store: a `ModelStore` directory. A model stored under `cfg.training_key()` skips training (a resumed
-            trial carries on with its own); while another trial trains the same knobs, this one waits for it.
+            trial carries on with its own), and so does a stored divergence; while another trial trains the same
+            knobs, this one waits for it.
     """
     report = report or (lambda metrics, ckpt: None)
     device = pick_device(cfg.train)
@@ -114,6 +115,11 @@ def run_trial(cfg: TrialConfig, work_dir: Path, *, report: Reporter | None = Non
         torch.manual_seed(cfg.seed)
         task = make_task(cfg, device)
         common = {"metric_name": task.metric, "device": str(device), "training_key": key}
+        if resume is None and store is not None and (diverged := store.diverged(key)) is not None:
+            log.info("the trial that trained %s diverged; so would this one: reporting that", key)
+            metrics = {**diverged, **common, "reused_checkpoint": True}
+            report(metrics, None)
+            return metrics
         if meta is None or resume is not None:   # a resumed trial carries on from its own checkpoint
             return _train(cfg, task, Path(work_dir) / "checkpoint", common, report, resume=resume, store=store)
         store.load(key, task.model, device)
@@ -156,6 +162,8 @@ def _train(cfg: TrialConfig, task: Task, ckpt_dir: Path, common: dict[str, Any],
         except FloatingPointError as err:
             metrics = {**common, "epoch": epoch, "status": "diverged", "error": str(err), "done": True,
                        "val_metric": math.nan, "compressed_val_metric": math.nan}
+            if store is not None:
+                store.publish_diverged(common["training_key"], metrics)
             report(metrics, None)
             return metrics
         model = task.evaluation_model()
