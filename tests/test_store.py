@@ -99,6 +99,18 @@ def test_a_second_trainer_waits_for_the_first_ones_model(tmp_path):
     assert not thread.is_alive() and out["meta"]["best_metric"] == 4.0
 
 
+def test_publishing_hands_the_key_on_at_once(tmp_path):
+    store = ModelStore(tmp_path)
+    with store.training("k") as meta:
+        assert meta is None
+        waiter, out = in_thread(ModelStore(tmp_path), "k")
+        waiter.join(0.3)
+        assert waiter.is_alive()
+        store.publish("k", torch.nn.Linear(2, 2), {"seed": 1}, LOOP)
+        waiter.join(10)   # it scores the model while the trainer still scores its own sweep
+        assert not waiter.is_alive() and out["meta"]["epoch"] == LOOP["epoch"]
+
+
 def test_a_trainer_that_dies_hands_the_key_on(tmp_path):
     store = ModelStore(tmp_path)
     holder = start_holder(tmp_path)

@@ -39,6 +39,11 @@ META_KEYS = ("epoch", "best_epoch", "best_metric", "train_time_s")
 class ModelStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self._held: dict[str, Any] = {}   # key -> the open lock file this process holds
+
+    def _release(self, key: str) -> None:
+        if (lock := self._held.pop(key, None)) is not None:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
     def meta(self, key: str) -> dict[str, Any] | None:
         """What the run that trained `key` recorded, or None if no complete model is stored under it."""
@@ -55,6 +60,7 @@ class ModelStore:
         target.mkdir(parents=True, exist_ok=True)
         with written_aside(target / DIVERGED_FILE) as tmp:
             tmp.write_text(json.dumps(report))   # NaN metrics stay NaN (Python's JSON reads them back)
+        self._release(key)
 
     def load(self, key: str, model: nn.Module, map_location: str | torch.device = "cpu") -> dict[str, Any]:
         """Load the stored weights of `key` into `model`; returns the meta."""
@@ -63,16 +69,19 @@ class ModelStore:
 
     def publish(self, key: str, model: nn.Module, config: dict[str, Any], loop: dict[str, Any]) -> None:
         """Store `model`'s weights under `key`: weights first, meta last, each written aside then renamed, so a
-        reader never loads a model that is still being written."""
+        reader never loads a model that is still being written. Releases `key` if this process trains it: the
+        trials waiting for the model score it while this one still scores its own sweep."""
         target = self.root / key
         target.mkdir(parents=True, exist_ok=True)
         save_model(target / BEST_MODEL_FILE, model, config)
         with written_aside(target / META_FILE) as tmp:
             tmp.write_text(json.dumps({k: loop[k] for k in META_KEYS}))
+        self._release(key)
 
     @contextmanager
     def training(self, key: str) -> Iterator[dict[str, Any] | None]:
-        """Hold `key`'s lock for the body; yields the stored meta, if there is a model by the time the lock is held.
+        """Hold `key`'s lock for the body (or until `publish`); yields the stored meta, if there is a model by the
+        time the lock is held.
 
         Blocks while another process holds the lock, i.e. while another trial trains these knobs.
         """
@@ -88,7 +97,8 @@ class ModelStore:
                             err)
                 yield self.meta(key)
                 return
+            self._held[key] = lock
             try:
                 yield self.meta(key)
             finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+                self._release(key)

@@ -184,12 +184,12 @@ def _train(cfg: TrialConfig, task: Task, ckpt_dir: Path, common: dict[str, Any],
                    "train_time_s": loop["train_time_s"]}
         if epoch == total_epochs:
             load_model(ckpt_dir / BEST_MODEL_FILE, task.model, device)
+            if store is not None:   # the trained model, for trials waiting to score it while this one scores its own
+                store.publish(common["training_key"], task.model, flat, loop)
             metrics |= final_metrics(task, task.model, cfg, loop)
             loop["final"] = metrics
         save_checkpoint(ckpt_dir, model=task.model, optimizer=task.optimizer, config=flat, epoch=epoch,
                         loop=loop, task=task.state_dict())
-        if epoch == total_epochs and store is not None:   # before the report: Tune stops a `done` trial at once
-            store.publish(common["training_key"], task.model, flat, loop)   # task.model holds the best weights
         report(metrics, ckpt_dir)
     return metrics
 
