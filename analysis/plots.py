@@ -233,6 +233,10 @@ def _histogram_models(hist: Histograms | Mapping[str, Histograms] | pd.DataFrame
         for model, rows in mean.groupby(model_col, sort=False) if model_col else [("", mean)]:
             models[str(model)] = {(int(layer), str(gate)): g.sort_values("bin")["fraction"].to_numpy(dtype=float)
                                   for (layer, gate), g in rows.groupby(["layer", "gate"], sort=True)}
+            for (layer, gate), fractions in models[str(model)].items():
+                if len(fractions) != HIST_BINS:
+                    raise ValueError(f"{model or 'the'} histogram of layer {layer} gate {gate} has {len(fractions)} "
+                                     f"bins, expected {HIST_BINS} on [0, 1]")
         order = {mode: j for j, mode in enumerate(GATE_MODE_COLORS)}
         return dict(sorted(models.items(), key=lambda item: order.get(item[0], len(order))))
     values = list(hist.values())

@@ -224,6 +224,9 @@ def test_gate_histograms_single_model_and_tidy_frame(tmp_path):
     fig2 = plots.plot_gate_histograms(pd.DataFrame(rows))
     assert [ax.get_title() for ax in fig2.axes] == ["lstm: layer 0", "g2: layer 0"]
     assert np.allclose([b.get_height() for b in fig2.axes[1].containers[1]], np.array(one["l0_f"]) * 0.75)
+    with pytest.raises(ValueError, match="g2 histogram of layer 0 gate f has 9 bins"):
+        plots.plot_gate_histograms(pd.DataFrame([r for r in rows if (r["g2.gate_mode"], r["gate"], r["bin"]) !=
+                                                 ("g2", "f", 9)]))
     with pytest.raises(ValueError, match="l<k>_i"):
         plots.plot_gate_histograms({"layer0_i": [0.1] * 10})
     with pytest.raises(ValueError, match="has 5 bins, expected 10"):

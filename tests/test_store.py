@@ -86,6 +86,17 @@ def test_publish_then_load_round_trips(tmp_path):
     assert sorted(p.name for p in (tmp_path / "k").iterdir()) == ["best_model.pt", "meta.json"]   # no temp files
 
 
+def test_a_trained_model_wins_over_a_divergence_of_the_same_knobs(tmp_path):
+    store, report = ModelStore(tmp_path), {"status": "diverged", "epoch": 2, "val_metric": float("nan")}
+    store.publish_diverged("k", report)
+    stored = store.diverged("k")
+    assert stored["epoch"] == 2 and stored["val_metric"] != stored["val_metric"]   # NaN survives
+    store.publish("k", torch.nn.Linear(2, 2), {"seed": 1}, LOOP)        # e.g. a resumed run that did not diverge
+    assert store.diverged("k") is None and store.meta("k") is not None
+    store.publish_diverged("k", report)                                 # a later retry that did
+    assert store.diverged("k") is None
+
+
 def test_a_second_trainer_waits_for_the_first_ones_model(tmp_path):
     store = ModelStore(tmp_path)
     holder = start_holder(tmp_path)

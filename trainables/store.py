@@ -13,7 +13,8 @@ where locking fails, trials go on without it and may train copies.
     <root>/<key>/meta.json       epochs and timings of the run that trained them; written last, so it marks a
                                  complete entry
     <root>/<key>/diverged.json   instead, the report of a run that diverged: the knobs and seed are the same, so
-                                 the next trial would diverge too; it reports this instead of training
+                                 the next trial would diverge too (barring GPU nondeterminism, or another device
+                                 or `train.impl`, which the key leaves out); it reports this instead of training
     <root>/<key>.lock            the trainer's lock (an empty file)
 """
 from __future__ import annotations
@@ -56,10 +57,12 @@ class ModelStore:
         return json.loads(path.read_text()) if path.exists() else None
 
     def publish_diverged(self, key: str, report: dict[str, Any]) -> None:
+        """Store a diverged run's report under `key`, unless a model trained there already (a good model wins)."""
         target = self.root / key
-        target.mkdir(parents=True, exist_ok=True)
-        with written_aside(target / DIVERGED_FILE) as tmp:
-            tmp.write_text(json.dumps(report))   # NaN metrics stay NaN (Python's JSON reads them back)
+        if self.meta(key) is None:
+            target.mkdir(parents=True, exist_ok=True)
+            with written_aside(target / DIVERGED_FILE) as tmp:
+                tmp.write_text(json.dumps(report))   # NaN metrics stay NaN (Python's JSON reads them back)
         self._release(key)
 
     def load(self, key: str, model: nn.Module, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -76,6 +79,7 @@ class ModelStore:
         save_model(target / BEST_MODEL_FILE, model, config)
         with written_aside(target / META_FILE) as tmp:
             tmp.write_text(json.dumps({k: loop[k] for k in META_KEYS}))
+        (target / DIVERGED_FILE).unlink(missing_ok=True)   # another run of these knobs diverged: this one did not
         self._release(key)
 
     @contextmanager

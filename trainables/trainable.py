@@ -115,7 +115,7 @@ def run_trial(cfg: TrialConfig, work_dir: Path, *, report: Reporter | None = Non
         torch.manual_seed(cfg.seed)
         task = make_task(cfg, device)
         common = {"metric_name": task.metric, "device": str(device), "training_key": key}
-        if resume is None and store is not None and (diverged := store.diverged(key)) is not None:
+        if resume is None and meta is None and store is not None and (diverged := store.diverged(key)) is not None:
             log.info("the trial that trained %s diverged; so would this one: reporting that", key)
             metrics = {**diverged, **common, "reused_checkpoint": True}
             report(metrics, None)
@@ -163,7 +163,10 @@ def _train(cfg: TrialConfig, task: Task, ckpt_dir: Path, common: dict[str, Any],
             metrics = {**common, "epoch": epoch, "status": "diverged", "error": str(err), "done": True,
                        "val_metric": math.nan, "compressed_val_metric": math.nan}
             if store is not None:
-                store.publish_diverged(common["training_key"], metrics)
+                try:
+                    store.publish_diverged(common["training_key"], metrics)
+                except OSError as store_err:   # the divergence is the result; failing to share it is not
+                    log.warning("could not store the divergence of %s: %s", common["training_key"], store_err)
             report(metrics, None)
             return metrics
         model = task.evaluation_model()
