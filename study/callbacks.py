@@ -109,12 +109,12 @@ class StudyCallback(tune.Callback):
         self._finished(trial, status, rows, trials)
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        message = error_message(trial_error_text(trial))
         if (rows := self._finished_before(trial)) is not None:   # its recorded results stand
             log.warning("trial %s, run again after a restart, failed (%s); its recorded end stands", trial.trial_id,
-                        error_message(trial_error_text(trial)))
+                        message)
             self._close_earlier(trial, rows, trials)
             return
-        message = error_message(trial_error_text(trial))
         rows = self.writer.record_end(trial.trial_id, trial.config, error=message)
         self.tracker.end_trial(trial.trial_id, "error", trial.last_result or None, message)
         self._finished(trial, "error", rows, trials)

@@ -46,23 +46,28 @@ class ModelStore:
         if (lock := self._held.pop(key, None)) is not None:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
+    def _read(self, key: str, name: str) -> dict[str, Any] | None:
+        path = self.root / key / name
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def _write(self, key: str, name: str, content: dict[str, Any]) -> None:
+        """Written aside then renamed: a reader sees the whole file or none. NaN stays NaN (Python's JSON)."""
+        (self.root / key).mkdir(parents=True, exist_ok=True)
+        with written_aside(self.root / key / name) as tmp:
+            tmp.write_text(json.dumps(content))
+
     def meta(self, key: str) -> dict[str, Any] | None:
         """What the run that trained `key` recorded, or None if no complete model is stored under it."""
-        path = self.root / key / META_FILE
-        return json.loads(path.read_text()) if path.exists() else None
+        return self._read(key, META_FILE)
 
     def diverged(self, key: str) -> dict[str, Any] | None:
         """The report of the run of `key` that diverged, or None."""
-        path = self.root / key / DIVERGED_FILE
-        return json.loads(path.read_text()) if path.exists() else None
+        return self._read(key, DIVERGED_FILE)
 
     def publish_diverged(self, key: str, report: dict[str, Any]) -> None:
         """Store a diverged run's report under `key`, unless a model trained there already (a good model wins)."""
-        target = self.root / key
         if self.meta(key) is None:
-            target.mkdir(parents=True, exist_ok=True)
-            with written_aside(target / DIVERGED_FILE) as tmp:
-                tmp.write_text(json.dumps(report))   # NaN metrics stay NaN (Python's JSON reads them back)
+            self._write(key, DIVERGED_FILE, report)
         self._release(key)
 
     def load(self, key: str, model: nn.Module, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -74,12 +79,10 @@ class ModelStore:
         """Store `model`'s weights under `key`: weights first, meta last, each written aside then renamed, so a
         reader never loads a model that is still being written. Releases `key` if this process trains it: the
         trials waiting for the model score it while this one still scores its own sweep."""
-        target = self.root / key
-        target.mkdir(parents=True, exist_ok=True)
-        save_model(target / BEST_MODEL_FILE, model, config)
-        with written_aside(target / META_FILE) as tmp:
-            tmp.write_text(json.dumps({k: loop[k] for k in META_KEYS}))
-        (target / DIVERGED_FILE).unlink(missing_ok=True)   # another run of these knobs diverged: this one did not
+        (self.root / key).mkdir(parents=True, exist_ok=True)
+        save_model(self.root / key / BEST_MODEL_FILE, model, config)
+        self._write(key, META_FILE, {k: loop[k] for k in META_KEYS})
+        (self.root / key / DIVERGED_FILE).unlink(missing_ok=True)   # another run of these knobs diverged: not this one
         self._release(key)
 
     @contextmanager
