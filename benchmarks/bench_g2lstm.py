@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from trainables.config import G2Config
+from trainables.device import use_ieee_fp32
 from trainables.g2lstm import G2LSTM
 from trainables.graphs import WindowGraphs
 
@@ -85,7 +86,31 @@ def timed(fn, device, repeats, warmup):
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)}
 
 
-def main(argv=None):
+def candidates(sizes, input_size, device):
+    """name -> a function building (layers, use CUDA graphs); built one at a time, so one failing costs one row."""
+    g2 = G2Config(gate_mode="g2", tau=0.9, p=0.2)
+    rows = {
+        "nn.LSTM": lambda: (stack(nn.LSTM, sizes, input_size), False),
+        "g2 reference": lambda: (stack(G2LSTM, sizes, input_size, g2=g2, impl="reference"), False),
+        "lstm via G2LSTM(auto)": lambda: (stack(G2LSTM, sizes, input_size, g2=G2Config(gate_mode="lstm")), False),
+    }
+    if device.type == "cuda":   # the Triton path (DESIGN §8), graphed and in bf16, next to cuDNN in the same run
+        for precision in ("fp32", "bf16"):
+            for graphed in (False, True):
+                rows[f"g2 fused{'+graph' if graphed else ''} {precision}"] = (
+                    lambda precision=precision, graphed=graphed:
+                    (stack(G2LSTM, sizes, input_size, g2=g2, impl="fused", precision=precision), graphed))
+    return rows
+
+
+def measure(build, x, device, repeats, warmup):
+    layers, graphed = build()
+    layers.to(device).train()
+    graphs = WindowGraphs(lambda x: forward(layers, x), list(layers.parameters())) if graphed else None
+    return timed(lambda: window(layers, x, graphs), device, repeats, warmup)
+
+
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=SHAPES, default="cpu")
     parser.add_argument("--device", default="cpu")
@@ -94,46 +119,44 @@ def main(argv=None):
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    use_ieee_fp32()   # the cuDNN rows in true fp32, like the fused fp32 rows (trainables/device.py)
     steps, batch, input_size, sizes = SHAPES[args.shape]
     torch.manual_seed(0)
     x = torch.randn(steps, batch, input_size, device=device)
-    g2 = G2Config(gate_mode="g2", tau=0.9, p=0.2)
-    candidates = {  # name: (layers, use CUDA graphs)
-        "nn.LSTM": (stack(nn.LSTM, sizes, input_size), False),
-        "g2 reference": (stack(G2LSTM, sizes, input_size, g2=g2, impl="reference"), False),
-        "lstm via G2LSTM(auto)": (stack(G2LSTM, sizes, input_size, g2=G2Config(gate_mode="lstm")), False),
-    }
-    if device.type == "cuda":   # the Triton path (DESIGN §8), graphed and in bf16, next to cuDNN in the same run
-        for precision in ("fp32", "bf16"):
-            for graphed in (False, True):
-                name = f"g2 fused{'+graph' if graphed else ''} {precision}"
-                candidates[name] = (stack(G2LSTM, sizes, input_size, g2=g2, impl="fused", precision=precision),
-                                    graphed)
-    results = {}
-    for name, (layers, graphed) in candidates.items():
-        layers.to(device).train()
-        graphs = (WindowGraphs(lambda x, layers=layers: forward(layers, x), list(layers.parameters()))
-                  if graphed else None)
-        results[name] = timed(lambda: window(layers, x, graphs), device, args.repeats, args.warmup)
+    rows = candidates(sizes, input_size, device)
     if device.type == "cuda":
-        bf16 = stack(nn.LSTM, sizes, input_size).to(device, torch.bfloat16).train()
-        results["nn.LSTM bf16"] = timed(lambda: window(bf16, x.bfloat16()), device, args.repeats, args.warmup)
+        rows["nn.LSTM bf16"] = lambda: (stack(nn.LSTM, sizes, input_size).to(torch.bfloat16), False)
+    results = {}
+    for name, build in rows.items():
+        try:
+            results[name] = measure(build, x.bfloat16() if name.endswith("LSTM bf16") else x, device, args.repeats,
+                                    args.warmup)
+        except Exception as err:   # one failing path must not hide the others' figures
+            results[name] = {"error": f"{type(err).__name__}: {err}"}
+    if device.type == "cuda":
         for dtype, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
             results[f"GEMM floor {label}"] = timed(gemm_floor(sizes, input_size, x, dtype), device, args.repeats,
                                                    args.warmup)
-    base = results["nn.LSTM"]["median_ms"]
+    base = results["nn.LSTM"].get("median_ms")
     for r in results.values():
-        r["vs_nn_lstm"] = base / r["median_ms"]
+        if "median_ms" in r:
+            r["vs_nn_lstm"] = base / r["median_ms"] if base else None
     meta = {"shape": args.shape, "T": steps, "B": batch, "input": input_size, "hidden": sizes,
-            "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__}
+            "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__, "tf32": False}
+    failed = sorted(name for name, r in results.items() if "error" in r)
     if args.json:
-        print(json.dumps({"meta": meta, "results": results}, indent=2))
-        return
+        print(json.dumps({"meta": meta, "results": results, "failed": failed}, indent=2))
+        return 1 if failed else 0
     print(f"forward+backward, {meta}")
     print(f"{'implementation':<24}{'median ms':>10}{'min':>9}{'max':>9}{'speed vs nn.LSTM':>18}")
     for name, r in results.items():
-        print(f"{name:<24}{r['median_ms']:>10.2f}{r['min_ms']:>9.2f}{r['max_ms']:>9.2f}{r['vs_nn_lstm']:>17.2f}x")
+        if "error" in r:
+            print(f"{name:<24}  FAILED  {r['error'][:200]}")
+            continue
+        ratio = f"{r['vs_nn_lstm']:>17.2f}x" if r.get("vs_nn_lstm") else f"{'-':>18}"
+        print(f"{name:<24}{r['median_ms']:>10.2f}{r['min_ms']:>9.2f}{r['max_ms']:>9.2f}{ratio}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -267,3 +267,60 @@ def test_two_layer_g2lstm_learns_a_delayed_copy(gate_mode):
         losses.append(loss.item())
     assert sum(losses[:10]) / 10 > 1.6                     # ≈ log 6 at the start
     assert sum(losses[-10:]) / 10 < 0.3
+
+
+def recorded_fused_lstm_calls(monkeypatch) -> list[bool]:
+    """The `train` flag of every call to PyTorch's fused LSTM (cuDNN on GPU), which still runs for real."""
+    calls, fused = [], torch._VF.lstm
+
+    def record(*args):
+        calls.append(args[6])   # input, hx, params, has_biases, num_layers, dropout, train, ...
+        return fused(*args)
+    monkeypatch.setattr(torch._VF, "lstm", record)
+    return calls
+
+
+@pytest.mark.parametrize("gate_mode", ["lstm", "sharpened"])
+def test_plain_path_calls_cudnn_in_training_mode_when_autograd_records(monkeypatch, gate_mode):
+    """cuDNN refuses the backward of an RNN called with train=False: every recorded call must say train=True."""
+    calls = recorded_fused_lstm_calls(monkeypatch)
+    layer = G2LSTM(IN, H, LAYERS, g2=G2Config(gate_mode=gate_mode))
+    x, state = inputs()
+    layer.train()
+    layer(x, state)[0].sum().backward()
+    layer.eval()
+    layer(x, state)[0].sum().backward()          # evaluation maths, still differentiated (e.g. a saliency probe)
+    with torch.no_grad():
+        layer(x, state)
+    assert calls == [True] * LAYERS + [True] * LAYERS + [False] * LAYERS
+
+
+def expected_path(gate_mode: str, impl: str, training: bool, device: str) -> str:
+    """The dispatch table of `G2LSTM.impl`, written out independently of `GateMath`."""
+    noisy = gate_mode == "g2" and training        # the default G2Config has p = 0.2
+    if impl == "reference":
+        return "reference"
+    if impl == "fused":
+        return "fused"
+    if not noisy:
+        return "plain"
+    return "fused" if device == "cuda" else "reference"
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("impl", ["auto", "reference", "fused"])
+@pytest.mark.parametrize("gate_mode", ["lstm", "sharpened", "g2"])
+def test_path_for_every_mode_impl_phase_and_device(monkeypatch, gate_mode, impl, training, device):
+    from trainables import g2lstm_kernels
+
+    monkeypatch.setattr(g2lstm_kernels, "fused_available", lambda d: d.type == "cuda")   # a GPU with triton
+    layer = G2LSTM(IN, H, g2=G2Config(gate_mode=gate_mode), impl=impl)
+    assert layer.path(training, torch.device(device)) == expected_path(gate_mode, impl, training, device)
+
+
+@pytest.mark.parametrize("impl", IMPLS + ["fused"])
+def test_hard_evaluation_gates_always_take_the_reference_path(impl):
+    layer = G2LSTM(IN, H, g2=G2Config(gate_mode="g2", eval_gate="hard"), impl=impl)
+    assert layer.path(False, torch.device("cuda")) == "reference"
+    assert layer.path(True, torch.device("cpu")) == ("reference" if impl != "fused" else "fused")

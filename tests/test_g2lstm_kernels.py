@@ -36,10 +36,11 @@ NOISY = {
     "g2": GateMath.of(G2Config(gate_mode="g2", tau=0.9, p=0.2), training=True),
     "g2_p1": GateMath.of(G2Config(gate_mode="g2", tau=0.5, p=1.0), training=True),
 }
-# max |fused − reference| / max |reference|, per tensor. bf16 operands cost ~1e-2 here, up to 0.09 where a
-# gradient cancels (dh0, sharpened, weight-dropped); running the reference wholly in bf16 is as far off (0.11).
-# A bug in the bf16 path shows as O(1).
-TOL = {"fp32": 1e-5, "bf16": 0.15}
+# max |fused − reference| / max |reference|, per tensor. In bf16 the reference rounds the same GEMM operands to
+# bf16 (`bf16_operand_reference`), so both accumulate the same products in fp32: measured < 1e-4 here, the
+# rare operand that the two orders of fp32 operations round to neighbouring bf16 values. Storing a GEMM result
+# in bf16 (fp32 accumulation promised, bf16 delivered) costs 1e-3 to 5e-3 and fails.
+TOL = {"fp32": 1e-5, "bf16": 3e-4}
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -55,6 +56,41 @@ def layer_inputs(steps=T, batch=B, in_size=IN, hidden=H, device="cpu", weight_dr
     if weight_drop:
         args[4] = F.dropout(leaves[4], weight_drop, training=True)   # one mask, shared by both paths
     return leaves, args
+
+
+class Bf16MatMul(torch.autograd.Function):
+    """a @ b with both operands rounded to bf16 and fp32 accumulation, forward and backward: the fused path's GEMMs
+    (it feeds the bf16-rounded gradient dA into dx, dh and the weight gradients)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        a, b = a.bfloat16().float(), b.bfloat16().float()
+        ctx.save_for_backward(a, b)
+        return a @ b
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        grad = grad.bfloat16().float()
+        return grad @ b.t(), a.t() @ grad
+
+
+def bf16_operand_reference(x, h, c, w_ih, w_hh, b_ih, b_hh, gate, record_gates=False):
+    """`lstm_layer_reference` with every GEMM through Bf16MatMul: the oracle of precision="bf16"."""
+    hidden = h.shape[-1]
+    steps, batch, _ = x.shape
+    xw = Bf16MatMul.apply(x.reshape(steps * batch, -1), w_ih.t()).view(steps, batch, -1) + b_ih + b_hh
+    noise = g2lstm.logistic_noise((steps, batch, 2 * hidden), gate.noise_p) if gate.noise_p > 0 else None
+    ys, gates = [], []
+    for t in range(steps):
+        a = xw[t] + Bf16MatMul.apply(h, w_hh.t())                 # (B, 4H), [i, f, g, o]
+        gate_if = gate.apply(a[:, :2 * hidden], None if noise is None else noise[t])
+        i, f = gate_if.chunk(2, dim=1)
+        c = f * c + i * torch.tanh(a[:, 2 * hidden:3 * hidden])
+        h = torch.sigmoid(a[:, 3 * hidden:]) * torch.tanh(c)
+        ys.append(h)
+        gates.append(gate_if)
+    return torch.stack(ys), h, c, (torch.stack(gates) if record_gates else None)
 
 
 def run(layer, leaves, args, gate, **kw):
@@ -74,12 +110,13 @@ def compare(gate, precision, *, device="cpu", noise=None, weight_drop=0.0, seed=
     """Fused vs reference: outputs, recorded gates and all seven gradients; `noise` feeds the reference."""
     leaves, args = layer_inputs(*sizes, device=device, weight_drop=weight_drop)
     fused, fused_grads = run(fused_lstm_layer, leaves, args, gate, seed=seed, precision=precision)
+    reference = bf16_operand_reference if precision == "bf16" else lstm_layer_reference
     if noise is not None:
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(g2lstm, "logistic_noise", lambda shape, p, **_: noise.to(device).reshape(shape))
-            ref, ref_grads = run(lstm_layer_reference, leaves, args, gate)
+            ref, ref_grads = run(reference, leaves, args, gate)
     else:
-        ref, ref_grads = run(lstm_layer_reference, leaves, args, gate)
+        ref, ref_grads = run(reference, leaves, args, gate)
     for name, a, b in zip(("y", "h_T", "c_T", "gates"), fused, ref):
         assert a.shape == b.shape and a.dtype == torch.float32
         assert_rel(a, b, TOL[precision], name)
@@ -213,7 +250,7 @@ def test_fused_matches_reference_on_cuda(monkeypatch):
         return
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)   # compare against true fp32 GEMMs
     sizes = (35, 20, 100, 200)
-    tol = {"fp32": 1e-4, "bf16": 0.15}   # GPU exp/log are approximate; over 35 steps 1e-5 is too tight
+    tol = {"fp32": 1e-4, "bf16": 1e-3}   # GPU exp/log are approximate; over 35 steps 1e-5 is too tight
     monkeypatch.setattr(sys.modules[__name__], "TOL", tol)
     for precision in ("fp32", "bf16"):
         for weight_drop in (0.0, 0.5):
@@ -269,3 +306,28 @@ def test_language_model_trains_on_the_fused_path(precision, tol):
         grads.append({name: p.grad for name, p in model.named_parameters() if "layers" in name})
     for name, expected in grads[0].items():
         assert_rel(grads[1][name], expected, tol, name)
+
+
+def test_kernels_launch_on_the_device_of_their_tensors(monkeypatch):
+    """Triton launches on the *current* CUDA device; forward and backward make it the tensors' own."""
+    from trainables import g2lstm_kernels
+
+    guard = g2lstm_kernels._on_device(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1            # not entered: no GPU needed
+    entered = []
+
+    class Recorded:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+    monkeypatch.setattr(g2lstm_kernels, "_on_device", Recorded)
+    leaves, args = layer_inputs()
+    y = fused_lstm_layer(*args, NOISY["g2"], seed=3)[0]
+    assert entered == [torch.device("cpu")]                                   # the forward
+    y.sum().backward()
+    assert entered == [torch.device("cpu")] * 2                               # and the backward

@@ -82,6 +82,24 @@ def test_resume_reaches_the_same_metrics(tmp_path, uninterrupted):
     assert [r["val_metric"] for r in resumed["sweep"]] == [r["val_metric"] for r in final["sweep"]]
 
 
+def test_resume_loads_checkpoints_to_the_cpu_whatever_the_device(tmp_path, monkeypatch):
+    """RNG states must stay CPU ByteTensors and optimiser steps host scalars: every load goes to the CPU first,
+    and load_state_dict moves each tensor to the model's device (a GPU checkpoint resumes on a CPU and back)."""
+    work, store = tmp_path / "work", tmp_path / "store"
+    with pytest.raises(KeyboardInterrupt):
+        run_trial(smoke_cfg(tmp_path), work, report=Recorder(stop_after=1), model_store=store)
+    locations, load = [], torch.load
+
+    def recording_load(*args, map_location=None, **kwargs):
+        locations.append(str(map_location))
+        return load(*args, map_location=map_location, **kwargs)
+    monkeypatch.setattr(torch, "load", recording_load)
+    final = run_trial(smoke_cfg(tmp_path), work, resume=work / "checkpoint", model_store=store)
+    run_trial(smoke_cfg(tmp_path, **{"compress.bits": 2}), tmp_path / "reuse", model_store=store)   # stored model
+    assert final["status"] == "ok" and len(locations) >= 3      # checkpoint, best model, stored model
+    assert set(locations) == {"cpu"}
+
+
 def test_reentering_a_finished_trial_trains_nothing(tmp_path):
     work = tmp_path / "work"
     cfg = smoke_cfg(tmp_path, **{"train.epochs": 1})

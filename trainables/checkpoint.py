@@ -1,11 +1,13 @@
 """Checkpoints that resume a trial exactly: state dicts, the flat config, loop state and every RNG state.
 
 Only tensors and plain containers are stored, never a pickled module, so loading uses `weights_only=True`.
+Everything loads to the CPU first and reaches the model's device through `load_state_dict`: a checkpoint saved
+on one device resumes on another, RNG states stay the CPU ByteTensors `torch.set_rng_state` wants, and the
+optimiser's `step` counters stay on the host (one on the GPU costs a sync per step).
 """
 from __future__ import annotations
 
 import os
-import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,25 +18,6 @@ from torch import nn
 
 CHECKPOINT_FILE = "checkpoint.pt"
 BEST_MODEL_FILE = "best_model.pt"
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_as_tuple(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_tuple(value):
-    """random.setstate wants the nested tuples back that torch.save may have turned into lists."""
-    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 @contextmanager
@@ -53,18 +36,18 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 
 def save_checkpoint(directory: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, config: dict,
-                    epoch: int, loop: dict, task: dict) -> Path:
+                    epoch: int, loop: dict, task: dict, rng: dict[str, Any]) -> Path:
     """Everything needed to continue after `epoch` as if never stopped. Returns the file written."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / CHECKPOINT_FILE
     atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": config,
-                 "epoch": epoch, "loop": loop, "task": task, "rng": rng_state()}, path)
+                 "epoch": epoch, "loop": loop, "task": task, "rng": rng}, path)
     return path
 
 
-def load_checkpoint(directory: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    return torch.load(Path(directory) / CHECKPOINT_FILE, map_location=map_location, weights_only=True)
+def load_checkpoint(directory: Path) -> dict[str, Any]:
+    return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
 
 
 def save_model(path: Path, model: nn.Module, config: dict) -> None:
@@ -72,7 +55,7 @@ def save_model(path: Path, model: nn.Module, config: dict) -> None:
     atomic_save({"model": model.state_dict(), "config": config}, path)
 
 
-def load_model(path: Path, model: nn.Module, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    saved = torch.load(path, map_location=map_location, weights_only=True)
+def load_model(path: Path, model: nn.Module) -> dict[str, Any]:
+    saved = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(saved["model"])
     return saved

@@ -108,8 +108,11 @@ def lstm_layer_plain(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor
     if gate.scale != 1.0:
         s = _row_scale(hidden, gate.scale, w_ih)
         w_ih, w_hh, b_ih, b_hh = w_ih * s[:, None], w_hh * s[:, None], b_ih * s, b_hh * s
+    # cuDNN refuses the backward of an RNN run with train=False, so the call runs in training mode whenever
+    # autograd records it (dropout is 0 either way: the flag only makes cuDNN keep its workspace for backward)
+    records = torch.is_grad_enabled() and any(t.requires_grad for t in (x, h, c, w_ih, w_hh, b_ih, b_hh))
     y, h_n, c_n = torch._VF.lstm(x, (h[None], c[None]), [w_ih, w_hh, b_ih, b_hh],
-                                 True, 1, 0.0, False, False, False)
+                                 True, 1, 0.0, records, False, False)   # bias, layers, dropout, train, bidir, batch_first
     gates = None
     if record_gates:  # recompute i/f from the outputs: one GEMM pair instead of a Python loop
         h_prev = torch.cat([h[None], y[:-1]])               # (T, B, H)

@@ -9,16 +9,23 @@ so backward regenerates exactly what forward added. Backward walks the window in
 `dA_t @ W_hh` per step; dW_hh, dW_ih, db and dx are single GEMMs over the stacked dA (T, B, 4H) afterwards.
 
 Buffers of one window (n = B·H state elements):
-    a      (T, B, 4H)  fp32  pre-activations x W_ih^T + b + h W_hh^T, [i, f, g, o], saved for backward
+    xw, a  (T, B, 4H)  fp32  x W_ih^T, overwritten in place by the pre-activations x W_ih^T + b + h W_hh^T,
+                             [i, f, g, o], saved for backward
+    hw     (B, 4H)     fp32  h_{t-1} W_hh^T of the current step
     c      (T+1, B, H) fp32  cell states, c[0] = c_0, saved for backward
     y      (T, B, H)   fp32  outputs h_1..h_T
     hq     (T+1, B, H) bf16  h_0..h_T as GEMM operands (precision="bf16" only)
+
+With precision="bf16" only GEMM *operands* are bf16: every GEMM accumulates in fp32 and writes fp32 (`_mm`), so
+pre-activations, dh, dx and the weight gradients are never rounded to bf16. Every launch runs under the device
+of its tensors (`_on_device`), not whichever CUDA device happens to be current.
 
 Triton is imported on first use, so this module imports on machines without it, and `TRITON_INTERPRET=1` (the
 CPU interpreter the tests use) takes effect if it is set before triton is first imported in the process.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -84,6 +91,15 @@ def _tanh(x):
 
 
 @_triton_fn()
+def _to_bf16(x):
+    """x rounded to the nearest bf16, ties to even, by integer arithmetic: Triton's interpreter truncates in
+    `.to(bf16)` while compiled kernels round, and the tests must check what the GPU computes."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)   # exact: the low 16 bits are zero
+
+
+@_triton_fn()
 def _if_noise(seed, step, k, p, EPS: tl.constexpr = NOISE_EPS):
     """L·B for the i and f gates of state elements k at `step`: one Philox call gives U_i, U_f, B_i, B_f."""
     zero = k * 0
@@ -137,7 +153,7 @@ def _forward_step(xw, hw, bias, a, c, y, hq, gates, seed_ptr, step, n, H, scale,
     tl.store(c + (t + 1) * n + k, c_new, mask)
     tl.store(y + t * n + k, h, mask)
     if LOWP:
-        tl.store(hq + (t + 1) * n + k, h.to(hq.dtype.element_ty), mask)
+        tl.store(hq + (t + 1) * n + k, _to_bf16(h), mask)
     if RECORD:
         g_row = gates + t * 2 * n + (k // H) * 2 * H + j
         tl.store(g_row, i, mask)
@@ -173,10 +189,10 @@ def _backward_step(a, c, dy, dh, dc, da, daq, seed_ptr, step, n, H, scale, p,
     tl.store(dt + row + 3 * H, da_o, mask)
     if LOWP:
         qt = daq + t * 4 * n
-        tl.store(qt + row, da_i.to(daq.dtype.element_ty), mask)
-        tl.store(qt + row + H, da_f.to(daq.dtype.element_ty), mask)
-        tl.store(qt + row + 2 * H, da_g.to(daq.dtype.element_ty), mask)
-        tl.store(qt + row + 3 * H, da_o.to(daq.dtype.element_ty), mask)
+        tl.store(qt + row, _to_bf16(da_i), mask)
+        tl.store(qt + row + H, _to_bf16(da_f), mask)
+        tl.store(qt + row + 2 * H, _to_bf16(da_g), mask)
+        tl.store(qt + row + 3 * H, _to_bf16(da_o), mask)
 
 
 @_triton_fn()
@@ -189,6 +205,21 @@ def _noise_window(out, seed_ptr, n, H, p, BLOCK: tl.constexpr):
     o_row = out + step.to(tl.int64) * 2 * n + (k // H) * 2 * H + k % H
     tl.store(o_row, n_i, mask)
     tl.store(o_row + H, n_f, mask)
+
+
+def _mm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+    """a @ b in fp32: accumulated and returned in fp32 whatever the operand dtype (bf16 operands stay bf16 on CUDA;
+    elsewhere they are widened, which is exact: bf16 values and their products are exact in fp32)."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b, out=out)
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    return torch.mm(a.float(), b.float(), out=out)
+
+
+def _on_device(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' own (cuda:1 is not cuda:0)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _grid(n: int) -> tuple[tuple[int], int]:
@@ -218,8 +249,8 @@ class _FusedLSTMLayer(torch.autograd.Function):
         n = batch * hidden
         op = torch.bfloat16 if lowp else torch.float32     # GEMM operand dtype; everything else stays fp32
         x_op, w_ih_op, w_hh_op = x.to(op).contiguous(), w_ih.to(op), w_hh.to(op)
-        xw = torch.mm(x_op.view(steps * batch, -1), w_ih_op.t()).view(steps, batch, 4 * hidden)  # (T, B, 4H)
-        a = torch.empty_like(xw, dtype=torch.float32) if lowp else xw  # (T, B, 4H), [i, f, g, o]; fp32 overwrites xw
+        xw = _mm(x_op.view(steps * batch, -1), w_ih_op.t()).view(steps, batch, 4 * hidden)  # (T, B, 4H) fp32
+        a = xw                                                           # (T, B, 4H), [i, f, g, o], in place
         bias = (b_ih + b_hh).float().contiguous()                        # (4H,), added in the kernel
         c = x.new_empty(steps + 1, batch, hidden)                        # (T+1, B, H), c[0] = c_0
         c[0] = c0
@@ -229,11 +260,11 @@ class _FusedLSTMLayer(torch.autograd.Function):
             hq = torch.empty(steps + 1, batch, hidden, dtype=op, device=x.device)   # (T+1, B, H), GEMM operands
             hq[0] = h0
         gates = x.new_empty(steps, batch, 2 * hidden) if record else None          # (T, B, 2H), [i, f]
-        hw = torch.empty(batch, 4 * hidden, dtype=op, device=x.device)             # (B, 4H), h_{t-1} W_hh^T
+        hw = torch.empty(batch, 4 * hidden, device=x.device)                       # (B, 4H), h_{t-1} W_hh^T
         h_prev = hq[0] if lowp else h0
         grid, block = _grid(n)
         for t in range(steps):
-            torch.mm(h_prev, w_hh_op.t(), out=hw)
+            _mm(h_prev, w_hh_op.t(), out=hw)
             _forward_step[grid](xw, hw, bias, a, c, y, hq if lowp else y, gates if record else y, seed, t,
                                 n, hidden, scale, p, NOISE=p > 0, LOWP=lowp, RECORD=record, BLOCK=block)
             h_prev = hq[t + 1] if lowp else y[t]
@@ -246,7 +277,8 @@ class _FusedLSTMLayer(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y, grad_h, grad_c, _grad_gates):
-        with torch.autocast(grad_y.device.type, enabled=False):   # backward may run inside the caller's autocast
+        # backward may run inside the caller's autocast, and on an autograd thread with another current device
+        with torch.autocast(grad_y.device.type, enabled=False), _on_device(grad_y.device):
             return _FusedLSTMLayer._backward(ctx, grad_y, grad_h, grad_c)
 
     @staticmethod
@@ -258,7 +290,7 @@ class _FusedLSTMLayer(torch.autograd.Function):
         dy = grad_y.clone(memory_format=torch.contiguous_format)      # (T, B, H), dL/dh_t from above
         dy[-1] += grad_h
         dc = grad_c.clone(memory_format=torch.contiguous_format)      # (B, H), becomes dc_{t-1} step by step
-        dh = torch.zeros(batch, hidden, dtype=w_hh_op.dtype, device=y.device)   # (B, H), dA_{t+1} W_hh
+        dh = torch.zeros(batch, hidden, device=y.device)              # (B, H), dA_{t+1} W_hh
         da = torch.empty_like(a)                                      # (T, B, 4H), [i, f, g, o]
         daq = torch.empty_like(a, dtype=torch.bfloat16) if ctx.lowp else da
         grid, block = _grid(n)
@@ -266,16 +298,16 @@ class _FusedLSTMLayer(torch.autograd.Function):
             _backward_step[grid](a, c, dy, dh, dc, da, daq, seed, t, n, hidden, ctx.scale, ctx.p,
                                  NOISE=ctx.p > 0, LOWP=ctx.lowp, BLOCK=block)
             if t > 0 or ctx.needs_input_grad[1]:
-                torch.mm(daq[t], w_hh_op, out=dh)
+                _mm(daq[t], w_hh_op, out=dh)
         da_op = daq.view(steps * batch, 4 * hidden)                   # (T·B, 4H) GEMM operand
         h_prev = hq[:-1] if ctx.lowp else torch.cat([h0[None], y[:-1]])   # (T, B, H), h_0..h_{T-1}
         need = ctx.needs_input_grad
-        dx = (da_op @ w_ih_op).view(steps, batch, -1).float() if need[0] else None
-        dw_ih = (da_op.t() @ x_op.view(steps * batch, -1)).float() if need[3] else None
-        dw_hh = (da_op.t() @ h_prev.reshape(steps * batch, hidden)).float() if need[4] else None
+        dx = _mm(da_op, w_ih_op).view(steps, batch, -1) if need[0] else None
+        dw_ih = _mm(da_op.t(), x_op.view(steps * batch, -1)) if need[3] else None
+        dw_hh = _mm(da_op.t(), h_prev.reshape(steps * batch, hidden)) if need[4] else None
         db = da.sum((0, 1))
         # Two tensors: autograd may adopt a returned gradient as .grad, and b_ih, b_hh must not share storage.
-        return (dx, dh.float() if need[1] else None, dc if need[2] else None, dw_ih, dw_hh,
+        return (dx, dh if need[1] else None, dc if need[2] else None, dw_ih, dw_hh,
                 db if need[5] else None, db.clone() if need[6] else None, None, None, None, None, None)
 
 
@@ -307,7 +339,7 @@ def fused_lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tens
     if not (x.is_cuda or interpreting()) or any(t.device != x.device for t in tensors):
         raise ValueError(f"fused_lstm_layer needs all tensors on one CUDA device (or TRITON_INTERPRET=1), "
                          f"got x on {x.device}")
-    with torch.autocast(x.device.type, enabled=False):   # precision is ours to choose, not autocast's
+    with torch.autocast(x.device.type, enabled=False), _on_device(x.device):   # our precision, the tensors' device
         return _FusedLSTMLayer.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, _seed_tensor(seed, x.device),
                                      float(gate.scale), float(gate.noise_p), record_gates, precision == "bf16")
 

@@ -27,7 +27,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from trainables.checkpoint import BEST_MODEL_FILE, load_model, save_model, written_aside
@@ -70,9 +69,9 @@ class ModelStore:
             self._write(key, DIVERGED_FILE, report)
         self._release(key)
 
-    def load(self, key: str, model: nn.Module, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-        """Load the stored weights of `key` into `model`; returns the meta."""
-        load_model(self.root / key / BEST_MODEL_FILE, model, map_location)
+    def load(self, key: str, model: nn.Module) -> dict[str, Any]:
+        """Load the stored weights of `key` into `model`, on whatever device it lives; returns the meta."""
+        load_model(self.root / key / BEST_MODEL_FILE, model)
         return self.meta(key)
 
     def publish(self, key: str, model: nn.Module, config: dict[str, Any], loop: dict[str, Any]) -> None:

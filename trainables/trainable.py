@@ -26,32 +26,16 @@ from typing import Any
 
 import torch
 
-from trainables import g2lstm_kernels
-from trainables.checkpoint import (BEST_MODEL_FILE, load_checkpoint, load_model, save_checkpoint, save_model,
-                                   set_rng_state)
+from trainables.checkpoint import BEST_MODEL_FILE, load_checkpoint, load_model, save_checkpoint, save_model
 from trainables.compress import compress_model
 from trainables.config import SMOKE, TrainConfig, TrialConfig, parse_override
 from trainables.data import cache_root
+from trainables.device import rng_state, set_rng_state, trial_device, use_ieee_fp32
 from trainables.store import ModelStore
 from trainables.task import Task
 
 log = logging.getLogger(__name__)
 Reporter = Callable[[dict[str, Any], "Path | None"], None]   # (metrics, checkpoint directory or None)
-
-
-def pick_device(train: TrainConfig) -> torch.device:
-    """The trial's device; refuses, before any work, the execution knobs this worker cannot honour."""
-    if train.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device='cuda' but CUDA is not available on this worker; use 'auto' or 'cpu'")
-    device = torch.device(train.device if train.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-    fused = g2lstm_kernels.fused_available(device)
-    if train.impl == "fused" and not fused:
-        raise ValueError(f"train.impl='fused' needs a CUDA device and triton, this trial runs on {device}; "
-                         f"use train.impl='auto' (the fused path on CUDA, the reference elsewhere)")
-    if train.precision == "bf16" and not fused:
-        raise ValueError(f"train.precision='bf16' applies to the fused path (CUDA with triton), this trial runs "
-                         f"on {device}; use train.precision='fp32'")
-    return device
 
 
 def make_task(cfg: TrialConfig, device: torch.device) -> Task:
@@ -96,7 +80,8 @@ def final_metrics(task: Task, model: torch.nn.Module, cfg: TrialConfig, loop: di
 
 
 def run_trial(cfg: TrialConfig, work_dir: Path, *, report: Reporter | None = None, resume: Path | None = None,
-              model_store: Path | None = None) -> dict[str, Any]:
+              model_store: Path | None = None, gpu_ids: list | None = None,
+              identity: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train (or resume, or reuse) one configuration, report every epoch, return the final metrics.
 
     Args:
@@ -106,15 +91,18 @@ def run_trial(cfg: TrialConfig, work_dir: Path, *, report: Reporter | None = Non
         model_store: a `ModelStore` directory. A model stored under `cfg.training_key()` skips training (a resumed
             trial carries on with its own), and so does a stored divergence; while another trial trains the same
             knobs, this one waits for it.
+        gpu_ids: the GPUs Ray gave the trial (None outside Ray); `train.device = auto` trains on CUDA only then.
+        identity: extra fields every report carries (the Ray node that ran it).
     """
     report = report or (lambda metrics, ckpt: None)
-    device = pick_device(cfg.train)
+    device = trial_device(cfg.train, gpu_ids)
+    use_ieee_fp32()
     key = cfg.training_key()
     store = ModelStore(model_store) if model_store else None
     with store.training(key) if store else contextlib.nullcontext() as meta:   # before the task takes any memory
         torch.manual_seed(cfg.seed)
         task = make_task(cfg, device)
-        common = {"metric_name": task.metric, "device": str(device), "training_key": key}
+        common = {"metric_name": task.metric, "device": str(device), "training_key": key, **(identity or {})}
         if resume is None and meta is None and store is not None and (diverged := store.diverged(key)) is not None:
             log.info("the trial that trained %s diverged; so would this one: reporting that", key)
             metrics = {**diverged, **common, "reused_checkpoint": True}
@@ -122,7 +110,7 @@ def run_trial(cfg: TrialConfig, work_dir: Path, *, report: Reporter | None = Non
             return metrics
         if meta is None or resume is not None:   # a resumed trial carries on from its own checkpoint
             return _train(cfg, task, Path(work_dir) / "checkpoint", common, report, resume=resume, store=store)
-        store.load(key, task.model, device)
+        store.load(key, task.model)
     log.info("reusing the model trained for %s; scoring the compression sweep only", key)
     metrics = {**common, "epoch": meta["epoch"], "train_time_s": meta["train_time_s"], "reused_checkpoint": True,
                **final_metrics(task, task.model, cfg, meta)}
@@ -138,11 +126,11 @@ def _train(cfg: TrialConfig, task: Task, ckpt_dir: Path, common: dict[str, Any],
     flat = cfg.to_flat()
     loop = {"epoch": 0, "best_epoch": 0, "best_metric": None, "train_time_s": 0.0, "final": None}
     if resume is not None:
-        saved = load_checkpoint(resume, device)
+        saved = load_checkpoint(resume)   # on the CPU; load_state_dict moves each tensor where it belongs
         task.load_state_dict(saved["task"])
         task.model.load_state_dict(saved["model"])
         task.optimizer.load_state_dict(saved["optimizer"])
-        set_rng_state(saved["rng"])
+        set_rng_state(saved["rng"], device)
         loop = saved["loop"]
         if Path(resume).resolve() != ckpt_dir.resolve() and (Path(resume) / BEST_MODEL_FILE).exists():
             shutil.copyfile(Path(resume) / BEST_MODEL_FILE, ckpt_dir / BEST_MODEL_FILE)
@@ -155,7 +143,7 @@ def _train(cfg: TrialConfig, task: Task, ckpt_dir: Path, common: dict[str, Any],
     for epoch in range(loop["epoch"] + 1, total_epochs + 1):
         start = time.perf_counter()
         if epoch == cfg.train.epochs + 1:
-            load_model(ckpt_dir / BEST_MODEL_FILE, task.model, device)
+            load_model(ckpt_dir / BEST_MODEL_FILE, task.model)
             task.start_finetune()
         try:
             train = task.train_epoch(epoch)
@@ -186,13 +174,13 @@ def _train(cfg: TrialConfig, task: Task, ckpt_dir: Path, common: dict[str, Any],
                    "epoch_time_s": time.perf_counter() - start,
                    "train_time_s": loop["train_time_s"]}
         if epoch == total_epochs:
-            load_model(ckpt_dir / BEST_MODEL_FILE, task.model, device)
+            load_model(ckpt_dir / BEST_MODEL_FILE, task.model)
             if store is not None:   # the trained model, for trials waiting to score it while this one scores its own
                 store.publish(common["training_key"], task.model, flat, loop)
             metrics |= final_metrics(task, task.model, cfg, loop)
             loop["final"] = metrics
         save_checkpoint(ckpt_dir, model=task.model, optimizer=task.optimizer, config=flat, epoch=epoch,
-                        loop=loop, task=task.state_dict())
+                        loop=loop, task=task.state_dict(), rng=rng_state(device))
         report(metrics, ckpt_dir)
     return metrics
 
@@ -210,6 +198,7 @@ def train_nmt(config: dict[str, Any]) -> None:
 
 
 def _tune_trial(task: str, config: dict[str, Any]) -> None:
+    import ray
     from ray import tune
 
     flat = {k: v for k, v in config.items() if not k.startswith("_")}   # `_model_store`: set by the study
@@ -222,14 +211,15 @@ def _tune_trial(task: str, config: dict[str, Any]) -> None:
         checkpoint = tune.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None
         tune.report(metrics, checkpoint=checkpoint)
 
+    where = {"gpu_ids": ray.get_gpu_ids(), "identity": {"node_id": ray.get_runtime_context().get_node_id()}}
     work_dir = Path(tempfile.mkdtemp(prefix="g2-trial-"))
     try:
         checkpoint = tune.get_checkpoint()
         if checkpoint is None:
-            run_trial(cfg, work_dir, report=report, model_store=store)
+            run_trial(cfg, work_dir, report=report, model_store=store, **where)
         else:
             with checkpoint.as_directory() as resume_dir:
-                run_trial(cfg, work_dir, report=report, resume=Path(resume_dir), model_store=store)
+                run_trial(cfg, work_dir, report=report, resume=Path(resume_dir), model_store=store, **where)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
 
@@ -279,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = dict(parse_override(o) for o in args.overrides)
         cfg = TrialConfig.preset(args.task, preset)
         cfg = TrialConfig.from_flat({**(SMOKE if args.smoke else {}), **overrides}, base=cfg)
-        pick_device(cfg.train)
+        trial_device(cfg.train)
     except ValueError as err:
         parser.error(str(err))
     work_dir = args.out or Path(tempfile.mkdtemp(prefix="g2-trial-"))

@@ -1,0 +1,293 @@
+"""The acceptance run for a GPU machine: every CUDA-only path checked, the speed figures measured, one table.
+
+    python benchmarks/gpu_checks.py                 # all checks, ~6-8 min on one H100/H200; exit 1 on any failure
+    python benchmarks/gpu_checks.py --dry-run       # list the checks and what each needs, run nothing
+    python benchmarks/gpu_checks.py --only layers,bench-awd
+
+Checks, in order (each runs even if an earlier one failed):
+    layers       forward + backward + an SGD step of G2LSTM for every gate mode x impl x precision at small shapes,
+                 against a float64 reference on the CPU fed the same noise
+    gpu-tests    the `gpu` tests with compiled Triton kernels (fused path vs reference, CUDA graphs)
+    bench-*      the layer benchmark at the AWD, medium and NMT shapes, ratios to cuDNN nn.LSTM in the same run,
+                 against the speed targets (below a target is reported, not a failure)
+    study        a 4-trial `g2-study run` through real Ray, gpus_per_trial = 0.5: lstm and g2 trials two at a
+                 time on one device, all ok, device cuda in the results
+    ptb-medium   two short PTB `medium` LM runs, fp32 and bf16, validation perplexities side by side
+
+What to carry to the machine: this checkout; PTB under $G2_DATA_DIR (or ../shared/data, or data/ in the
+checkout); and, where Ray, Optuna and MLflow are not installed, their wheels (the `study` check says which
+imports failed). Logs and `summary.json` go to $OUT (default ./gpu-out).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SPEED_TARGETS = {  # shape -> candidate -> minimum speed-up over cuDNN nn.LSTM (fp32), from the GPU issue
+    "awd": {"g2 fused+graph fp32": 1.3, "g2 fused+graph bf16": 2.0},
+    "medium": {"g2 fused+graph fp32": 1.1, "g2 fused+graph bf16": 1.1},
+    "nmt": {"g2 fused+graph fp32": 1.1, "g2 fused+graph bf16": 1.1},
+}
+LAYER_TOL = {"fp32": 2e-4, "bf16": 5e-2}   # max relative error vs float64; bf16 operands cost ~1e-2 in the maths
+PATHS = (("auto", "fp32"), ("auto", "bf16"), ("reference", "fp32"), ("fused", "fp32"), ("fused", "bf16"))
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    detail: str
+    rows: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Check:
+    name: str
+    what: str
+    run: Callable[[argparse.Namespace], Outcome]
+
+
+# --------------------------------------------------------------------------- layers
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.double().cpu()
+    return ((actual.double().cpu() - expected).abs().max() / expected.abs().max().clamp(min=1e-12)).item()
+
+
+def compare_layer(gate_mode: str, impl: str, precision: str, device: torch.device,
+                  steps: int = 6, batch: int = 4, input_size: int = 8, hidden: int = 16) -> dict:
+    """One G2LSTM training step on `device` against the same step in float64 on the CPU (reference path)."""
+    from trainables import g2lstm
+    from trainables.config import G2Config
+    from trainables.g2lstm_kernels import gate_noise
+
+    g2 = G2Config(gate_mode=gate_mode, tau=0.7, p=0.3)
+    torch.manual_seed(0)
+    layer = g2lstm.G2LSTM(input_size, hidden, g2=g2, impl=impl, precision=precision)
+    reference = copy.deepcopy(layer).double()
+    reference.impl = "reference"
+    layer.to(device).train()
+    x, target = torch.randn(steps, batch, input_size), torch.randn(steps, batch, hidden)
+    torch.manual_seed(1)     # the fused path draws its noise seed first thing in the forward: replay that draw
+    seed = torch.randint(0, 2**62, (1,), device=device)
+    noise = gate_noise(seed, steps, batch, hidden, g2.p, device) if gate_mode == "g2" else None
+    original = g2lstm.logistic_noise
+    g2lstm.logistic_noise = lambda shape, p, *, device=None, dtype=None: noise.to(device, dtype).reshape(shape)
+    try:
+        outputs = []
+        for model, inputs in ((layer, x.to(device)), (reference, x.double())):
+            torch.manual_seed(1)
+            before = [p.detach().clone() for p in model.parameters()]
+            y = model(inputs)[0]
+            ((y - target.to(y)) ** 2).mean().backward()
+            torch.optim.SGD(model.parameters(), lr=0.5).step()
+            steps_taken = [p.detach() - b for p, b in zip(model.parameters(), before)]
+            outputs.append((y.detach(), [p.grad for p in model.parameters()], steps_taken))
+    finally:
+        g2lstm.logistic_noise = original
+    (y, grads, updates), (y_ref, grads_ref, updates_ref) = outputs
+    errors = {"y": relative_error(y, y_ref)}
+    names = [n for n, _ in layer.named_parameters()]
+    errors |= {f"d{n}": relative_error(a, b) for n, a, b in zip(names, grads, grads_ref)}
+    errors |= {f"step {n}": relative_error(a, b) for n, a, b in zip(names, updates, updates_ref)}
+    worst = max(errors, key=errors.get)
+    return {"gate_mode": gate_mode, "impl": impl, "precision": precision, "path": layer.path(True, device),
+            "max_rel_error": errors[worst], "worst": worst, "tol": LAYER_TOL[precision],
+            "ok": math.isfinite(errors[worst]) and errors[worst] <= LAYER_TOL[precision]}
+
+
+def check_layers(args: argparse.Namespace) -> Outcome:
+    device = torch.device(args.device)
+    rows = []
+    for gate_mode in ("lstm", "sharpened", "g2"):
+        for impl, precision in PATHS:
+            try:
+                rows.append(compare_layer(gate_mode, impl, precision, device))
+            except Exception as err:   # a crash is this combination's result, not the end of the check
+                rows.append({"gate_mode": gate_mode, "impl": impl, "precision": precision, "ok": False,
+                             "error": f"{type(err).__name__}: {err}"})
+    failed = [r for r in rows if not r["ok"]]
+    problems = [f"{r['gate_mode']}/{r['impl']}/{r['precision']}: "
+                + (r["error"] if "error" in r else f"{r['worst']} {r['max_rel_error']:.1e}") for r in failed]
+    detail = "; ".join([f"{len(rows) - len(failed)}/{len(rows)} within tolerance", *problems])
+    return Outcome(not failed, detail, rows)
+
+
+# --------------------------------------------------------------------------- subprocess checks
+
+def run_logged(args: argparse.Namespace, name: str, command: list[str], timeout: int,
+               env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `command` in the checkout; stdout and stderr go to $OUT/<name>.log as well."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    env.pop("TRITON_INTERPRET", None)
+    try:
+        proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        proc = subprocess.CompletedProcess(command, 124, err.stdout or "", (err.stderr or "") + "\ntimed out")
+    (args.out / f"{name}.log").write_text(f"$ {' '.join(command)}\n{proc.stdout}\n--- stderr\n{proc.stderr}")
+    return proc
+
+
+def check_gpu_tests(args: argparse.Namespace) -> Outcome:
+    proc = run_logged(args, "gpu-tests", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+                                          "tests/test_g2lstm_kernels.py", "tests/test_graphs.py"], timeout=300)
+    last = (proc.stdout.strip().splitlines() or ["no output"])[-1]
+    return Outcome(proc.returncode == 0 and "skipped" not in last, last)
+
+
+def check_bench(shape: str) -> Callable[[argparse.Namespace], Outcome]:
+    def run(args: argparse.Namespace) -> Outcome:
+        proc = run_logged(args, f"bench-{shape}", [sys.executable, "benchmarks/bench_g2lstm.py", "--device",
+                                                   args.device, "--shape", shape, "--repeats", "30", "--json"], 240)
+        try:
+            report = json.loads(proc.stdout)
+        except json.JSONDecodeError:
+            return Outcome(False, f"rc={proc.returncode}: {proc.stderr.strip()[-300:]}")
+        rows = [{"candidate": name, **r} for name, r in report["results"].items()]
+        misses = [f"{name} {report['results'][name].get('vs_nn_lstm') or 0:.2f}x < {target}x"
+                  for name, target in SPEED_TARGETS[shape].items()
+                  if (report["results"].get(name, {}).get("vs_nn_lstm") or 0) < target]
+        speeds = ", ".join(f"{name} {r['vs_nn_lstm']:.2f}x" for name, r in report["results"].items()
+                           if r.get("vs_nn_lstm"))
+        failed = report.get("failed", [])
+        detail = (f"failed: {failed}; " if failed else "") + speeds + (f"; below target: {misses}" if misses else
+                                                                       "; targets met")
+        return Outcome(not failed, detail, rows)
+    return run
+
+
+STUDY = """
+[study]
+name = "gpu-check"
+task = "lm"
+preset = "tiny"
+sampler = "grid"
+max_concurrent = 2
+cpus_per_trial = 1
+gpus_per_trial = 0.5
+
+[trial]
+"data.corpus" = "toy"
+"train.epochs" = 2
+"train.max_batches" = 20
+"train.max_eval_batches" = 5
+"sweep.ranks" = [0, 8]
+"sweep.bits" = [32, 4]
+"sweep.paper" = []
+
+[space."g2.gate_mode"]
+choices = ["lstm", "g2"]
+
+[space."compress.rank"]
+choices = [0, 8]
+"""
+
+
+def check_study(args: argparse.Namespace) -> Outcome:
+    missing = [m for m in ("ray", "optuna", "mlflow", "pyarrow", "pandas") if importlib.util.find_spec(m) is None]
+    if missing:
+        return Outcome(False, f"not installed: {missing}; carry their wheels (see the device notes) and rerun")
+    work = args.out / "study"
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "gpu-check.toml").write_text(STUDY)
+    g2_study = [sys.executable, "-c", "from study.cli import main; raise SystemExit(main())"]
+    proc = run_logged(args, "study", [*g2_study, "run", str(work / "gpu-check.toml"), "--storage",
+                                      str(work / "studies")], timeout=420)
+    if proc.returncode != 0:
+        return Outcome(False, f"g2-study run rc={proc.returncode}: {(proc.stderr or proc.stdout).strip()[-300:]}")
+    from study import results
+
+    df = results.load(str(work / "studies" / "gpu-check")).drop_duplicates("trial_id")
+    rows = df[["trial_id", "g2.gate_mode", "status", "device"]].to_dict("records")
+    ok = (len(df) == 4 and set(df["status"]) == {"ok"} and all(str(d).startswith("cuda") for d in df["device"])
+          and set(df["g2.gate_mode"]) == {"lstm", "g2"})
+    return Outcome(ok, f"{len(df)} trials, statuses {sorted(set(df['status']))}, devices {sorted(set(df['device']))}",
+                   rows)
+
+
+def check_ptb_medium(args: argparse.Namespace) -> Outcome:
+    data = next((p for p in (os.environ.get("G2_DATA_DIR"), REPO.parent / "shared" / "data", REPO / "data")
+                 if p and (Path(p) / "ptb").is_dir()), None)
+    if data is None:
+        return Outcome(False, "no PTB: set G2_DATA_DIR to a folder holding ptb/")
+    rows = []
+    for precision in ("fp32", "bf16"):
+        out = args.out / f"ptb-medium-{precision}.json"
+        start = time.perf_counter()
+        proc = run_logged(args, f"ptb-medium-{precision}", [
+            sys.executable, "-m", "trainables.trainable", "lm", "--preset", "medium", "--set", "data.corpus=ptb",
+            "--set", "g2.gate_mode=g2", "--set", f"train.precision={precision}", "--set", "train.epochs=1",
+            "--set", "train.max_batches=400", "--set", "sweep.ranks=[0]", "--set", "sweep.bits=[32]",
+            "--set", "sweep.paper=[]", "--json", str(out)], timeout=240, env={"G2_DATA_DIR": str(data)})
+        final = json.loads(out.read_text()) if out.exists() else {}
+        rows.append({"precision": precision, "rc": proc.returncode, "val_ppl": final.get("val_metric"),
+                     "test_ppl": final.get("test_metric"), "wall_s": round(time.perf_counter() - start, 1)})
+    ppl = [r["val_ppl"] for r in rows]
+    ok = all(r["rc"] == 0 and r["val_ppl"] and math.isfinite(r["val_ppl"]) for r in rows)
+    close = ok and abs(ppl[1] - ppl[0]) <= 0.05 * ppl[0]
+    detail = " vs ".join(f"{r['precision']} val ppl {r['val_ppl']}" for r in rows)
+    return Outcome(ok and close, detail + ("" if close else " (more than 5% apart)"), rows)
+
+
+CHECKS = [
+    Check("layers", "G2LSTM step per gate mode x impl x precision vs float64", check_layers),
+    Check("gpu-tests", "pytest -m gpu with compiled Triton kernels", check_gpu_tests),
+    *(Check(f"bench-{shape}", f"layer benchmark, {shape} shape, vs cuDNN nn.LSTM", check_bench(shape))
+      for shape in ("awd", "medium", "nmt")),
+    Check("study", "4-trial g2-study run through Ray, gpus_per_trial=0.5", check_study),
+    Check("ptb-medium", "PTB medium LM, 1 short epoch, fp32 vs bf16", check_ptb_medium),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="list the checks, run none")
+    parser.add_argument("--only", help="comma-separated check names")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu-out")))
+    args = parser.parse_args(argv)
+    chosen = CHECKS
+    if args.only:
+        names = args.only.split(",")
+        unknown = sorted(set(names) - {c.name for c in CHECKS})
+        if unknown:
+            parser.error(f"--only: unknown check(s) {unknown}; checks are {[c.name for c in CHECKS]}")
+        chosen = [c for c in CHECKS if c.name in names]
+    if args.dry_run:
+        for check in chosen:
+            print(f"{check.name:<12} {check.what}")
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary = []
+    for check in chosen:
+        start = time.perf_counter()
+        try:
+            outcome = check.run(args)
+        except Exception as err:   # a broken check is a failed check; the others still run
+            outcome = Outcome(False, f"{type(err).__name__}: {err}")
+        seconds = time.perf_counter() - start
+        summary.append({"check": check.name, "ok": outcome.ok, "seconds": round(seconds, 1),
+                        "detail": outcome.detail, "rows": outcome.rows})
+        print(f"{check.name}: {'ok' if outcome.ok else 'FAILED'} in {seconds:.0f} s: {outcome.detail}", flush=True)
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(f"\n{'check':<12}{'result':<8}{'s':>6}  detail")
+    for row in summary:
+        print(f"{row['check']:<12}{'ok' if row['ok'] else 'FAILED':<8}{row['seconds']:>6.0f}  {row['detail']}")
+    return 0 if all(row["ok"] for row in summary) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
