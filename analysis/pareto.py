@@ -17,6 +17,11 @@ import pandas as pd
 
 Direction = Literal["min", "max"]
 
+# The columns that name one scored model: its trained weights (the training key digests every knob that changes them)
+# and how they were evaluated and compressed. Trials that re-score a stored model repeat its rows under the same key.
+SAME_MODEL = ["training_key", "g2.eval_gate", "compress.rank", "compress.bits", "compress.paper", "compress.step",
+              "compress.clip", "compress.targets"]
+
 # Rows per block in the k >= 3 filter: a (block, front) boolean matrix stays a few MB, and numpy still gets long loops.
 _BLOCK = 256
 _FRONT_CHUNK = 16384
@@ -274,6 +279,21 @@ def fronts_by(
     return pd.concat(fronts) if fronts else df.iloc[:0]
 
 
+def model_ids(df: pd.DataFrame, extra_cols: Sequence[str] = ()) -> np.ndarray:
+    """An integer per row, equal for rows that score the same model (SAME_MODEL plus extra_cols), unique otherwise.
+
+    A row without a training key (or a table without the column) cannot be matched to another, so it is its own model.
+    """
+    n = len(df)
+    if "training_key" not in df.columns or n == 0:
+        return np.arange(n)
+    key_cols = list(dict.fromkeys([c for c in SAME_MODEL if c in df.columns] + list(extra_cols)))
+    ids = df.groupby(key_cols, sort=False, dropna=False).ngroup().to_numpy().copy()
+    unknown = df["training_key"].isna().to_numpy()
+    ids[unknown] = ids.max() + 1 + np.arange(unknown.sum())
+    return ids
+
+
 def front_over_seeds(
     df: pd.DataFrame,
     objectives: Mapping[str, Direction],
@@ -285,13 +305,15 @@ def front_over_seeds(
 ) -> pd.DataFrame:
     """Pareto front of configurations scored by their mean over seeds, with the spread beside it.
 
-    Rows with the same config_cols are repeats with different seeds. Only "ok" rows are averaged, and a non-finite value
-    in any of them makes that mean NaN, so an unstable configuration cannot hide behind its good seeds. Configurations
-    with fewer than min_seeds ok seeds are dropped.
+    Rows with the same config_cols are repeats with different seeds. Each seed counts once, and so does each model: the
+    rows of trials that re-score a stored model (same SAME_MODEL key) are one model, and a seed's models are averaged
+    before the seeds are, so a seed that TPE happened to draw often does not outweigh the others. Only "ok" rows are
+    averaged, and a non-finite value in any of them makes that mean NaN, so an unstable configuration cannot hide behind
+    its good seeds. Configurations with fewer than min_seeds ok seeds are dropped.
 
     Returns:
-        One row per front configuration: config_cols, then `<obj>` (mean) and `<obj>_std` (sample std, NaN for one seed)
-        per objective, and `n_seeds`; sorted by the first objective's mean.
+        One row per front configuration: config_cols, then `<obj>` (mean over seeds) and `<obj>_std` (sample std over
+        seeds, NaN for one seed) per objective, and `n_seeds`; sorted by the first objective's mean.
     """
     cols, minimize = _objective_columns(df, objectives)
     config_cols = list(config_cols)
@@ -302,14 +324,23 @@ def front_over_seeds(
             raise ValueError(f"column {col!r} is not in the results")
     if seed_col in config_cols:
         raise ValueError(f"seed column {seed_col!r} must not be one of config_cols")
+    if both := sorted(set(cols) & {*config_cols, seed_col}):
+        raise ValueError(f"column(s) {both} cannot be both objectives and config or seed columns")
     ok = ok_rows(df, status_col)
     values = pd.DataFrame(_values(ok, cols), columns=cols, index=ok.index)
     values["_finite"] = np.isfinite(values[cols].to_numpy()).all(axis=1)
-    grouped = values.groupby([ok[c] for c in config_cols], sort=True, dropna=False)
+    keys = [*config_cols, seed_col]
+    values[keys] = ok[keys]
+    values["_model"] = model_ids(ok, keys)
+    how = {c: "mean" for c in cols} | {"_finite": "all"}
+    # Rows -> models -> seeds -> configurations, each level an unweighted mean of the one below.
+    per_model = values.groupby([*keys, "_model"], sort=True, dropna=False).agg(how).reset_index()
+    per_seed = per_model.groupby(keys, sort=True, dropna=False).agg(how).reset_index()
+    grouped = per_seed.groupby(config_cols, sort=True, dropna=False)
     mean = grouped[cols].mean()
     mean[~grouped["_finite"].all()] = np.nan
     std = grouped[cols].std(ddof=1).add_suffix("_std")
-    n_seeds = ok.groupby(config_cols, sort=True, dropna=False)[seed_col].nunique().rename("n_seeds")
+    n_seeds = grouped[seed_col].size().rename("n_seeds")
     table = pd.concat([mean, std, n_seeds], axis=1)
     table = table[table["n_seeds"] >= min_seeds]
     table = table[[c for col in cols for c in (col, f"{col}_std")] + ["n_seeds"]].reset_index()

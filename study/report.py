@@ -12,7 +12,7 @@ from typing import Callable
 
 import pandas as pd
 
-from analysis.pareto import pareto_front
+from analysis.pareto import SAME_MODEL, pareto_front
 from study import results
 from study.config import HIGHER_IS_BETTER, StudyConfig
 
@@ -27,10 +27,6 @@ SHOWN = ["trial_id", "g2.gate_mode", "g2.tau", "g2.p", "method", "compress.rank"
 def front_objectives(cfg: StudyConfig) -> dict[str, str]:
     """{results column: "min" | "max"} for the study's objectives."""
     return {ROW_COLUMN[name]: mode for name, mode in zip(cfg.objectives, cfg.modes())}
-
-
-SAME_MODEL = ["training_key", "g2.eval_gate", "compress.rank", "compress.bits", "compress.paper", "compress.step",
-              "compress.clip", "compress.targets"]
 
 
 def study_front(df: pd.DataFrame, cfg: StudyConfig) -> pd.DataFrame:

@@ -5,10 +5,12 @@ import pytest
 import torch
 from torch import nn
 
+from trainables import data
 from trainables.compress import (account, compress_block, compress_model, gate_rows, low_rank, low_rank_factors,
                                  quantize, round_to_step)
-from trainables.config import CompressConfig
+from trainables.config import CompressConfig, G2Config, NMTConfig, TrialConfig
 from trainables.g2lstm import G2LSTM
+from trainables.nmt import Seq2Seq
 
 
 def test_low_rank_is_exact_on_rank_r_matrices():
@@ -143,3 +145,67 @@ def test_compressed_g2lstm_still_runs_and_degrades_gracefully():
         compressed, _ = compress_model(model, CompressConfig(rank=rank))
         errs.append((compressed(x)[0] - y).abs().max().item())
     assert errs[0] > errs[1] > errs[2] and errs[2] < 1e-5
+
+
+def small_seq2seq() -> Seq2Seq:
+    """A real attentional encoder-decoder: embeddings 16, hidden 24, 2 + 2 layers (the first bidirectional)."""
+    torch.manual_seed(0)
+    cfg = NMTConfig(embed_dim=16, hidden_size=24, encoder_layers=2, decoder_layers=2)
+    return Seq2Seq(cfg, G2Config(), 30, data.PAD_ID, data.BOS_ID, data.EOS_ID)
+
+
+@pytest.mark.parametrize("preset", ["default", "paper", "tiny"])
+def test_nmt_default_compresses_what_the_authors_did(preset):
+    """Recurrent i/f rows and the decoder's context-to-gate columns change; embedding columns, every other input
+    matrix, g/o rows and everything else stay bit-identical (the authors' `U` and `Wc`, never `W`)."""
+    setting = replace(TrialConfig.preset("nmt", preset).compress, bits=2)
+    assert setting.targets == "recurrent+context"
+    model = small_seq2seq()
+    e, h = 16, 24
+    compressed, report = compress_model(model, setting)
+    old, new = model.state_dict(), compressed.state_dict()
+    i_rows, f_rows = gate_rows(h)
+    hh = [k for k in old if ".weight_hh_l" in k]
+    assert len(hh) == 5                                         # encoder fwd, bwd, upper; decoder l0, l1
+    for name in hh:
+        for rows in (i_rows, f_rows):
+            assert not torch.equal(new[name][rows], old[name][rows]), name
+        assert torch.equal(new[name][2 * h:], old[name][2 * h:])
+    ctx = "decoder.rnn.weight_ih_l0"
+    assert old[ctx].shape == (4 * h, e + h)                     # [embedding; h̃_{t-1}] columns
+    for rows in (i_rows, f_rows):
+        assert not torch.equal(new[ctx][rows, e:], old[ctx][rows, e:])
+    assert torch.equal(new[ctx][:, :e], old[ctx][:, :e])        # embedding columns, all gates
+    assert torch.equal(new[ctx][2 * h:], old[ctx][2 * h:])
+    for name in old:
+        if name not in hh and name != ctx:
+            assert torch.equal(new[name], old[name]), name      # other W_ih, biases, embeddings, attention, head
+
+    # Accounting: every i/f block is a gate parameter; the parts left alone are float32.
+    in_sizes = {"encoder.forward_rnn": [e], "encoder.backward_rnn": [e], "encoder.upper": [2 * h],
+                "decoder.rnn": [e + h, h]}
+    gate_params = sum(2 * h * (n + h) for sizes in in_sizes.values() for n in sizes)
+    quantised = 2 * (5 * (h * h * 2 + 32 * h) + (h * h * 2 + 32 * h))     # i and f: 5 W_hh and the context part
+    assert report.gate_params == gate_params
+    assert report.gate_bits == quantised + 32 * (gate_params - 2 * 6 * h * h)
+
+
+def test_nmt_targets_both_and_input_still_compress_the_embedding_columns():
+    model = small_seq2seq()
+    ctx = "decoder.rnn.weight_ih_l0"
+    i_rows, _ = gate_rows(24)
+    for targets in ("both", "input"):
+        compressed, _ = compress_model(model, CompressConfig(bits=2, targets=targets))
+        assert not torch.equal(compressed.state_dict()[ctx][i_rows, :16], model.state_dict()[ctx][i_rows, :16])
+    recurrent, _ = compress_model(model, CompressConfig(bits=2, targets="recurrent"))
+    assert torch.equal(recurrent.state_dict()[ctx], model.state_dict()[ctx])
+
+
+def test_recurrent_and_context_is_refused_without_context_inputs():
+    with pytest.raises(ValueError, match=r"compress.targets='recurrent\+context' needs a model with context inputs"):
+        compress_model(hand_model(), CompressConfig(bits=2, targets="recurrent+context"))
+    with pytest.raises(ValueError, match=r"compress.targets='recurrent\+context' is for translation"):
+        TrialConfig.from_flat({"task": "lm", "compress.targets": "recurrent+context"})
+    with pytest.raises(ValueError, match=r"compress.targets must be one of 'both', 'recurrent', 'input', "
+                                         r"'recurrent\+context', got 'context'"):
+        CompressConfig(targets="context")

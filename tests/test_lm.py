@@ -90,9 +90,35 @@ def test_cache_pointer_helps_on_repeated_words():
     hidden = torch.ones(steps, 1, 4)
     logits = torch.zeros(steps, 1, vocab)
     plain = F.log_softmax(logits, -1)[..., 7]
-    logp, _ = cache_pointer_logprobs(logits, hidden, targets, None, window=10, theta=1.0, lam=0.5)
-    assert torch.allclose(logp[0], plain[0])                      # empty cache at the first step
-    assert (logp[1:] > plain[1:]).all()
+    logp, _ = cache_pointer_logprobs(logits, hidden, targets, None, window=4, theta=1.0, lam=0.5)
+    assert torch.allclose(logp[:4], plain[:4])                    # the cache is not full yet
+    assert (logp[4:] > plain[4:]).all()
+
+
+def test_cache_pointer_mixes_once_its_window_is_full():
+    """awd-lstm-lm's pointer.py: the model alone for the first `window` positions of the stream (the memory carried
+    across evaluation batches), then (1 - λ) p_model + λ p_cache over the previous `window` positions."""
+    torch.manual_seed(3)
+    steps, batch, vocab, dim, window, theta, lam = 9, 2, 6, 4, 5, 0.7, 0.3
+    logits = torch.randn(steps, batch, vocab, dtype=torch.float64)
+    hidden = torch.randn(steps, batch, dim, dtype=torch.float64)
+    targets = torch.randint(vocab, (steps, batch))
+    targets[2, 1] = targets[6, 1]             # a word that recurs inside the window of position 6
+    model = F.log_softmax(logits, -1).gather(2, targets[..., None]).squeeze(-1)     # (T, B)
+    first, memory = cache_pointer_logprobs(logits[:3], hidden[:3], targets[:3], None, window, theta, lam)
+    second, _ = cache_pointer_logprobs(logits[3:], hidden[3:], targets[3:], memory, window, theta, lam)
+    logp = torch.cat([first, second])         # two evaluation batches of one stream
+    torch.testing.assert_close(logp[:window], model[:window], rtol=0, atol=1e-12)
+    assert (logp[window:] != model[window:]).all()
+
+    # Position 6, stream 1 by hand: attention over positions 1..5, the target's share of it is the cache's vote.
+    t, b = 6, 1
+    scores = [theta * float(hidden[t, b] @ hidden[j, b]) for j in range(t - window, t)]
+    weights = [math.exp(s) for s in scores]
+    cache = sum(w for w, j in zip(weights, range(t - window, t)) if targets[j, b] == targets[t, b]) / sum(weights)
+    assert cache > 0
+    expected = math.log((1 - lam) * math.exp(float(model[t, b])) + lam * cache)
+    assert float(logp[t, b]) == pytest.approx(expected, rel=1e-12)
 
 
 def test_lm_task_learns_the_toy_grammar(tmp_path):

@@ -1,6 +1,9 @@
 """Tests for analysis/pareto.py: brute-force and hand-computed oracles, Monte-Carlo for the hypervolume."""
 
 import time
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,6 +18,11 @@ from analysis.pareto import (
     pareto_front,
     pareto_mask,
 )
+from conftest import trial_reports
+from study import results
+from trainables.config import TrialConfig
+
+FINISHED = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 
 
 def brute_mask(values: np.ndarray, minimize: list[bool]) -> np.ndarray:
@@ -241,6 +249,8 @@ def test_front_over_seeds_mean_std_and_front():
     assert list(two_seeds["compress.rank"]) == [8, 4]
     with pytest.raises(ValueError, match="'seed' must not be one of config_cols"):
         front_over_seeds(df, objectives, ["compress.rank", "seed"])
+    with pytest.raises(ValueError, match=r"\['gate_bits'\] cannot be both objectives and config"):
+        front_over_seeds(df, objectives, ["compress.rank", "gate_bits"])
 
 
 def test_hypervolume_over_time_matches_prefix_fronts():
@@ -264,3 +274,54 @@ def test_hypervolume_over_time_matches_prefix_fronts():
         done = ok[ok["finished_at"] <= t]
         assert hv == pytest.approx(hypervolume(done[list(objectives)].to_numpy(), reference, [True, True]))
     assert np.all(np.diff(curve["hypervolume"]) >= 0)
+
+
+def test_front_over_seeds_counts_each_model_and_each_seed_once(trial, tmp_path):
+    # Issue 15: three trials score seed 1's model (one trains it, two re-score it from the store), one trial trains
+    # seed 2. Averaging rows would give ppl 62.5 ± 5.0; each seed counted once gives 65 ± sqrt(50).
+    config, reports = trial
+    store = Path(config["_model_store"])
+    cfg = TrialConfig.from_flat({k: v for k, v in config.items() if not k.startswith("_")})
+    reused = trial_reports(cfg, tmp_path / "reused", store)[-1]
+    assert reused["reused_checkpoint"] and reused["training_key"] == reports[-1]["training_key"]
+    seed2 = replace(cfg, seed=cfg.seed + 1)
+    other = {**reports[-1], "training_key": seed2.training_key()}   # as if trained: its own key, its own seed
+    trials = {"t1": (config, reports[-1]), "t2": (config, reused), "t3": (config, reused),
+              "t4": ({**config, "seed": seed2.seed}, other)}
+    for trial_id, (flat, last) in trials.items():
+        rows = results.trial_rows("s", trial_id, flat, last, status="ok", error=None, finished_at=FINISHED)
+        results.write_trial(tmp_path / "study", trial_id, rows)
+    df = results.load(tmp_path / "study")
+    assert len(df) == 4 * len(reports[-1]["sweep"]) and df["reused_checkpoint"].sum() == 2 * len(reused["sweep"])
+    df["val_metric"] = np.where(df["seed"] == cfg.seed, 60.0, 70.0)
+
+    config_cols = ["g2.gate_mode", "method", "compress.rank", "compress.bits", "compress.paper"]
+    front = front_over_seeds(df, {"val_metric": "min", "gate_bits": "min"}, config_cols)
+    assert len(front) == 1 and front.loc[0, "gate_bits"] == df["gate_bits"].min()
+    assert front.loc[0, "val_metric"] == pytest.approx(65.0)
+    assert front.loc[0, "val_metric_std"] == pytest.approx(np.sqrt(50.0))   # 7.07
+    assert front.loc[0, "n_seeds"] == 2
+    # The same holds for every setting, not only the front's.
+    every = front_over_seeds(df, {"val_metric": "min"}, config_cols)
+    assert len(every) == len(reports[-1]["sweep"])
+    np.testing.assert_allclose(every["val_metric"], 65.0)
+    np.testing.assert_allclose(every["val_metric_std"], np.sqrt(50.0))
+
+
+def test_front_over_seeds_weighs_seeds_equally_whatever_their_model_count():
+    # Seed 0 has two different models in the group (two taus, grouped only by rank): they are averaged first.
+    rows = [
+        # training_key, seed, tau, val_metric
+        ("a", 0, 0.5, 50.0),
+        ("a", 0, 0.5, 50.0),   # a re-score of model a: no weight of its own
+        ("b", 0, 0.9, 70.0),
+        ("c", 1, 0.5, 80.0),
+        (None, 1, 0.9, 80.0),  # no training key: cannot be matched, its own model
+        (None, 1, 0.9, 80.0),
+    ]
+    df = pd.DataFrame(rows, columns=["training_key", "seed", "g2.tau", "val_metric"]).assign(
+        **{"compress.rank": 8, "gate_bits": 10.0, "status": "ok"})
+    front = front_over_seeds(df, {"val_metric": "min", "gate_bits": "min"}, ["compress.rank"])
+    assert front.loc[0, "val_metric"] == pytest.approx((60.0 + 80.0) / 2)
+    assert front.loc[0, "val_metric_std"] == pytest.approx(np.std([60.0, 80.0], ddof=1))
+    assert front.loc[0, "n_seeds"] == 2

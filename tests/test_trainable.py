@@ -221,3 +221,31 @@ def test_impl_and_precision_reach_every_recurrent_layer(tmp_path, task):
     layers = [m for m in built.model.modules() if isinstance(m, G2LSTM)]
     assert layers and all(m.impl == "reference" and m.precision == "fp32" for m in layers)
     assert getattr(built, "graphs", None) is None          # CUDA graphs are a CUDA-only speed knob
+
+
+def test_each_epoch_reports_the_compressed_models_metric(tmp_path):
+    """The objective Optuna and ASHA optimise: each epoch's `compressed_val_metric` is the validation metric of the
+    model it reports, compressed under the trial's own setting, scored again here from the checkpoint."""
+    from trainables.compress import compress_model
+
+    cfg = smoke_cfg(tmp_path, **{"compress.bits": 2})
+    scored = []
+
+    def rescore(metrics, ckpt_dir):
+        # A fresh task restored from the checkpoint just written: the reported epoch's weights (ASGD's average
+        # where it runs); the last epoch reports the best weights, which the checkpoint then holds.
+        saved = load_checkpoint(ckpt_dir)
+        task = trainable.make_task(cfg, torch.device("cpu"))
+        task.load_state_dict(saved["task"])
+        task.model.load_state_dict(saved["model"])
+        task.optimizer.load_state_dict(saved["optimizer"])
+        model = task.model if metrics.get("done") else task.evaluation_model()
+        compressed, _ = compress_model(model, cfg.compress)
+        scored.append((metrics, task.evaluate(model, "valid")["ppl"], task.evaluate(compressed, "valid")["ppl"]))
+
+    run_trial(cfg, tmp_path / "work", report=rescore)
+    assert [m["epoch"] for m, _, _ in scored] == [1, 2, 3]
+    for metrics, plain, compressed in scored:
+        assert metrics["val_metric"] == pytest.approx(plain, rel=1e-9)
+        assert metrics["compressed_val_metric"] == pytest.approx(compressed, rel=1e-9)
+        assert metrics["compressed_val_metric"] != pytest.approx(metrics["val_metric"], rel=1e-5)   # 2-bit gates

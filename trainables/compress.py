@@ -1,12 +1,17 @@
 """Post-training compression of the i/f gate blocks (DESIGN §3), as pure tensor functions plus one handler.
 
 The targets are the input- and forget-gate blocks (rows 0:H and H:2H) of `weight_ih_l{k}` / `weight_hh_l{k}`
-of every recurrent layer, each block compressed on its own; biases are never touched. `compress_model`
-works on a deep copy, so the model being trained or checkpointed is never changed.
+of every recurrent layer, each block compressed on its own; biases are never touched. `compress.targets`
+picks the matrices: both, only W_ih (`input`), only W_hh (`recurrent`), or W_hh plus the columns of W_ih that
+carry a translation decoder's attention context into its gates (`recurrent+context`, the authors' NMT choice:
+their code compressed the recurrent `U` and context-to-gate `Wc` matrices, never the embedding weights). A
+model names those columns with `context_columns() -> {parameter name: column slice}`. `compress_model` works
+on a deep copy, so the model being trained or checkpointed is never changed.
 """
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from dataclasses import dataclass, replace
 
@@ -98,43 +103,53 @@ def account(gate_params: int, gate_bits: int, model_params: int) -> CompressionR
 
 
 def recurrent_layers(model: nn.Module):
-    """Yield (module, layer index, hidden size) for every LSTM-like layer: G2LSTM and nn.LSTM alike."""
-    for module in model.modules():
+    """Yield (qualified name, module) for every LSTM-like module: G2LSTM and nn.LSTM alike."""
+    for prefix, module in model.named_modules():
         if hasattr(module, "weight_hh_l0") and hasattr(module, "num_layers"):
-            for k in range(module.num_layers):
-                yield module, k, module.hidden_size
+            yield prefix, module
 
 
-def _target_names(targets: str) -> tuple[str, ...]:
-    return {"both": ("weight_ih", "weight_hh"), "input": ("weight_ih",), "recurrent": ("weight_hh",)}[targets]
+def _target_columns(name: str, targets: str, context: slice | None) -> slice | None:
+    """The columns of an i/f block of matrix `name` ("weight_ih" / "weight_hh") that `targets` compresses."""
+    if name == "weight_hh":
+        return None if targets == "input" else slice(None)
+    if targets in ("both", "input"):
+        return slice(None)
+    return context if targets == "recurrent+context" else None
 
 
 def compress_model(model: nn.Module, cfg: CompressConfig) -> tuple[nn.Module, CompressionReport]:
     """Return a compressed deep copy of `model` and its accounting; `model` itself is left untouched.
 
-    Bidirectional `nn.LSTM` layers (`*_reverse` weights) are compressed too.
+    Bidirectional `nn.LSTM` layers (`*_reverse` weights) are compressed too. Gate parameters and bits always
+    cover every i/f block; the parts `cfg.targets` leaves alone are counted as float32.
     """
+    context = model.context_columns() if hasattr(model, "context_columns") else {}
+    if cfg.targets == "recurrent+context" and not context:
+        raise ValueError(f"compress.targets='recurrent+context' needs a model with context inputs (a translation "
+                         f"decoder); {type(model).__name__} has none: use 'both', 'recurrent' or 'input'")
     compressed = copy.deepcopy(model)
-    targets = _target_names(cfg.targets)
     gate_params = gate_bits = 0
     err_sq = norm_sq = 0.0
     with torch.no_grad():
-        for module, k, hidden in recurrent_layers(compressed):
+        for prefix, module in recurrent_layers(compressed):
             suffixes = ("", "_reverse") if getattr(module, "bidirectional", False) else ("",)
-            for name in ("weight_ih", "weight_hh"):
-                for suffix in suffixes:
-                    w = getattr(module, f"{name}_l{k}{suffix}")
-                    for rows in gate_rows(hidden):
-                        block = w[rows]
-                        gate_params += block.numel()
-                        if name not in targets or cfg.is_identity:
-                            gate_bits += block.numel() * FLOAT_BITS
-                            continue
-                        new_block, bits = compress_block(block, cfg)
-                        err_sq += float((new_block - block).double().pow(2).sum())
-                        norm_sq += float(block.double().pow(2).sum())
-                        gate_bits += bits
-                        w[rows] = new_block
+            for k, name, suffix in itertools.product(range(module.num_layers), ("weight_ih", "weight_hh"), suffixes):
+                param = f"{name}_l{k}{suffix}"
+                w = getattr(module, param)
+                cols = _target_columns(name, cfg.targets, context.get(f"{prefix}.{param}" if prefix else param))
+                for rows in gate_rows(module.hidden_size):
+                    block = w[rows]
+                    gate_params += block.numel()
+                    if cols is None or cfg.is_identity:
+                        gate_bits += block.numel() * FLOAT_BITS
+                        continue
+                    part = block[:, cols]                                   # (H, columns compressed)
+                    new_part, bits = compress_block(part, cfg)
+                    err_sq += float((new_part - part).double().pow(2).sum())
+                    norm_sq += float(part.double().pow(2).sum())
+                    gate_bits += bits + (block.numel() - part.numel()) * FLOAT_BITS
+                    w[rows, cols] = new_part
     if gate_params == 0:
         raise ValueError("compress_model found no LSTM layer (no `weight_hh_l0`) in the model")
     model_params = sum(p.numel() for p in compressed.parameters())

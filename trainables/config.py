@@ -18,7 +18,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 GATE_MODES = ("lstm", "sharpened", "g2")
 EVAL_GATES = ("soft", "tempered", "hard")
 PAPER_MODES = ("none", "round", "round_clip")
-TARGETS = ("both", "recurrent", "input")
+TARGETS = ("both", "recurrent", "input", "recurrent+context")
 FULL_PRECISION_BITS = 32
 
 
@@ -80,7 +80,9 @@ class CompressConfig:
     paper: Literal["none", "round", "round_clip"] = "none"   # the paper's rounding (Li et al. §5)
     step: float = 0.2           # rounding step r of the paper's modes (LM 0.2, NMT 0.5)
     clip: float = 0.4           # clip c of round_clip (LM 0.4, NMT 1.0)
-    targets: Literal["both", "recurrent", "input"] = "both"   # which matrices' i/f blocks
+    # Which matrices' i/f blocks: W_ih and W_hh, one of them, or (the authors' NMT choice, the NMT presets'
+    # default) W_hh plus the input columns a translation decoder reads its attention context through.
+    targets: Literal["both", "recurrent", "input", "recurrent+context"] = "both"
 
     def __post_init__(self):
         check_range("compress.rank", self.rank, 0, 65536, integer=True)
@@ -295,6 +297,9 @@ class TrialConfig:
     def __post_init__(self):
         check_choice("task", self.task, TASKS)
         check_range("seed", self.seed, 0, 2**31 - 1, integer=True)
+        if self.task == "lm" and self.compress.targets == "recurrent+context":
+            raise ValueError("compress.targets='recurrent+context' is for translation: a language model has no "
+                             "context inputs; use one of 'both', 'recurrent', 'input'")
 
     @classmethod
     def preset(cls, task: str, name: str) -> "TrialConfig":
@@ -381,16 +386,17 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "default": {"train.optimizer": "adam", "train.lr": 1e-3, "train.clip": 1.0, "train.weight_decay": 0.0,
                     "train.batch_size": 64, "train.epochs": 20, "train.nt_asgd": False,
                     "data.corpus": "multi30k", "compress.step": 0.5, "compress.clip": 1.0,
-                    "sweep.ranks": [0, 8, 16, 32, 64]},
+                    "compress.targets": "recurrent+context", "sweep.ranks": [0, 8, 16, 32, 64]},
         "paper": {"train.optimizer": "adadelta", "train.lr": 1.0, "train.clip": 2.0, "train.weight_decay": 0.0,
                   "train.batch_size": 64, "train.epochs": 30, "train.nt_asgd": False,
                   "data.corpus": "multi30k", "compress.step": 0.5, "compress.clip": 1.0,
-                  "sweep.ranks": [0, 16, 32]},
+                  "compress.targets": "recurrent+context", "sweep.ranks": [0, 16, 32]},
         "tiny": {"nmt.embed_dim": 32, "nmt.hidden_size": 48, "nmt.encoder_layers": 1, "nmt.decoder_layers": 1,
                  "nmt.dropout": 0.0, "nmt.beam_size": 3, "train.optimizer": "adam", "train.lr": 5e-3,
                  "train.clip": 1.0, "train.weight_decay": 0.0, "train.batch_size": 32, "train.epochs": 16,
                  "train.nt_asgd": False, "data.corpus": "toy-copy", "data.bpe_vocab_size": 60,
-                 "compress.step": 0.5, "compress.clip": 1.0, "sweep.ranks": [0, 4, 8], "sweep.bits": [32, 4, 2]},
+                 "compress.step": 0.5, "compress.clip": 1.0, "compress.targets": "recurrent+context",
+                 "sweep.ranks": [0, 4, 8], "sweep.bits": [32, 4, 2]},
     },
 }
 

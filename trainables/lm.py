@@ -117,13 +117,19 @@ def variable_bptt(rng: random.Random, bptt: int) -> int:
 def cache_pointer_logprobs(logits: Tensor, hiddens: Tensor, targets: Tensor, memory: tuple[Tensor, Tensor] | None,
                            window: int, theta: float, lam: float) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """Neural cache (Grave et al. 2017): mix the model with a pointer over the last `window` (hidden, next word)
-    pairs. logits (T, B, V), hiddens (T, B, E), targets (T, B) -> log p(target) (T, B), updated memory."""
+    pairs. logits (T, B, V), hiddens (T, B, E), targets (T, B) -> log p(target) (T, B), updated memory.
+
+    As in awd-lstm-lm's pointer.py (the paper's cache numbers), the pointer mixes only once its memory is full: the
+    first `window` positions of the stream (memory carried over between calls) get the model's distribution alone.
+    pointer.py's own test (`start_idx + idx > window`) also leaves position `window` and the first position of every
+    later evaluation batch unmixed; both are off-by-ones of its bookkeeping, not of the method, and are not copied.
+    """
     probs = F.softmax(logits, dim=-1)
     mem_h, mem_y = memory if memory is not None else (hiddens[:0], targets[:0])      # (W, B, E), (W, B)
     out = []
     for t in range(logits.shape[0]):
         p = probs[t]                                                                   # (B, V)
-        if mem_h.shape[0] > 0:
+        if mem_h.shape[0] == window:
             scores = torch.einsum("be,wbe->bw", hiddens[t], mem_h) * theta             # (B, W)
             attn = F.softmax(scores, dim=-1)
             cache = torch.zeros_like(p).scatter_add_(1, mem_y.t(), attn)               # (B, V)

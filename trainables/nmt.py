@@ -223,6 +223,16 @@ class Seq2Seq(nn.Module):
         logits = self.decoder.output(outs)                                   # (T, B, V)
         return (logits, enc.gates + dec_gates) if return_gates else logits
 
+    def context_columns(self) -> dict[str, slice]:
+        """{parameter name: columns} of the input weights through which attention reaches the gates.
+
+        The decoder's first layer reads [embedding (E); h̃_{t-1} (H)] (`Decoder.step`): the h̃ columns are this
+        model's counterpart of the authors' context-to-gate matrix `Wc`, which their NMT compression included and
+        the embedding columns are not (`compress.targets = recurrent+context`).
+        """
+        e, h = self.cfg.embed_dim, self.cfg.hidden_size
+        return {"decoder.rnn.weight_ih_l0": slice(e, e + h)}
+
     def recurrent_layer_names(self) -> list[str]:
         upper = self.encoder.upper.num_layers if self.encoder.upper is not None else 0
         return (["encoder.forward", "encoder.backward"] + [f"encoder.upper.l{k}" for k in range(upper)]
