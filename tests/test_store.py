@@ -17,7 +17,7 @@ from trainables.config import SMOKE, TrialConfig
 from trainables.store import ModelStore
 from trainables.trainable import run_trial
 
-LOOP = {"epoch": 3, "best_epoch": 2, "best_metric": 41.5, "train_time_s": 12.0, "final": None}
+LOOP = {"epoch": 3, "best_epoch": 2, "best_metric": 41.5, "train_time_s": 12.0}   # what a run records of itself
 
 # Holds the lock of a key until a line on stdin says go on; publishes a model if it says "publish".
 HOLDER = """

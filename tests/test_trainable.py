@@ -120,7 +120,7 @@ def test_same_training_knobs_reuse_the_stored_model(tmp_path):
     assert second["gate_compression"] > first["gate_compression"]
     other = run_trial(smoke_cfg(tmp_path, **{"train.epochs": 2, "g2.tau": 0.5}), tmp_path / "c",
                       model_store=store)
-    assert "reused_checkpoint" not in other and other["training_key"] != first["training_key"]
+    assert other["reused_checkpoint"] is False and other["training_key"] != first["training_key"]
 
 
 def test_nan_loss_ends_the_trial_as_diverged(tmp_path, monkeypatch):

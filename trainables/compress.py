@@ -13,12 +13,13 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
 
 from trainables.config import FULL_PRECISION_BITS, CompressConfig
+from trainables.report import Accounting
 
 FLOAT_BITS = 32
 
@@ -80,23 +81,10 @@ def compress_block(w: Tensor, cfg: CompressConfig) -> tuple[Tensor, int]:
     return w.clone(), m * n * FLOAT_BITS
 
 
-@dataclass(frozen=True)
-class CompressionReport:
-    """Storage accounting of one compressed model; the same columns for every task (DESIGN §3)."""
-
-    gate_params: int           # parameters in all i/f blocks of all recurrent layers
-    gate_bits: int             # their stored size: compressed blocks as compressed, the rest as float32
-    model_params: int
-    model_bits: int            # gate_bits + 32 bits for every other parameter (embeddings included)
-    gate_compression: float    # 32 · gate_params / gate_bits
-    model_compression: float   # 32 · model_params / model_bits
-    relative_error: float      # ‖W − Ŵ‖_F / ‖W‖_F over the compressed blocks (0 when nothing changed)
-
-
-def account(gate_params: int, gate_bits: int, model_params: int) -> CompressionReport:
+def account(gate_params: int, gate_bits: int, model_params: int) -> Accounting:
     """The one accounting function: bits of the gates and of the model, and both compression ratios."""
     model_bits = gate_bits + FLOAT_BITS * (model_params - gate_params)
-    return CompressionReport(
+    return Accounting(
         gate_params=gate_params, gate_bits=gate_bits, model_params=model_params, model_bits=model_bits,
         gate_compression=FLOAT_BITS * gate_params / gate_bits,
         model_compression=FLOAT_BITS * model_params / model_bits, relative_error=0.0)
@@ -118,7 +106,7 @@ def _target_columns(name: str, targets: str, context: slice | None) -> slice | N
     return context if targets == "recurrent+context" else None
 
 
-def compress_model(model: nn.Module, cfg: CompressConfig) -> tuple[nn.Module, CompressionReport]:
+def compress_model(model: nn.Module, cfg: CompressConfig) -> tuple[nn.Module, Accounting]:
     """Return a compressed deep copy of `model` and its accounting; `model` itself is left untouched.
 
     Bidirectional `nn.LSTM` layers (`*_reverse` weights) are compressed too. Gate parameters and bits always

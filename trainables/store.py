@@ -33,7 +33,6 @@ from trainables.checkpoint import BEST_MODEL_FILE, load_model, save_model, writt
 
 log = logging.getLogger(__name__)
 META_FILE, DIVERGED_FILE = "meta.json", "diverged.json"
-META_KEYS = ("epoch", "best_epoch", "best_metric", "train_time_s")
 
 
 class ModelStore:
@@ -74,13 +73,14 @@ class ModelStore:
         load_model(self.root / key / BEST_MODEL_FILE, model)
         return self.meta(key)
 
-    def publish(self, key: str, model: nn.Module, config: dict[str, Any], loop: dict[str, Any]) -> None:
+    def publish(self, key: str, model: nn.Module, config: dict[str, Any], meta: dict[str, Any]) -> None:
         """Store `model`'s weights under `key`: weights first, meta last, each written aside then renamed, so a
-        reader never loads a model that is still being written. Releases `key` if this process trains it: the
-        trials waiting for the model score it while this one still scores its own sweep."""
+        reader never loads a model that is still being written. `meta` is what the training run records of itself
+        (plain JSON). Releases `key` if this process trains it: the trials waiting for the model score it while
+        this one still scores its own sweep."""
         (self.root / key).mkdir(parents=True, exist_ok=True)
         save_model(self.root / key / BEST_MODEL_FILE, model, config)
-        self._write(key, META_FILE, {k: loop[k] for k in META_KEYS})
+        self._write(key, META_FILE, meta)
         (self.root / key / DIVERGED_FILE).unlink(missing_ok=True)   # another run of these knobs diverged: not this one
         self._release(key)
 

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from trainables.compress import compress_model
 from trainables.config import SMOKE, TrainConfig, TrialConfig, parse_override
 from trainables.data import cache_root
 from trainables.device import rng_state, set_rng_state, trial_device, use_ieee_fp32
+from trainables.report import DIVERGED, OK, EpochReport, SweepRow, scored
 from trainables.store import ModelStore
 from trainables.task import Task
 
@@ -46,53 +47,60 @@ def make_task(cfg: TrialConfig, device: torch.device) -> Task:
     return NMTTask(cfg, device, cache_root(cfg.data.cache_dir))
 
 
-def prefixed(prefix: str, scores: dict[str, float], metric: str) -> dict[str, float]:
-    """{"loss": .., "ppl": ..} -> {"val_loss": .., "val_ppl": .., "val_metric": <the task's metric>}."""
-    return {f"{prefix}_{k}": v for k, v in scores.items()} | {f"{prefix}_metric": scores[metric]}
-
-
-def sweep_rows(task: Task, model: torch.nn.Module, cfg: TrialConfig) -> list[dict[str, Any]]:
+def sweep_rows(task: Task, model: torch.nn.Module, cfg: TrialConfig) -> list[SweepRow]:
     """Score compressed copies of `model` on validation and test for every setting of the sweep."""
     settings = cfg.sweep.settings(cfg.compress)
     if cfg.compress not in settings:
         settings.append(cfg.compress)
     rows = []
     for setting in settings:
-        compressed, report = compress_model(model, setting)
-        row = {"compress.rank": setting.rank, "compress.bits": setting.bits, "compress.paper": setting.paper,
-               "method": setting.method, "is_trial_setting": setting == cfg.compress, **asdict(report)}
-        for split, prefix in (("valid", "val"), ("test", "test")):
-            row |= prefixed(prefix, task.evaluate(compressed, split), task.metric)
-        rows.append(row)
+        compressed, accounting = compress_model(model, setting)
+        scores = {k: v for split, prefix in (("valid", "val"), ("test", "test"))
+                  for k, v in scored(prefix, task.evaluate(compressed, split), task.metric).items()}
+        rows.append(SweepRow(rank=setting.rank, bits=setting.bits, paper=setting.paper, method=setting.method,
+                             is_trial_setting=setting == cfg.compress, accounting=accounting, scores=scores))
     return rows
 
 
-def final_metrics(task: Task, model: torch.nn.Module, cfg: TrialConfig, loop: dict) -> dict[str, Any]:
-    """The last report: the sweep, and the trial's own setting lifted to top-level columns."""
-    rows = sweep_rows(task, model, cfg)
-    plain = next(r for r in rows if r["method"] == "none")
-    own = next(r for r in rows if r["is_trial_setting"])
-    return {"done": True, "status": "ok", "best_epoch": loop["best_epoch"],
-            "val_metric": plain["val_metric"], "test_metric": plain["test_metric"],
-            "compressed_val_metric": own["val_metric"], "compressed_test_metric": own["test_metric"],
-            **{k: own[k] for k in ("gate_bits", "model_bits", "gate_compression", "model_compression")},
-            "sweep": rows}
+def final_report(task: Task, model: torch.nn.Module, cfg: TrialConfig, last: EpochReport,
+                 best_epoch: int) -> EpochReport:
+    """The last report: the sweep, the uncompressed and the trial's own setting's metrics lifted to the top."""
+    done = replace(last, sweep=tuple(sweep_rows(task, model, cfg)))
+    plain, own = done.uncompressed(), done.own_setting()
+    return replace(done, done=True, status=OK, best_epoch=best_epoch, val_metric=plain.val_metric,
+                   test_metric=plain.test_metric, compressed_val_metric=own.val_metric,
+                   compressed_test_metric=own.test_metric, accounting=own.accounting)
+
+
+@dataclass
+class LoopState:
+    """Where training stands, checkpointed as a plain dict (checkpoints load with weights_only)."""
+
+    epoch: int = 0
+    best_epoch: int = 0
+    best_metric: float | None = None
+    train_time_s: float = 0.0
+    final: dict[str, Any] | None = None     # the last report, once made: a re-entered trial says it again
+
+    def trained(self) -> dict[str, Any]:
+        """What a stored model records of its training (the model store's meta)."""
+        return {k: v for k, v in asdict(self).items() if k != "final"}
 
 
 def run_trial(cfg: TrialConfig, work_dir: Path, *, report: Reporter | None = None, resume: Path | None = None,
-              model_store: Path | None = None, gpu_ids: list | None = None,
-              identity: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train (or resume, or reuse) one configuration, report every epoch, return the final metrics.
+              model_store: Path | None = None, gpu_ids: list | None = None, node_id: str | None = None
+              ) -> dict[str, Any]:
+    """Train (or resume, or reuse) one configuration, report every epoch, return the final report.
 
     Args:
         work_dir: the checkpoint directory lives in `work_dir/checkpoint` (rewritten each epoch).
-        report: called with (metrics, checkpoint dir) after every epoch; the last call carries `sweep`.
+        report: called with (report dict, checkpoint dir) after every epoch; the last call carries `sweep`.
         resume: a checkpoint directory to continue from exactly.
         model_store: a `ModelStore` directory. A model stored under `cfg.training_key()` skips training (a resumed
             trial carries on with its own), and so does a stored divergence; while another trial trains the same
             knobs, this one waits for it.
         gpu_ids: the GPUs Ray gave the trial (None outside Ray); `train.device = auto` trains on CUDA only then.
-        identity: extra fields every report carries (the Ray node that ran it).
+        node_id: the Ray node running the trial, carried by every report.
     """
     report = report or (lambda metrics, ckpt: None)
     device = trial_device(cfg.train, gpu_ids)
@@ -102,87 +110,102 @@ def run_trial(cfg: TrialConfig, work_dir: Path, *, report: Reporter | None = Non
     with store.training(key) if store else contextlib.nullcontext() as meta:   # before the task takes any memory
         torch.manual_seed(cfg.seed)
         task = make_task(cfg, device)
-        common = {"metric_name": task.metric, "device": str(device), "training_key": key, **(identity or {})}
-        if resume is None and meta is None and store is not None and (diverged := store.diverged(key)) is not None:
-            log.info("the trial that trained %s diverged; so would this one: reporting that", key)
-            metrics = {**diverged, **common, "reused_checkpoint": True}
-            report(metrics, None)
-            return metrics
-        if meta is None or resume is not None:   # a resumed trial carries on from its own checkpoint
-            return _train(cfg, task, Path(work_dir) / "checkpoint", common, report, resume=resume, store=store)
-        store.load(key, task.model)
-    log.info("reusing the model trained for %s; scoring the compression sweep only", key)
-    metrics = {**common, "epoch": meta["epoch"], "train_time_s": meta["train_time_s"], "reused_checkpoint": True,
-               **final_metrics(task, task.model, cfg, meta)}
-    report(metrics, None)
-    return metrics
+        base = EpochReport(metric_name=task.metric, device=str(device), training_key=key, node_id=node_id)
+        diverged = store.diverged(key) if resume is None and meta is None and store is not None else None
+        if diverged is None and (meta is None or resume is not None):   # a resumed trial carries on from its own
+            return _train(cfg, task, Path(work_dir) / "checkpoint", base, report, resume=resume, store=store)
+        if meta is not None:
+            store.load(key, task.model)
+    if diverged is not None:
+        log.info("the trial that trained %s diverged; so would this one: reporting that", key)
+        final = replace(EpochReport.from_dict(diverged), metric_name=base.metric_name, device=base.device,
+                        node_id=node_id, reused_checkpoint=True)
+    else:
+        log.info("reusing the model trained for %s; scoring the compression sweep only", key)
+        trained = LoopState(**meta)
+        final = final_report(task, task.model, cfg, replace(base, epoch=trained.epoch, reused_checkpoint=True,
+                                                              train_time_s=trained.train_time_s), trained.best_epoch)
+    said = final.to_dict()
+    report(said, None)
+    return said
 
 
-def _train(cfg: TrialConfig, task: Task, ckpt_dir: Path, common: dict[str, Any], report: Reporter, *,
+def _train(cfg: TrialConfig, task: Task, ckpt_dir: Path, base: EpochReport, report: Reporter, *,
            resume: Path | None, store: ModelStore | None) -> dict[str, Any]:
     """The epochs of `run_trial`, from `resume` or from the start; the best model goes to `store` at the end."""
-    device = task.device
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    flat = cfg.to_flat()
-    loop = {"epoch": 0, "best_epoch": 0, "best_metric": None, "train_time_s": 0.0, "final": None}
-    if resume is not None:
-        saved = load_checkpoint(resume)   # on the CPU; load_state_dict moves each tensor where it belongs
-        task.load_state_dict(saved["task"])
-        task.model.load_state_dict(saved["model"])
-        task.optimizer.load_state_dict(saved["optimizer"])
-        set_rng_state(saved["rng"], device)
-        loop = saved["loop"]
-        if Path(resume).resolve() != ckpt_dir.resolve() and (Path(resume) / BEST_MODEL_FILE).exists():
-            shutil.copyfile(Path(resume) / BEST_MODEL_FILE, ckpt_dir / BEST_MODEL_FILE)
-        if loop["final"] is not None:       # re-entered after the last report: say it again, train nothing
-            report(loop["final"], None)
-            return loop["final"]
-
+    loop = _restore(task, resume, ckpt_dir) if resume is not None else LoopState()
+    if loop.final is not None:       # re-entered after the last report: say it again, train nothing
+        report(loop.final, None)
+        return loop.final
     total_epochs = cfg.train.epochs + cfg.train.finetune_epochs
-    metrics: dict[str, Any] = {}
-    for epoch in range(loop["epoch"] + 1, total_epochs + 1):
-        start = time.perf_counter()
-        if epoch == cfg.train.epochs + 1:
-            load_model(ckpt_dir / BEST_MODEL_FILE, task.model)
-            task.start_finetune()
-        try:
-            train = task.train_epoch(epoch)
-        except FloatingPointError as err:
-            metrics = {**common, "epoch": epoch, "status": "diverged", "error": str(err), "done": True,
-                       "val_metric": math.nan, "compressed_val_metric": math.nan}
-            if store is not None:
-                try:
-                    store.publish_diverged(common["training_key"], metrics)
-                except OSError as store_err:   # the divergence is the result; failing to share it is not
-                    log.warning("could not store the divergence of %s: %s", common["training_key"], store_err)
-            report(metrics, None)
-            return metrics
-        model = task.evaluation_model()
-        val = task.evaluate(model, "valid")
-        compressed, accounting = compress_model(model, cfg.compress)
-        compressed_val = val if cfg.compress.is_identity else task.evaluate(compressed, "valid")
-        gate_stats = task.gate_statistics(model)
-        task.end_epoch(val)
-        if task.better(val[task.metric], loop["best_metric"]):
-            save_model(ckpt_dir / BEST_MODEL_FILE, model, flat)
-            loop |= {"best_metric": val[task.metric], "best_epoch": epoch}
-        loop["epoch"] = epoch
-        loop["train_time_s"] += time.perf_counter() - start
-        metrics = {**common, "epoch": epoch, "status": "running", "done": False, **train,
-                   **prefixed("val", val, task.metric), "compressed_val_metric": compressed_val[task.metric],
-                   **asdict(accounting), **gate_stats.summary(), "gate_histograms": gate_stats.histograms(),
-                   "epoch_time_s": time.perf_counter() - start,
-                   "train_time_s": loop["train_time_s"]}
+    for epoch in range(loop.epoch + 1, total_epochs + 1):
+        epoch_report = _train_epoch(cfg, task, ckpt_dir, base, loop, epoch)
+        said = epoch_report.to_dict()
+        if epoch_report.status == DIVERGED:
+            _share_divergence(store, said)
+            report(said, None)
+            return said
         if epoch == total_epochs:
             load_model(ckpt_dir / BEST_MODEL_FILE, task.model)
             if store is not None:   # the trained model, for trials waiting to score it while this one scores its own
-                store.publish(common["training_key"], task.model, flat, loop)
-            metrics |= final_metrics(task, task.model, cfg, loop)
-            loop["final"] = metrics
-        save_checkpoint(ckpt_dir, model=task.model, optimizer=task.optimizer, config=flat, epoch=epoch,
-                        loop=loop, task=task.state_dict(), rng=rng_state(device))
-        report(metrics, ckpt_dir)
-    return metrics
+                store.publish(base.training_key, task.model, cfg.to_flat(), loop.trained())
+            said = loop.final = final_report(task, task.model, cfg, epoch_report, loop.best_epoch).to_dict()
+        save_checkpoint(ckpt_dir, model=task.model, optimizer=task.optimizer, config=cfg.to_flat(), epoch=epoch,
+                        loop=asdict(loop), task=task.state_dict(), rng=rng_state(task.device))
+        report(said, ckpt_dir)
+    return said
+
+
+def _restore(task: Task, resume: Path, ckpt_dir: Path) -> LoopState:
+    """Put the task, model, optimiser and RNGs back as they were after the checkpoint's epoch."""
+    saved = load_checkpoint(resume)   # on the CPU; load_state_dict moves each tensor where it belongs
+    task.load_state_dict(saved["task"])
+    task.model.load_state_dict(saved["model"])
+    task.optimizer.load_state_dict(saved["optimizer"])
+    set_rng_state(saved["rng"], task.device)
+    if Path(resume).resolve() != ckpt_dir.resolve() and (Path(resume) / BEST_MODEL_FILE).exists():
+        shutil.copyfile(Path(resume) / BEST_MODEL_FILE, ckpt_dir / BEST_MODEL_FILE)
+    return LoopState(**saved["loop"])
+
+
+def _train_epoch(cfg: TrialConfig, task: Task, ckpt_dir: Path, base: EpochReport, loop: LoopState,
+                 epoch: int) -> EpochReport:
+    """Train one epoch, score it (uncompressed and under the trial's own compression), keep the best weights."""
+    start = time.perf_counter()
+    if epoch == cfg.train.epochs + 1:   # AWD's fine-tune stage starts from the best weights
+        load_model(ckpt_dir / BEST_MODEL_FILE, task.model)
+        task.start_finetune()
+    try:
+        train = task.train_epoch(epoch)
+    except FloatingPointError as err:
+        return replace(base, epoch=epoch, status=DIVERGED, error=str(err), done=True)
+    model = task.evaluation_model()
+    val = task.evaluate(model, "valid")
+    compressed, accounting = compress_model(model, cfg.compress)
+    compressed_val = val if cfg.compress.is_identity else task.evaluate(compressed, "valid")
+    gate_stats = task.gate_statistics(model)
+    task.end_epoch(val)
+    if task.better(val[task.metric], loop.best_metric):
+        save_model(ckpt_dir / BEST_MODEL_FILE, model, cfg.to_flat())
+        loop.best_metric, loop.best_epoch = val[task.metric], epoch
+    loop.epoch = epoch
+    loop.train_time_s += time.perf_counter() - start
+    val_scores = scored("val", val, task.metric)
+    return replace(base, epoch=epoch, train=train, val_metric=val_scores.pop("val_metric"), val=val_scores,
+                   compressed_val_metric=compressed_val[task.metric], accounting=accounting,
+                   gate_saturation=gate_stats.summary(), gate_histograms=gate_stats.histograms(),
+                   epoch_time_s=time.perf_counter() - start, train_time_s=loop.train_time_s)
+
+
+def _share_divergence(store: ModelStore | None, diverged: dict[str, Any]) -> None:
+    """Store the divergence, so later trials with these knobs report it instead of diverging again."""
+    if store is None:
+        return
+    try:
+        store.publish_diverged(diverged["training_key"], diverged)
+    except OSError as err:   # the divergence is the result; failing to share it is not
+        log.warning("could not store the divergence of %s: %s", diverged["training_key"], err)
 
 
 # --------------------------------------------------------------------------- Ray Tune entry points
@@ -211,7 +234,7 @@ def _tune_trial(task: str, config: dict[str, Any]) -> None:
         checkpoint = tune.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None
         tune.report(metrics, checkpoint=checkpoint)
 
-    where = {"gpu_ids": ray.get_gpu_ids(), "identity": {"node_id": ray.get_runtime_context().get_node_id()}}
+    where = {"gpu_ids": ray.get_gpu_ids(), "node_id": ray.get_runtime_context().get_node_id()}
     work_dir = Path(tempfile.mkdtemp(prefix="g2-trial-"))
     try:
         checkpoint = tune.get_checkpoint()

@@ -1,0 +1,59 @@
+"""The trial report vocabulary (trainables/report.py), on reports a real trial made (conftest's `trial`)."""
+import math
+
+import pytest
+
+from trainables.report import (ACCOUNTING, FAILED, HIST_BINS, OK, RUNNING, STATUSES, EpochReport, GateColumn,
+                               SweepRow, gate_column, gate_column_order, histogram_key, is_gate_column,
+                               parse_histogram_key)
+
+
+def test_a_real_trials_reports_survive_the_round_trip(trial):
+    _, reports = trial
+    for said in reports:
+        again = EpochReport.from_dict(said).to_dict()
+        assert again.keys() == said.keys()
+        for key, value in said.items():
+            assert again[key] == value or (isinstance(value, float) and math.isnan(value) and math.isnan(again[key]))
+
+
+def test_epoch_reports_and_the_final_one(trial):
+    _, reports = trial
+    *epochs, final = [EpochReport.from_dict(r) for r in reports]
+    assert all(r.status == RUNNING and not r.done and r.sweep is None for r in epochs)
+    assert final.finished and final.status == OK and final.done
+    assert final.val_metric == final.uncompressed().val_metric and final.test_metric == final.uncompressed().test_metric
+    assert final.compressed_val_metric == final.own_setting().val_metric
+    assert final.accounting == final.own_setting().accounting
+    assert all(len(h) == HIST_BINS for h in final.gate_histograms.values())
+    assert all(is_gate_column(k) for k in final.gate_saturation) and final.gate_saturation
+
+
+def test_sweep_rows_keep_setting_accounting_and_scores(trial):
+    _, reports = trial
+    for said in reports[-1]["sweep"]:
+        row = SweepRow.from_dict(said)
+        assert row.to_dict() == said
+        assert set(ACCOUNTING) <= set(said) and {"val_metric", "test_metric", "val_loss"} <= set(row.scores)
+
+
+def test_gate_columns_format_and_parse_as_one():
+    name = gate_column(10, "f", "gt09")
+    assert name == "gate_l10_f_gt09" and GateColumn.parse(name) == GateColumn(10, "f", "gt09")
+    for other in ("gate_l1_g_lt01", "gate_lx_i_lt01", "val_metric", "gate_l1_i_lt01_x"):
+        assert GateColumn.parse(other) is None and not is_gate_column(other)
+    names = ["val_metric", "gate_l10_i_lt01", "gate_l9_f_gt09", "gate_l9_f_lt01", "gate_l9_i_gt09"]
+    assert sorted(names, key=gate_column_order) == ["gate_l9_i_gt09", "gate_l9_f_lt01", "gate_l9_f_gt09",
+                                                     "gate_l10_i_lt01", "val_metric"]
+    assert parse_histogram_key(histogram_key(3, "i")) == (3, "i") and parse_histogram_key("l3_g") is None
+
+
+def test_statuses():
+    assert STATUSES == ("ok", "pruned", "diverged", "error") and set(FAILED) < set(STATUSES)
+
+
+@pytest.mark.parametrize("missing", ["sweep", "gate_histograms"])
+def test_reports_without_optional_parts(missing):
+    report = EpochReport(epoch=1, metric_name="ppl", val_metric=3.0)
+    said = report.to_dict()
+    assert missing not in said and EpochReport.from_dict(said) == report

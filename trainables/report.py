@@ -1,0 +1,206 @@
+"""What a trial reports: one vocabulary for the trainables that say it and the study and analysis that read it.
+
+A trial reports once per epoch (`EpochReport`); the last report of a trial that finished carries its compression
+sweep (`SweepRow`s). `to_dict()` gives the flat dict `tune.report` takes, Parquet columns and MLflow metrics are
+named after; `from_dict()` reads one back on the driver. Every metric, status and gate-column name the study and
+the analysis use is a field or a constant here, so a rename is one edit.
+
+Torch-free on purpose: the driver, the results dataset, MLflow and the notebooks import it without a model.
+
+Gate saturation (DESIGN §2, the paper's Fig. 3) is reported per recurrent layer k and gate g ∈ {i, f} as the
+fractions of gate values below 0.1 and above 0.9, in columns `gate_l{k}_{g}_lt01` / `gate_l{k}_{g}_gt09`, and
+as a histogram of `HIST_BINS` equal bins on [0, 1] under the key `l{k}_{g}`.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, NamedTuple
+
+# --------------------------------------------------------------------------- statuses
+
+RUNNING, OK, PRUNED, DIVERGED, ERROR = "running", "ok", "pruned", "diverged", "error"
+STATUSES = (OK, PRUNED, DIVERGED, ERROR)     # how a trial ends: a results row's `status`
+FAILED = (DIVERGED, ERROR)                   # ends that are no point of the front (Optuna FAIL, MLflow FAILED)
+
+# --------------------------------------------------------------------------- gate saturation
+
+HIST_BINS = 10
+GATES = ("i", "f")
+LOW, HIGH = "lt01", "gt09"                   # fraction of gate values < 0.1, > 0.9
+_GATE_COLUMN = re.compile(r"^gate_l(\d+)_([if])_(lt01|gt09)$")
+_HISTOGRAM_KEY = re.compile(r"^l(\d+)_([if])$")
+
+
+class GateColumn(NamedTuple):
+    """One gate-saturation column: layer k, gate i or f, side lt01 or gt09."""
+
+    layer: int
+    gate: str
+    side: str
+
+    @property
+    def name(self) -> str:
+        return f"gate_l{self.layer}_{self.gate}_{self.side}"
+
+    @classmethod
+    def parse(cls, name: str) -> GateColumn | None:
+        """The column `name` names, or None if it is no gate-saturation column."""
+        m = _GATE_COLUMN.match(name)
+        return cls(int(m[1]), m[2], m[3]) if m else None
+
+
+def gate_column(layer: int, gate: str, side: str) -> str:
+    return GateColumn(layer, gate, side).name
+
+
+def is_gate_column(name: str) -> bool:
+    return _GATE_COLUMN.match(name) is not None
+
+
+def gate_column_order(name: str) -> tuple:
+    """Sort key: gate columns by layer (10 after 9, not after 1), i before f, lt01 before gt09; others after."""
+    col = GateColumn.parse(name)
+    return (0, col.layer, GATES.index(col.gate), col.side == HIGH) if col else (1, 0, 0, name)
+
+
+def histogram_key(layer: int, gate: str) -> str:
+    return f"l{layer}_{gate}"
+
+
+def parse_histogram_key(key: str) -> tuple[int, str] | None:
+    """(layer, gate) of a `gate_histograms` key, or None."""
+    m = _HISTOGRAM_KEY.match(key)
+    return (int(m[1]), m[2]) if m else None
+
+
+# --------------------------------------------------------------------------- records
+
+@dataclass(frozen=True)
+class Accounting:
+    """Storage of one (compressed) model; the same columns for every task (DESIGN §3)."""
+
+    gate_params: int           # parameters in all i/f blocks of all recurrent layers
+    gate_bits: int             # their stored size: compressed blocks as compressed, the rest as float32
+    model_params: int
+    model_bits: int            # gate_bits + 32 bits for every other parameter (embeddings included)
+    gate_compression: float    # 32 · gate_params / gate_bits
+    model_compression: float   # 32 · model_params / model_bits
+    relative_error: float      # ‖W − Ŵ‖_F / ‖W‖_F over the compressed blocks (0 when nothing changed)
+
+
+ACCOUNTING = tuple(f.name for f in fields(Accounting))
+
+
+def scored(split: str, scores: Mapping[str, float], metric: str) -> dict[str, float]:
+    """A task's scores on a split as report keys: {"loss", "ppl"} on "val" -> val_loss, val_ppl and val_metric."""
+    return {f"{split}_{k}": v for k, v in scores.items()} | {f"{split}_metric": scores[metric]}
+
+
+@dataclass(frozen=True)
+class SweepRow:
+    """One compression setting of the final sweep, scored on validation and test (`scored` keys)."""
+
+    rank: int
+    bits: int
+    paper: str
+    method: str                # none, svd, quant, svd+quant, round, round_clip
+    is_trial_setting: bool     # the trial's own `compress.*`, the setting its objectives name
+    accounting: Accounting
+    scores: dict[str, float]   # val_loss, val_metric, test_metric, ... (task-specific names besides)
+
+    @property
+    def val_metric(self) -> float:
+        return self.scores["val_metric"]
+
+    @property
+    def test_metric(self) -> float:
+        return self.scores["test_metric"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"compress.rank": self.rank, "compress.bits": self.bits, "compress.paper": self.paper,
+                "method": self.method, "is_trial_setting": self.is_trial_setting, **asdict(self.accounting),
+                **self.scores}
+
+    @classmethod
+    def from_dict(cls, row: Mapping[str, Any]) -> SweepRow:
+        setting = ("compress.rank", "compress.bits", "compress.paper", "method", "is_trial_setting")
+        return cls(rank=row["compress.rank"], bits=row["compress.bits"], paper=row["compress.paper"],
+                   method=row["method"], is_trial_setting=row["is_trial_setting"],
+                   accounting=Accounting(**{k: row[k] for k in ACCOUNTING}),
+                   scores={k: v for k, v in row.items() if k not in setting and k not in ACCOUNTING})
+
+
+@dataclass(frozen=True)
+class EpochReport:
+    """One report of a trial. Epoch reports are `running`; the last one says how the trial ended.
+
+    `val_metric` is the uncompressed model's validation metric and `compressed_val_metric` that of a compressed
+    copy under the trial's own setting: the study's default objective. On an `ok` end both are the best epoch's,
+    scored on the whole splits by the sweep, and `test_metric` / `compressed_test_metric` join them.
+    """
+
+    epoch: int | None = None
+    status: str = RUNNING
+    done: bool = False
+    metric_name: str = ""                          # the task's metric: ppl (lower is better) or bleu
+    device: str = ""
+    training_key: str = ""                         # trials that share it share one trained model
+    node_id: str | None = None                     # the Ray node that ran it
+    error: str | None = None
+    reused_checkpoint: bool = False                # scored a stored model; trained nothing
+    train: dict[str, float] = field(default_factory=dict)    # train_loss, ...
+    val: dict[str, float] = field(default_factory=dict)      # scored("val", ...): val_loss, val_metric, ...
+    val_metric: float = math.nan
+    compressed_val_metric: float = math.nan
+    accounting: Accounting | None = None           # of the trial's own compression setting
+    gate_saturation: dict[str, float] = field(default_factory=dict)        # gate_column(...) -> fraction
+    gate_histograms: dict[str, list[float]] = field(default_factory=dict)  # histogram_key(...) -> HIST_BINS fractions
+    epoch_time_s: float | None = None
+    train_time_s: float | None = None
+    best_epoch: int | None = None                  # the rest: the final report of an `ok` trial
+    test_metric: float | None = None
+    compressed_test_metric: float | None = None
+    sweep: tuple[SweepRow, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat dict for `tune.report`: None fields left out, gate columns and scores at the top level."""
+        out: dict[str, Any] = {"epoch": self.epoch, "status": self.status, "done": self.done,
+                               "metric_name": self.metric_name, "device": self.device,
+                               "training_key": self.training_key, "node_id": self.node_id, "error": self.error,
+                               "reused_checkpoint": self.reused_checkpoint, **self.train, **self.val,
+                               "val_metric": self.val_metric, "compressed_val_metric": self.compressed_val_metric,
+                               **(asdict(self.accounting) if self.accounting else {}), **self.gate_saturation,
+                               "gate_histograms": self.gate_histograms or None, "epoch_time_s": self.epoch_time_s,
+                               "train_time_s": self.train_time_s, "best_epoch": self.best_epoch,
+                               "test_metric": self.test_metric,
+                               "compressed_test_metric": self.compressed_test_metric,
+                               "sweep": [row.to_dict() for row in self.sweep] if self.sweep is not None else None}
+        return {k: v for k, v in out.items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, report: Mapping[str, Any]) -> EpochReport:
+        """Read back what `to_dict` made (Tune adds its own keys, such as training_iteration: they are ignored)."""
+        known = {f.name for f in fields(cls)} - {"train", "val", "accounting", "gate_saturation", "sweep"}
+        values = {k: report[k] for k in known if k in report}
+        if report.get("sweep") is not None:
+            values["sweep"] = tuple(SweepRow.from_dict(r) for r in report["sweep"])
+        if all(k in report for k in ACCOUNTING):
+            values["accounting"] = Accounting(**{k: report[k] for k in ACCOUNTING})
+        return cls(**values, train={k: v for k, v in report.items() if k.startswith("train_") and k != "train_time_s"},
+                   val={k: v for k, v in report.items() if k.startswith("val_") and k != "val_metric"},
+                   gate_saturation={k: v for k, v in report.items() if is_gate_column(k)})
+
+    @property
+    def finished(self) -> bool:
+        """An `ok` end: the sweep was scored."""
+        return self.status == OK and self.sweep is not None
+
+    def own_setting(self) -> SweepRow:
+        """The sweep row of the trial's own compression setting."""
+        return next(row for row in self.sweep or () if row.is_trial_setting)
+
+    def uncompressed(self) -> SweepRow:
+        return next(row for row in self.sweep or () if row.method == "none")
