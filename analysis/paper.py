@@ -53,9 +53,6 @@ _SATURATION = {
     ("g2", "f"): (35.5, 26.3),
 }
 
-# Uncompressed PTB perplexity without the cache pointer: (test, validation).
-_UNCOMPRESSED_PTB = {"lstm": (57.3, 60.0), "sharpened": (57.5, 59.9), "g2": (56.1, 58.5)}
-
 
 def paper_compression() -> pd.DataFrame:
     """The paper's compression table, tidy: one row per (task, gate_mode, setting).
@@ -84,11 +81,6 @@ def paper_saturation() -> pd.DataFrame:
     rows = [{"task": "nmt", "layer": "decoder layer 1", "gate_mode": mode, "gate": gate,
              "lt01": lt / 100, "gt09": gt / 100} for (mode, gate), (lt, gt) in _SATURATION.items()]
     return pd.DataFrame(rows)
-
-
-def paper_uncompressed_ptb() -> pd.DataFrame:
-    """Uncompressed PTB perplexity without the cache pointer: gate_mode, test_ppl, val_ppl."""
-    return pd.DataFrame([{"gate_mode": m, "test_ppl": t, "val_ppl": v} for m, (t, v) in _UNCOMPRESSED_PTB.items()])
 
 
 def _svd_ranks(svd: pd.DataFrame, paper_ranks: tuple[int, int]) -> tuple[int | None, int | None]:

@@ -1,4 +1,4 @@
-"""Figures of a study's results: Pareto fronts, gate statistics, knob effects, progress and the paper's table.
+"""Figures of a study's results: Pareto fronts, knob effects, progress and the paper's table (gates: gate_plots).
 
 Every function takes the results DataFrame (study.results.load: one row per trial and compression setting) or a piece
 of it, draws on `ax` (or `axes`) when given or on a new `matplotlib.figure.Figure` otherwise, and returns the Figure.
@@ -19,15 +19,11 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from analysis import pareto
-from analysis.paper import (GATE_MODES, METRIC_NAME, SETTINGS, compare_with_paper, nmt_layer_names,
-                            paper_compression)
-from study.results import GATE_COLUMN, HISTOGRAM_KEY
+from analysis.paper import GATE_MODES, METRIC_NAME, SETTINGS, compare_with_paper, paper_compression
+from trainables.report import LOW, GateColumn
 
-Histograms = Mapping[str, Sequence[float]]  # {"l0_i": [10 fractions], "l0_f": [...], ...}
 GATE_MODE_COLORS = {"lstm": "tab:blue", "sharpened": "tab:orange", "g2": "tab:green"}
 _EXTRA_COLORS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
-GATE_COLORS = {"i": "tab:blue", "f": "tab:red"}
-HIST_BINS = 10
 _METRICS = {"ppl": ("perplexity", "min"), "bleu": ("BLEU", "max")}
 _SPLITS = {"val_metric": "validation", "test_metric": "test", "uncompressed_val_metric": "uncompressed validation",
            "uncompressed_test_metric": "uncompressed test"}
@@ -50,7 +46,7 @@ def _figure(ax: Axes | None, figsize: tuple[float, float] = (6.4, 4.4)) -> tuple
     return fig, fig.add_subplot()
 
 
-def _grid(axes: Sequence[Axes] | None, nrows: int, ncols: int, panel: tuple[float, float],
+def panel_grid(axes: Sequence[Axes] | None, nrows: int, ncols: int, panel: tuple[float, float],
           **kwargs) -> tuple[Figure, np.ndarray]:
     """nrows × ncols axes: the caller's (flat, row-major) or a new figure's."""
     if axes is not None:
@@ -62,34 +58,34 @@ def _grid(axes: Sequence[Axes] | None, nrows: int, ncols: int, panel: tuple[floa
     return fig, np.asarray(fig.subplots(nrows, ncols, squeeze=False, **kwargs), dtype=object)
 
 
-def _no_data(ax: Axes, message: str) -> None:
+def no_data(ax: Axes, message: str) -> None:
     ax.text(0.5, 0.5, message, ha="center", va="center", wrap=True, transform=ax.transAxes, color="0.4")
     ax.set_xticks([])
     ax.set_yticks([])
 
 
-def _floats(column: pd.Series) -> np.ndarray:
+def floats(column: pd.Series) -> np.ndarray:
     """A numeric column (float64, or nullable Int64) as floats, missing values NaN."""
     return pd.to_numeric(column, errors="coerce").to_numpy(dtype=float, na_value=np.nan)
 
 
-def _ok_finite(df: pd.DataFrame, cols: Sequence[str]) -> pd.DataFrame:
+def ok_finite(df: pd.DataFrame, cols: Sequence[str]) -> pd.DataFrame:
     """Status-ok rows whose cols are all finite numbers (all of them missing from df: no rows)."""
     ok = pareto.ok_rows(df)
     if not set(cols) <= set(ok.columns):
         return ok.iloc[:0]
     finite = np.ones(len(ok), dtype=bool)
     for col in cols:
-        finite &= np.isfinite(_floats(ok[col]))
+        finite &= np.isfinite(floats(ok[col]))
     return ok[finite]
 
 
-def _per_trial(df: pd.DataFrame) -> pd.DataFrame:
+def per_trial(df: pd.DataFrame) -> pd.DataFrame:
     """One row per trial: training-time figures (saturation) repeat on every compression row of a trial."""
     return df.drop_duplicates("trial_id") if "trial_id" in df.columns else df
 
 
-def _groups(df: pd.DataFrame, by: str | None) -> Iterator[tuple[str, pd.DataFrame, str]]:
+def mode_groups(df: pd.DataFrame, by: str | None) -> Iterator[tuple[str, pd.DataFrame, str]]:
     """(label, rows, colour) per value of `by`, the paper's gate modes first in their fixed colours; one group "all"
     without `by`."""
     if by is None or by not in df.columns:
@@ -133,32 +129,19 @@ def label(df: pd.DataFrame, col: str) -> str:
         name, direction = _METRICS.get(_metric_name(df) or "", ("metric", None))
         better = {"min": ", lower is better", "max": ", higher is better"}.get(direction, "")
         return f"{_SPLITS[col]} {name}{better}"
-    if match := GATE_COLUMN.match(col):
-        k, gate, stat = match.groups()
-        gate, bound = ("input" if gate == "i" else "forget"), ("< 0.1" if stat == "lt01" else "> 0.9")
-        return f"layer {k}: fraction of {gate} gates {bound}"
+    if gate_col := GateColumn.parse(col):
+        gate = "input" if gate_col.gate == "i" else "forget"
+        bound = "< 0.1" if gate_col.side == LOW else "> 0.9"
+        return f"layer {gate_col.layer}: fraction of {gate} gates {bound}"
     return _LABELS.get(col, col)
-
-
-def layer_labels(df: pd.DataFrame) -> dict[int, str]:
-    """Names of the gate_l{k} layers: NMT counts the encoder first (its first layer twice: forward, backward)."""
-    cols = [GATE_COLUMN.match(c) for c in df.columns]
-    ks = sorted({int(m.group(1)) for m in cols if m})
-    tasks = set(df["task"].dropna().unique()) if "task" in df.columns else set()
-    if tasks == {"nmt"} and {"nmt.encoder_layers", "nmt.decoder_layers"} <= set(df.columns) and len(df):
-        enc, dec = int(df["nmt.encoder_layers"].iloc[0]), int(df["nmt.decoder_layers"].iloc[0])
-        names = nmt_layer_names(enc, dec)
-        if len(names) >= len(ks):
-            return {k: names[k] for k in ks}
-    return {k: f"layer {k}" for k in ks}
 
 
 def reference_point(df: pd.DataFrame, objectives: Mapping[str, str], margin: float = 0.05) -> list[float]:
     """A hypervolume reference a little worse than the worst ok value of each objective."""
-    ok = _ok_finite(df, list(objectives))
+    ok = ok_finite(df, list(objectives))
     ref = []
     for col, direction in objectives.items():
-        v = _floats(ok[col])
+        v = floats(ok[col])
         if len(v) == 0:
             raise ValueError(f"no ok rows with a finite {col!r}")
         worst, span = (v.max(), np.ptp(v)) if direction == "min" else (v.min(), np.ptp(v))
@@ -189,24 +172,24 @@ def plot_front(df: pd.DataFrame, x: str = "gate_compression", y: str = "val_metr
         logy: log y-axis; None = when the metric is minimised and spans more than a factor of 20 (1-bit ppl explodes).
     """
     fig, ax = _figure(ax)
-    rows = _ok_finite(df, [x, y])
+    rows = ok_finite(df, [x, y])
     if rows.empty:
-        _no_data(ax, f"no ok rows with finite {x} and {y}")
+        no_data(ax, f"no ok rows with finite {x} and {y}")
         return fig
     objectives = {x: x_direction or column_direction(rows, x), y: metric_direction or column_direction(rows, y)}
     # Between two front points, the best metric reachable at a given compression or better is the next point's.
     where = "pre" if objectives[x] == "max" else "post"
-    for mode, group, color in _groups(rows, by):
+    for mode, group, color in mode_groups(rows, by):
         n = group["trial_id"].nunique() if "trial_id" in group.columns else len(group)
-        ax.scatter(_floats(group[x]), _floats(group[y]), s=16, alpha=0.4, color=color, linewidths=0,
+        ax.scatter(floats(group[x]), floats(group[y]), s=16, alpha=0.4, color=color, linewidths=0,
                    label=f"{mode} ({n} trials)")
         front = pareto.pareto_front(group, objectives)
-        ax.step(_floats(front[x]), _floats(front[y]), where=where, color=color, lw=1.8, marker="o", ms=4)
+        ax.step(floats(front[x]), floats(front[y]), where=where, color=color, lw=1.8, marker="o", ms=4)
         if knee:
             k = front.loc[[pareto.knee_point(front, objectives)]]
-            ax.scatter(_floats(k[x]), _floats(k[y]), marker="*", s=180, color=color, edgecolors="black", zorder=5)
+            ax.scatter(floats(k[x]), floats(k[y]), marker="*", s=180, color=color, edgecolors="black", zorder=5)
     ax.set_xscale("log")
-    values = _floats(rows[y])
+    values = floats(rows[y])
     if logy is None:
         logy = objectives[y] == "min" and values.min() > 0 and values.max() / values.min() > 20
     if logy:
@@ -215,116 +198,6 @@ def plot_front(df: pd.DataFrame, x: str = "gate_compression", y: str = "val_metr
     ax.set_ylabel(label(rows, y))
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(title="gate mode (line: Pareto front)", fontsize="small")
-    return fig
-
-
-def _histogram_models(hist: Histograms | Mapping[str, Histograms] | pd.DataFrame,
-                      ) -> dict[str, dict[tuple[int, str], np.ndarray]]:
-    """{model: {(layer, gate): 10 fractions}} from a mapping, a mapping of mappings, or a tidy frame.
-
-    A frame's rows of one model that come from several trials are averaged, each trial weighing the same (each has
-    one row per bin); gate modes come in the paper's order (lstm, sharpened, g2), other models as they appear.
-    """
-    if isinstance(hist, pd.DataFrame):
-        model_col = next((c for c in ("model", "gate_mode", "g2.gate_mode") if c in hist.columns), None)
-        keys = [model_col, "layer", "gate", "bin"] if model_col else ["layer", "gate", "bin"]
-        mean = hist.groupby(keys, sort=False)["fraction"].mean().reset_index()
-        models = {}
-        for model, rows in mean.groupby(model_col, sort=False) if model_col else [("", mean)]:
-            models[str(model)] = {(int(layer), str(gate)): g.sort_values("bin")["fraction"].to_numpy(dtype=float)
-                                  for (layer, gate), g in rows.groupby(["layer", "gate"], sort=True)}
-            for (layer, gate), fractions in models[str(model)].items():
-                if len(fractions) != HIST_BINS:
-                    raise ValueError(f"{model or 'the'} histogram of layer {layer} gate {gate} has {len(fractions)} "
-                                     f"bins, expected {HIST_BINS} on [0, 1]")
-        order = {mode: j for j, mode in enumerate(GATE_MODE_COLORS)}
-        return dict(sorted(models.items(), key=lambda item: order.get(item[0], len(order))))
-    values = list(hist.values())
-    if values and isinstance(values[0], Mapping):
-        return {str(model): _histogram_models(h)[""] for model, h in hist.items()}
-    out = {}
-    for key, fractions in hist.items():
-        match = HISTOGRAM_KEY.match(key)
-        if match is None:
-            raise ValueError(f"histogram key {key!r} is not of the form l<k>_i or l<k>_f")
-        if len(fractions) != HIST_BINS:
-            raise ValueError(f"histogram {key!r} has {len(fractions)} bins, expected {HIST_BINS} on [0, 1]")
-        out[(int(match.group(1)), match.group(2))] = np.asarray(fractions, dtype=float)
-    return {"": out}
-
-
-def plot_gate_histograms(hist: Histograms | Mapping[str, Histograms] | pd.DataFrame, *,
-                         layer_names: Mapping[int, str] | None = None,
-                         axes: Sequence[Axes] | None = None) -> Figure:
-    """i and f gate histograms in the paper's style (its Fig. 3): 10 bins on [0, 1], one row of panels per layer.
-
-    Args:
-        hist: {"l0_i": [10 fractions], "l0_f": [...], ...} (GateStatistics.histograms()), or several such by model
-            ({"lstm": hist, "g2": hist}, drawn side by side), or a tidy frame with layer, gate, bin, fraction and an
-            optional model / gate_mode / g2.gate_mode column, such as `results.load_gates`: the trials of a model
-            are averaged.
-        layer_names: titles of the layers (default "layer k").
-        axes: layers × models axes, row-major.
-    """
-    models = _histogram_models(hist)
-    layers = sorted({k for h in models.values() for k, _ in h})
-    fig, grid = _grid(axes, max(len(layers), 1), len(models), (4.2, 2.6), sharey=True, sharex=True)
-    if not layers:
-        _no_data(grid[0, 0], "no gate histograms")
-        return fig
-    centres = (np.arange(HIST_BINS) + 0.5) / HIST_BINS
-    width = 0.4 / HIST_BINS
-    for col, (model, h) in enumerate(models.items()):
-        for row, layer in enumerate(layers):
-            ax = grid[row, col]
-            for offset, gate in ((-width / 2, "i"), (width / 2, "f")):
-                if (layer, gate) in h:
-                    name = "input gate i" if gate == "i" else "forget gate f"
-                    ax.bar(centres + offset, h[(layer, gate)], width=width, color=GATE_COLORS[gate], label=name)
-            title = (layer_names or {}).get(layer, f"layer {layer}")
-            ax.set_title(f"{model}: {title}" if model else title, fontsize="medium")
-            ax.set_xlim(0, 1)
-            ax.set_xticks(np.linspace(0, 1, 6))
-            if col == 0:
-                ax.set_ylabel("fraction of gate values")
-            if row == len(layers) - 1:
-                ax.set_xlabel("gate value")
-    grid[0, 0].legend(fontsize="small")
-    return fig
-
-
-def plot_saturation(df: pd.DataFrame, *, by: str | None = "g2.gate_mode", axes: Sequence[Axes] | None = None) -> Figure:
-    """Fractions of i/f gate values < 0.1 and > 0.9 per layer and gate, one bar per gate mode (mean over trials).
-
-    Reads the `gate_l{k}_{i|f}_{lt01|gt09}` columns; each trial counts once, with the spread over trials as error bars.
-    """
-    fig, grid = _grid(axes, 1, 2, (5.2, 4.0), sharey=True)
-    ok = _ok_finite(df, [])
-    # The results of a study share one set of columns: LM rows have NaN in the layers only NMT models have.
-    cols = [(int(m.group(1)), m.group(2)) for c in df.columns if (m := GATE_COLUMN.match(c))
-            and m.group(3) == "lt01" and np.isfinite(_floats(ok[c])).any()]
-    cols.sort(key=lambda layer_gate: (layer_gate[0], "if".index(layer_gate[1])))
-    rows = _per_trial(_ok_finite(ok, [f"gate_l{k}_{g}_{s}" for k, g in cols for s in ("lt01", "gt09")]))
-    if not cols or rows.empty:
-        for ax in grid[0]:
-            _no_data(ax, "no gate saturation figures in these rows")
-        return fig
-    names = layer_labels(rows)
-    groups = list(_groups(rows, by))
-    x = np.arange(len(cols))
-    width = 0.8 / len(groups)
-    for ax, stat, title in zip(grid[0], ("lt01", "gt09"), ("gate values < 0.1", "gate values > 0.9"), strict=True):
-        for j, (mode, group, color) in enumerate(groups):
-            values = np.column_stack([_floats(group[f"gate_l{k}_{g}_{stat}"]) for k, g in cols])
-            err = values.std(axis=0, ddof=1) if len(values) > 1 else None
-            ax.bar(x + (j - (len(groups) - 1) / 2) * width, values.mean(axis=0), width=width, yerr=err, capsize=2,
-                   color=color, label=f"{mode} ({len(values)} trials)")
-        ax.set_xticks(x, [f"{names[k]} {g}" for k, g in cols], rotation=45 if len(cols) > 6 else 0)
-        ax.set_title(title)
-        ax.set_xlabel("layer and gate")
-        ax.grid(True, axis="y", alpha=0.3)
-    grid[0, 0].set_ylabel("fraction of gate values")
-    grid[0, 0].legend(title="gate mode", fontsize="small")
     return fig
 
 
@@ -338,21 +211,21 @@ def plot_objective_vs(df: pd.DataFrame, knob: str = "g2.tau", y: str = "val_metr
     """
     fig, ax = _figure(ax)
     rows = df if method is None or "method" not in df.columns else df[pareto.matches(df["method"], method)]
-    rows = _ok_finite(rows, [y])
+    rows = ok_finite(rows, [y])
     rows = rows[rows[knob].notna()] if knob in rows.columns else rows.iloc[:0]
     if rows.empty:
-        _no_data(ax, f"no ok rows with {knob} and a finite {y}" + (f" (method {method})" if method else ""))
+        no_data(ax, f"no ok rows with {knob} and a finite {y}" + (f" (method {method})" if method else ""))
         return fig
     numeric = pd.api.types.is_numeric_dtype(rows[knob]) and not pd.api.types.is_bool_dtype(rows[knob])
     categories = [] if numeric else sorted(rows[knob].astype(str).unique())
     affected = _KNOB_MODES.get(knob)
-    for mode, group, color in _groups(rows, by):
-        values = _floats(group[y])
+    for mode, group, color in mode_groups(rows, by):
+        values = floats(group[y])
         n = group["trial_id"].nunique() if "trial_id" in group.columns else len(group)
         if affected is not None and mode not in affected:
             ax.axhline(values.mean(), color=color, ls="--", lw=1.2, label=f"{mode} (unaffected: mean of {n} trials)")
             continue
-        xs = _floats(group[knob]) if numeric else group[knob].astype(str).map(categories.index).to_numpy()
+        xs = floats(group[knob]) if numeric else group[knob].astype(str).map(categories.index).to_numpy()
         ax.scatter(xs, values, s=22, alpha=0.6, color=color, label=f"{mode} ({n} trials)")
         if len(np.unique(xs)) < len(xs):
             means = pd.Series(values).groupby(xs).mean()
@@ -375,16 +248,16 @@ def plot_hypervolume_over_time(df: pd.DataFrame, objectives: Mapping[str, str], 
     One line for all trials, plus one per value of `by` when given (does one gate mode's front grow faster?).
     """
     fig, ax = _figure(ax)
-    rows = _ok_finite(df, list(objectives))
+    rows = ok_finite(df, list(objectives))
     rows = rows[rows[time_col].notna()] if time_col in rows.columns else rows.iloc[:0]
     if rows.empty:
-        _no_data(ax, f"no ok rows with {time_col} and finite objectives")
+        no_data(ax, f"no ok rows with {time_col} and finite objectives")
         return fig
     times = rows[time_col]
     is_time = pd.api.types.is_datetime64_any_dtype(times)
     span = (times.max() - times.min()).total_seconds() if is_time else 0.0
     unit, seconds = ("h", 3600.0) if span > 2 * 3600 else ("min", 60.0)
-    for name, group, color in [("all trials", rows, "black"), *(_groups(rows, by) if by else [])]:
+    for name, group, color in [("all trials", rows, "black"), *(mode_groups(rows, by) if by else [])]:
         hv = pareto.hypervolume_over_time(group, objectives, reference, time_col=time_col)
         t = hv[time_col]
         xs = ((t - times.min()).dt.total_seconds() / seconds).to_numpy() if is_time else t.to_numpy(dtype=float)
@@ -406,12 +279,12 @@ def plot_paper_comparison(df: pd.DataFrame, task: str, *, metric: str = "test_me
     The panels have their own y-axes, since our corpora and budgets differ from the paper's; `relative` divides every
     value by its gate mode's uncompressed (`original`) value, which makes the two directly comparable.
     """
-    fig, grid = _grid(axes, 1, 2, (5.4, 4.0), sharey=relative)
+    fig, grid = panel_grid(axes, 1, 2, (5.4, 4.0), sharey=relative)
     table = compare_with_paper(df, task, metric=metric)
     dataset = paper_compression().query("task == @task")["dataset"].iloc[0]
     ours = df[pareto.matches(df["task"], task)] if "task" in df.columns else df
     paper_label = label(pd.DataFrame({"metric_name": [METRIC_NAME[task]]}), "test_metric")
-    colors = {mode: color for mode, _, color in _groups(table, "gate_mode")}
+    colors = {mode: color for mode, _, color in mode_groups(table, "gate_mode")}
     x = np.arange(len(SETTINGS))
     for ax, source in zip(grid[0], ("paper", "ours"), strict=True):
         shown = 0
@@ -435,7 +308,7 @@ def plot_paper_comparison(df: pd.DataFrame, task: str, *, metric: str = "test_me
         if shown:
             ax.legend(title="gate mode", fontsize="small")
         else:
-            _no_data(ax, "no ok rows in this study for the paper's settings")
+            no_data(ax, "no ok rows in this study for the paper's settings")
     if relative:
         grid[0, 0].set_ylabel("value / the gate mode's uncompressed value")
     return fig

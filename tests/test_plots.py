@@ -14,7 +14,7 @@ import pytest
 from matplotlib.collections import PathCollection
 from matplotlib.figure import Figure
 
-from analysis import pareto, plots
+from analysis import gate_plots, pareto, plots
 from analysis.paper import (SETTINGS, compare_saturation, compare_with_paper, paper_compression, paper_saturation)
 from study import results
 from trainables.config import TrialConfig
@@ -198,7 +198,7 @@ def test_front_refuses_mixed_tasks_and_draws_an_empty_selection(study):
 def test_gate_histograms_bar_heights_are_the_fractions(tmp_path):
     rng = np.random.default_rng(0)
     hist = {m: {f"l{k}_{g}": list(rng.dirichlet(np.ones(10))) for k in range(3) for g in "if"} for m in ("lstm", "g2")}
-    fig = plots.plot_gate_histograms(hist, layer_names={0: "layer 0", 1: "layer 1", 2: "top"})
+    fig = gate_plots.plot_gate_histograms(hist, layer_names={0: "layer 0", 1: "layer 1", 2: "top"})
     assert len(fig.axes) == 6  # 3 layers × 2 models
     ax = fig.axes[2 * 2 + 1]   # row-major: layer 2, g2
     assert ax.get_title() == "g2: top" and ax.get_xlim() == (0, 1)
@@ -211,31 +211,31 @@ def test_gate_histograms_bar_heights_are_the_fractions(tmp_path):
 
 def test_gate_histograms_single_model_and_tidy_frame(tmp_path):
     one = {"l0_i": [0.1] * 10, "l0_f": [0.0] * 9 + [1.0]}
-    fig = plots.plot_gate_histograms(one)
+    fig = gate_plots.plot_gate_histograms(one)
     assert len(fig.axes) == 1 and len(fig.axes[0].containers) == 2
     tidy = pd.DataFrame([{"model": "g2", "layer": 0, "gate": g, "bin": b, "fraction": one[f"l0_{g}"][b]}
                          for g in "if" for b in range(10)])
-    heights = [b.get_height() for b in plots.plot_gate_histograms(tidy).axes[0].containers[1]]
+    heights = [b.get_height() for b in gate_plots.plot_gate_histograms(tidy).axes[0].containers[1]]
     assert heights == one["l0_f"]
     # results.load_gates: several trials per gate mode, averaged; the modes in the paper's order
     rows = [{"trial_id": f"{mode}{t}", "g2.gate_mode": mode, "layer": 0, "gate": g, "bin": b,
              "fraction": (t + 1) * one[f"l0_{g}"][b] / 2 if mode == "g2" else 0.1}
             for mode in ("g2", "lstm") for t in range(2) for g in "if" for b in range(10)]
-    fig2 = plots.plot_gate_histograms(pd.DataFrame(rows))
+    fig2 = gate_plots.plot_gate_histograms(pd.DataFrame(rows))
     assert [ax.get_title() for ax in fig2.axes] == ["lstm: layer 0", "g2: layer 0"]
     assert np.allclose([b.get_height() for b in fig2.axes[1].containers[1]], np.array(one["l0_f"]) * 0.75)
     with pytest.raises(ValueError, match="g2 histogram of layer 0 gate f has 9 bins"):
-        plots.plot_gate_histograms(pd.DataFrame([r for r in rows if (r["g2.gate_mode"], r["gate"], r["bin"]) !=
+        gate_plots.plot_gate_histograms(pd.DataFrame([r for r in rows if (r["g2.gate_mode"], r["gate"], r["bin"]) !=
                                                  ("g2", "f", 9)]))
     with pytest.raises(ValueError, match="l<k>_i"):
-        plots.plot_gate_histograms({"layer0_i": [0.1] * 10})
+        gate_plots.plot_gate_histograms({"layer0_i": [0.1] * 10})
     with pytest.raises(ValueError, match="has 5 bins, expected 10"):
-        plots.plot_gate_histograms({"l0_i": [0.2] * 5})
+        gate_plots.plot_gate_histograms({"l0_i": [0.2] * 5})
     _png(fig, tmp_path, "hist_one")
 
 
 def test_saturation_bars_are_means_over_trials(lm, tmp_path):
-    fig = plots.plot_saturation(lm)
+    fig = gate_plots.plot_saturation(lm)
     lt_ax, gt_ax = fig.axes
     assert [len(c) for c in gt_ax.containers if hasattr(c, "patches")] == [4, 4, 4]  # 2 layers × {i, f} per mode
     g2 = lm[(lm["g2.gate_mode"] == "g2").fillna(False) & (lm["status"] == "ok").fillna(False)]
@@ -249,7 +249,7 @@ def test_saturation_bars_are_means_over_trials(lm, tmp_path):
 
 def test_saturation_names_nmt_layers(study):
     nmt = study[(study["task"] == "nmt").fillna(False)]
-    labels = [t.get_text() for t in plots.plot_saturation(nmt).axes[0].get_xticklabels()]
+    labels = [t.get_text() for t in gate_plots.plot_saturation(nmt).axes[0].get_xticklabels()]
     assert labels[:2] == ["enc fwd i", "enc fwd f"] and labels[-1] == "dec 1 f"
 
 
@@ -365,6 +365,6 @@ def test_plots_draw_on_given_axes(lm):
     ax = fig.add_subplot()
     assert plots.plot_front(lm, ax=ax) is fig and plots.plot_objective_vs(lm, ax=ax) is fig
     axes = Figure().subplots(1, 2)
-    assert plots.plot_saturation(lm, axes=axes) is axes[0].get_figure()
+    assert gate_plots.plot_saturation(lm, axes=axes) is axes[0].get_figure()
     with pytest.raises(ValueError, match="expected 2 axes"):
-        plots.plot_saturation(lm, axes=[ax])
+        gate_plots.plot_saturation(lm, axes=[ax])
