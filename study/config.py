@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from study.space import Param, default_space, parse_space
-from trainables.config import (PRESETS, TASKS, TrialConfig, check_choice, check_range, parse_override,
-                               reject_unknown)
+from trainables.config import TASKS, TrialConfig, check_choice, check_range, parse_override, reject_unknown
+from trainables.presets import PRESETS
 
 SAMPLERS = ("tpe", "nsga2", "gp", "grid")
 SCHEDULERS = ("none", "asha")

@@ -1,4 +1,5 @@
-"""Shared test fixtures: seeded RNGs, the location of the real corpora, compiled-kernel GPU re-runs."""
+"""Shared test fixtures: seeded RNGs, the location of the real corpora, interpreted and compiled Triton kernels."""
+import importlib.util
 import os
 import socket
 import subprocess
@@ -10,13 +11,58 @@ from pathlib import Path
 import pytest
 import torch
 
+from trainables import g2lstm_kernels
+from trainables.corpora import find_corpus
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
+INTERPRETED = "interpreted_kernels"   # marks tests that run the fused kernels on CPU tensors
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", f"{INTERPRETED}: runs the Triton kernels in the CPU interpreter")
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on one intra-op thread: a second only adds syncs, and on a busy machine OpenMP's spin-waiting
+    made the translation tests 10× slower with two threads than with one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _triton_kernels(request):
+    """Import triton and jit the kernels for the CPU interpreter, before any test runs them, if this session has
+    tests marked `interpreted_kernels`.
+
+    `triton.jit` reads TRITON_INTERPRET as it decorates: triton's own library functions on its first import, ours
+    in `_load_triton()`, once per process. So the variable is set only around that: later tests and their
+    subprocesses (Ray heads and workers, compiled re-runs) never see it. A compiled re-run (G2_TRITON_COMPILED=1,
+    `rerun_compiled`) leaves the kernels to compile on first use.
+    """
+    wanted = any(item.get_closest_marker(INTERPRETED) for item in request.session.items)
+    if wanted and os.environ.get("G2_TRITON_COMPILED") != "1" and importlib.util.find_spec("triton"):
+        if "triton" in sys.modules:
+            raise RuntimeError("triton was imported before the session could choose its CPU interpreter: "
+                               "test modules must leave importing it to the kernels")
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("TRITON_INTERPRET", "1")
+            g2lstm_kernels._load_triton()
+    yield
+
+
+def kernels_interpreted() -> bool:
+    """Whether this process has jitted the Triton kernels for the interpreter."""
+    triton = g2lstm_kernels.triton
+    return triton is not None and not isinstance(g2lstm_kernels._forward_step, triton.runtime.JITFunction)
 
 
 def free_port() -> int:
@@ -50,6 +96,14 @@ def real_data_dir() -> Path | None:
     return None
 
 
+def real_corpus(name: str) -> Path:
+    """A real corpus by name (`find_corpus`), or a skip saying how to provide it."""
+    try:
+        return find_corpus(name)
+    except FileNotFoundError:
+        pytest.skip(f"real corpus {name} not present (set $G2_DATA_DIR or provide ../shared/data)")
+
+
 def trial_reports(cfg, work_dir: Path, model_store: Path) -> list[dict]:
     """Every report of one real trial, run on one thread (a model this small only loses to thread contention)."""
     from trainables.trainable import run_trial
@@ -78,10 +132,10 @@ def trial(tmp_path_factory):
 def rerun_compiled(test_file: str, test_name: str) -> bool:
     """True after re-running a GPU test in a fresh process with compiled Triton kernels, which it must then trust.
 
-    test_g2lstm_kernels.py sets TRITON_INTERPRET=1 for the whole session (Triton reads it once, at import), and
+    A session with tests marked `interpreted_kernels` jits the kernels for the interpreter (`_triton_kernels`), and
     interpreted kernels cannot be timed or captured in a CUDA graph. False when this process compiles.
     """
-    if os.environ.get("TRITON_INTERPRET") != "1":
+    if not kernels_interpreted():
         return False
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"G2_TRITON_COMPILED": "1"}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{test_file}::{test_name}"],

@@ -5,12 +5,12 @@ import pytest
 import torch
 from torch import nn
 
-from trainables import data
 from trainables.compress import (account, compress_block, compress_model, gate_rows, low_rank, low_rank_factors,
                                  quantize, round_to_step)
 from trainables.config import CompressConfig, G2Config, NMTConfig, TrialConfig
 from trainables.g2lstm import G2LSTM
-from trainables.nmt import Seq2Seq
+from trainables.parallel_data import BOS_ID, EOS_ID, PAD_ID
+from trainables.seq2seq import Seq2Seq
 
 
 def test_low_rank_is_exact_on_rank_r_matrices():
@@ -151,7 +151,7 @@ def small_seq2seq() -> Seq2Seq:
     """A real attentional encoder-decoder: embeddings 16, hidden 24, 2 + 2 layers (the first bidirectional)."""
     torch.manual_seed(0)
     cfg = NMTConfig(embed_dim=16, hidden_size=24, encoder_layers=2, decoder_layers=2)
-    return Seq2Seq(cfg, G2Config(), 30, data.PAD_ID, data.BOS_ID, data.EOS_ID)
+    return Seq2Seq(cfg, G2Config(), 30, PAD_ID, BOS_ID, EOS_ID)
 
 
 @pytest.mark.parametrize("preset", ["default", "paper", "tiny"])

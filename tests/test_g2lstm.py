@@ -6,7 +6,8 @@ from torch import nn
 from torch.func import functional_call
 
 from trainables.config import G2Config
-from trainables.g2lstm import NOISE_EPS, G2LSTM, GateStatistics, logistic_noise
+from trainables.g2lstm import G2LSTM, GateStatistics
+from trainables.gates import NOISE_EPS, logistic_noise
 
 T, B, IN, H, LAYERS = 7, 3, 5, 6, 2
 IMPLS = ["auto", "reference"]

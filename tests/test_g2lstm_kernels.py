@@ -1,15 +1,13 @@
 """The fused layer (trainables/g2lstm_kernels.py) against autograd of the reference recurrence.
 
-On CPU the kernels run in Triton's interpreter, which must be chosen before triton is first imported
-(`triton.jit` decides at decoration time), hence the environment line above the imports. The CUDA test
-re-runs this file in a subprocess with G2_TRITON_COMPILED=1 to get the compiled kernels instead.
+On CPU the kernels run in Triton's interpreter: the session jits them for it (conftest `_triton_kernels`, for
+tests marked `interpreted_kernels`), and each test here sets TRITON_INTERPRET=1 while it runs, which is what lets
+`fused_lstm_layer` take CPU tensors. The CUDA test re-runs itself in a subprocess with G2_TRITON_COMPILED=1 to get
+the compiled kernels instead.
 """
-import os
-
-if os.environ.get("G2_TRITON_COMPILED") != "1":
-    os.environ["TRITON_INTERPRET"] = "1"
-
+import importlib.util
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,12 +17,17 @@ import torch
 import torch.nn.functional as F
 
 from conftest import rerun_compiled
+from kernel_noise import gate_noise
 from trainables import g2lstm
 from trainables.config import G2Config
-from trainables.g2lstm import G2LSTM, NOISE_EPS, GateMath, lstm_layer_reference
+from trainables.g2lstm import G2LSTM, lstm_layer_reference
+from trainables.g2lstm_kernels import fused_available, fused_lstm_layer
+from trainables.gates import NOISE_EPS, GateMath
 
-pytest.importorskip("triton")
-from trainables.g2lstm_kernels import fused_available, fused_lstm_layer, gate_noise  # noqa: E402
+# triton is not imported here: the session imports it for the interpreter (conftest `_triton_kernels`)
+pytestmark = [pytest.mark.interpreted_kernels,
+              pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")]
+COMPILED = os.environ.get("G2_TRITON_COMPILED") == "1"   # a compiled re-run of the CUDA test
 
 T, B, IN, H = 5, 3, 4, 8
 GATES = {  # the training-time gate maths of each mode that the fused path runs without noise
@@ -42,6 +45,18 @@ NOISY = {
 # in bf16 (fp32 accumulation promised, bf16 delivered) costs 1e-3 to 5e-3 and fails.
 TOL = {"fp32": 1e-5, "bf16": 3e-4}
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _cpu_runs_interpreted():
+    """TRITON_INTERPRET=1 for the duration of each test, as `fused_lstm_layer` asks before it takes CPU tensors."""
+    if COMPILED:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        yield
+    assert "TRITON_INTERPRET" not in os.environ, "the interpreter leaked out of a kernels test"
 
 
 def layer_inputs(steps=T, batch=B, in_size=IN, hidden=H, device="cpu", weight_drop=0.0):
@@ -227,7 +242,7 @@ def test_refuses_what_it_does_not_run():
 def test_module_imports_without_triton():
     code = ("import sys; sys.modules['triton'] = None\n"
             "import torch\n"
-            "from trainables.g2lstm import GateMath\n"
+            "from trainables.gates import GateMath\n"
             "from trainables.g2lstm_kernels import fused_available, fused_lstm_layer\n"
             "assert not fused_available(torch.device('cpu'))\n"
             "args = [torch.zeros(2, 1, 1), torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(4, 1),\n"
@@ -238,7 +253,8 @@ def test_module_imports_without_triton():
             "    assert 'needs triton' in str(err), err\n"
             "else:\n"
             "    raise AssertionError('no error')\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})   # CPU tensors get as far as importing triton
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
@@ -301,7 +317,7 @@ def test_language_model_trains_on_the_fused_path(precision, tol):
     tokens = torch.randint(0, 20, (5, 3))
     grads = []
     for model in models:
-        logits = model(tokens, model.init_state(3))[0]
+        logits = model(tokens, model.init_state(3)).logits
         F.cross_entropy(logits.reshape(-1, 20), tokens.roll(-1, 0).reshape(-1)).backward()
         grads.append({name: p.grad for name, p in model.named_parameters() if "layers" in name})
     for name, expected in grads[0].items():

@@ -25,9 +25,12 @@ def test_rnnlm_shapes_tied_weights_and_layers():
     assert [(m.input_size, m.hidden_size) for m in model.layers] == [(8, 12), (12, 12), (12, 8)]
     assert all(isinstance(m, G2LSTM) and m.weight_drop == cfg.weight_drop for m in model.layers)
     tokens = torch.randint(50, (7, 4))
-    logits, state, raw, dropped = model(tokens, model.init_state(4))
-    assert logits.shape == (7, 4, 50) and raw.shape == dropped.shape == (7, 4, 8)
-    assert [h.shape for h, _ in state] == [(1, 4, 12), (1, 4, 12), (1, 4, 8)]
+    out = model(tokens, model.init_state(4))
+    assert out.logits.shape == (7, 4, 50) and out.raw_output.shape == out.dropped_output.shape == (7, 4, 8)
+    assert [h.shape for h, _ in out.state] == [(1, 4, 12), (1, 4, 12), (1, 4, 8)]
+    assert out.gates is None
+    gates = model(tokens, model.init_state(4), return_gates=True).gates
+    assert [g.shape for g in gates] == [(7, 4, 24), (7, 4, 24), (7, 4, 16)]      # per layer (T, B, 2H), [i, f]
 
 
 def test_locked_dropout_shares_one_mask_over_time():

@@ -7,63 +7,22 @@ rows in gate order [i, f, g, o], so the i/f gates are the contiguous rows 0:2H.
 Training in `g2` mode computes i, f = σ((a + L·B) / τ) with logistic noise L = log(U+ε) − log(1+ε−U),
 U ~ U(0,1), B ~ Bernoulli(p), fresh for every element at every step (DESIGN §2). Whenever the maths is
 that of a plain LSTM (no noise, no hard gates; a temperature is folded into the i/f rows of the weights)
-the layer runs PyTorch's fused LSTM kernel (cuDNN on GPU); otherwise a pure-PyTorch reference recurrence.
+the layer runs PyTorch's fused LSTM kernel (cuDNN on GPU); otherwise a pure-PyTorch reference recurrence,
+or the fused Triton path (`trainables/g2lstm_kernels.py`). The i/f gate maths all paths share is in
+`trainables/gates.py`.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trainables import g2lstm_kernels
 from trainables.config import IMPLS, PRECISIONS, G2Config, check_choice, check_range
-
-NOISE_EPS = 1e-3          # ε of the logistic noise, as in the authors' code
-HIST_BINS = 10
-
-
-def logistic_noise(shape: tuple[int, ...], p: float, *, device=None, dtype=None) -> Tensor:
-    """L·B of DESIGN §2: logistic noise (a difference of two Gumbels), kept with probability p."""
-    u = torch.rand(shape, device=device, dtype=dtype)
-    noise = torch.log(u + NOISE_EPS) - torch.log1p(NOISE_EPS - u)
-    if p < 1.0:
-        noise = noise * (torch.rand(shape, device=device, dtype=dtype) < p)
-    return noise
-
-
-@dataclass(frozen=True)
-class GateMath:
-    """What the i/f gates compute in one forward: σ((a + noise) · scale), or 1[a ≥ 0] when `hard`."""
-
-    scale: float = 1.0
-    noise_p: float = 0.0
-    hard: bool = False
-
-    @classmethod
-    def of(cls, g2: G2Config, training: bool) -> "GateMath":
-        if g2.gate_mode == "lstm":
-            return cls()
-        if g2.gate_mode == "sharpened":
-            return cls(scale=1.0 / g2.sharpen_tau)
-        if training:
-            return cls(scale=1.0 / g2.tau, noise_p=g2.p)
-        return {"soft": cls(), "tempered": cls(scale=1.0 / g2.tau), "hard": cls(hard=True)}[g2.eval_gate]
-
-    @property
-    def is_plain_lstm(self) -> bool:
-        """True when a (row-scaled) standard LSTM computes exactly this, so cuDNN can run it."""
-        return not self.hard and self.noise_p == 0.0
-
-    def apply(self, a_if: Tensor, noise: Tensor | None = None) -> Tensor:
-        if self.hard:
-            return (a_if >= 0).to(a_if.dtype)
-        if noise is not None:
-            a_if = a_if + noise
-        if self.scale != 1.0:
-            a_if = a_if * self.scale
-        return torch.sigmoid(a_if)
+from trainables.gates import GateMath, logistic_noise
+from trainables.report import GATES, HIGH, HIST_BINS, LOW, gate_column, histogram_key
 
 
 def lstm_layer_reference(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor,
@@ -200,8 +159,6 @@ class G2LSTM(nn.Module):
             return "plain"
         if self.impl == "fused":
             return "fused"
-        from trainables import g2lstm_kernels   # triton is imported lazily, only where it can run
-
         # `auto` takes the Triton path on CUDA only; the CPU interpreter is for tests that ask for "fused"
         return "fused" if device.type == "cuda" and g2lstm_kernels.fused_available(device) else "reference"
 
@@ -212,7 +169,6 @@ class G2LSTM(nn.Module):
             return lstm_layer_plain
         if path == "reference":
             return lstm_layer_reference
-        from trainables import g2lstm_kernels
 
         # a fresh noise seed per layer and forward, drawn on the device: it follows torch.manual_seed and
         # the checkpointed RNG state, and stays valid inside a captured CUDA graph
@@ -255,14 +211,14 @@ class GateStatistics:
     def histograms(self) -> dict[str, list[float]]:
         """{"l{k}_{i|f}": fraction of gate values in each of the 10 bins}."""
         frac = self.counts / self.total.clamp(min=1)[..., None]
-        return {f"l{k}_{g}": frac[k, j].tolist() for k in range(frac.shape[0]) for j, g in enumerate("if")}
+        return {histogram_key(k, g): frac[k, j].tolist() for k in range(frac.shape[0]) for j, g in enumerate(GATES)}
 
     def summary(self) -> dict[str, float]:
         """{"gate_l{k}_{i|f}_lt01": fraction < 0.1, "gate_l{k}_{i|f}_gt09": fraction > 0.9}."""
         total = self.total.clamp(min=1)
         out = {}
         for k in range(total.shape[0]):
-            for j, g in enumerate("if"):
-                out[f"gate_l{k}_{g}_lt01"] = float(self.low[k, j] / total[k, j])
-                out[f"gate_l{k}_{g}_gt09"] = float(self.high[k, j] / total[k, j])
+            for j, g in enumerate(GATES):
+                out[gate_column(k, g, LOW)] = float(self.low[k, j] / total[k, j])
+                out[gate_column(k, g, HIGH)] = float(self.high[k, j] / total[k, j])
         return out

@@ -20,8 +20,10 @@ With precision="bf16" only GEMM *operands* are bf16: every GEMM accumulates in f
 pre-activations, dh, dx and the weight gradients are never rounded to bf16. Every launch runs under the device
 of its tensors (`_on_device`), not whichever CUDA device happens to be current.
 
-Triton is imported on first use, so this module imports on machines without it, and `TRITON_INTERPRET=1` (the
-CPU interpreter the tests use) takes effect if it is set before triton is first imported in the process.
+Triton is imported and the kernels are jitted on first use (`_load_triton`), so this module imports on machines
+without it. `TRITON_INTERPRET=1` (the CPU interpreter the tests use) is read twice: when the kernels are jitted
+(`triton.jit` picks interpreter or compiler as it decorates, once per process), and by `interpreting()` when
+`fused_lstm_layer` is handed CPU tensors.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from trainables.config import PRECISIONS, check_choice
-from trainables.g2lstm import NOISE_EPS, GateMath
+from trainables.gates import NOISE_EPS, GateMath
 
 MAX_BLOCK = 256        # state elements per program: enough programs to fill an H100 at B·H ≈ 16k
 
@@ -195,18 +197,6 @@ def _backward_step(a, c, dy, dh, dc, da, daq, seed_ptr, step, n, H, scale, p,
         tl.store(qt + row + 3 * H, _to_bf16(da_o), mask)
 
 
-@_triton_fn()
-def _noise_window(out, seed_ptr, n, H, p, BLOCK: tl.constexpr):
-    """out (T, B, 2H), [i, f]: the noise forward_step adds at step program_id(1)."""
-    k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = k < n
-    step = tl.program_id(1)
-    n_i, n_f = _if_noise(tl.load(seed_ptr), step, k, p)
-    o_row = out + step.to(tl.int64) * 2 * n + (k // H) * 2 * H + k % H
-    tl.store(o_row, n_i, mask)
-    tl.store(o_row + H, n_f, mask)
-
-
 def _mm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     """a @ b in fp32: accumulated and returned in fp32 whatever the operand dtype (bf16 operands stay bf16 on CUDA;
     elsewhere they are widened, which is exact: bf16 values and their products are exact in fp32)."""
@@ -342,15 +332,3 @@ def fused_lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tens
     with torch.autocast(x.device.type, enabled=False), _on_device(x.device):   # our precision, the tensors' device
         return _FusedLSTMLayer.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, _seed_tensor(seed, x.device),
                                      float(gate.scale), float(gate.noise_p), record_gates, precision == "bf16")
-
-
-def gate_noise(seed: int | Tensor, steps: int, batch: int, hidden: int, p: float,
-               device: torch.device | str | None = None) -> Tensor:
-    """The noise L·B (T, B, 2H), [i, f], that fused_lstm_layer adds with this seed and p (for tests)."""
-    _load_triton()
-    out = torch.zeros(steps, batch, 2 * hidden, device=device)
-    if p > 0:
-        (blocks,), block = _grid(batch * hidden)
-        _noise_window[(blocks, steps)](out, _seed_tensor(seed, out.device), batch * hidden, hidden, float(p),
-                                       BLOCK=block)
-    return out

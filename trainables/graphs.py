@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 Window = Callable[..., tuple[Tensor, ...]]
 MAX_GRAPHS = 32
+GRAPHED_DEVICE = "cuda"    # the device type whose windows are captured; windows on any other run eagerly
 
 
 class _FreshGrad(torch.autograd.Function):
@@ -54,16 +55,12 @@ class WindowGraphs:
         module: while it is in eval mode, calls run `window` eagerly (as they do under `torch.no_grad()`).
         warmup: eager iterations before each capture (Triton compiles, cuBLAS picks its kernels).
         max_graphs: input shapes captured at most; calls with other shapes run eagerly.
-        capture, device_type: the capturing function (`torch.cuda.make_graphed_callables`) and the device
-            whose tensors it takes; tests substitute a stand-in on "cpu". Other tensors run eagerly.
     """
 
     def __init__(self, window: Window, params: Sequence[nn.Parameter], *, module: nn.Module | None = None,
-                 warmup: int = 3, max_graphs: int = MAX_GRAPHS, capture: Callable | None = None,
-                 device_type: str = "cuda"):
+                 warmup: int = 3, max_graphs: int = MAX_GRAPHS):
         self.window, self.params, self.module = window, tuple(params), module
-        self.warmup, self.max_graphs, self.device_type = warmup, max_graphs, device_type
-        self.capture = capture or torch.cuda.make_graphed_callables
+        self.warmup, self.max_graphs = warmup, max_graphs
         self.graphs: dict[tuple, Window] = {}
         self.pool = None
         self.replays = 0           # graphed forwards so far; a backward checks that its own was the last
@@ -89,7 +86,7 @@ class WindowGraphs:
 
     def _graphable(self, args: tuple[Tensor, ...]) -> bool:
         training = self.module is None or self.module.training
-        return training and torch.is_grad_enabled() and all(a.device.type == self.device_type for a in args)
+        return training and torch.is_grad_enabled() and all(a.device.type == GRAPHED_DEVICE for a in args)
 
     def _param_storage(self) -> tuple[int, ...]:
         return tuple(p.data_ptr() for p in self.params)
@@ -115,7 +112,8 @@ class WindowGraphs:
         def window(*inputs: Tensor) -> tuple[Tensor, ...]:
             return self.window(*inputs[:count])      # the trailing inputs are `params`, read by `window` itself
 
+        capture = torch.cuda.make_graphed_callables
         options = {"num_warmup_iters": self.warmup}
-        if "pool" in inspect.signature(self.capture).parameters:   # shared pools need PyTorch >= 2.3
+        if "pool" in inspect.signature(capture).parameters:   # shared pools need PyTorch >= 2.3
             options["pool"] = self.pool
-        return self.capture(window, sample + self.params, **options)
+        return capture(window, sample + self.params, **options)

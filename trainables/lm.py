@@ -12,6 +12,7 @@ import logging
 import math
 import random
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,16 +20,29 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainables.config import G2Config, LMConfig, TrialConfig
-from trainables.data import batchify, find_corpus, generate_once, lm_batch, load_lm_corpus, toy_grammar_corpus
+from trainables.corpora import find_corpus
 from trainables.g2lstm import G2LSTM, GateStatistics
 from trainables.graphs import WindowGraphs
+from trainables.lm_data import batchify, lm_batch, load_lm_corpus
 from trainables.regularize import (NonMonotoneTrigger, activation_regularization, embedding_dropout,
                                    locked_dropout, temporal_activation_regularization)
 from trainables.task import Task, make_optimizer
+from trainables.toy import generate_once, toy_grammar_corpus
 
 log = logging.getLogger(__name__)
 State = list[tuple[Tensor, Tensor]]     # per layer (h, c), each (1, B, H_k)
 GATE_BATCHES = 8                        # validation windows scored for gate statistics
+
+
+@dataclass(frozen=True)
+class LMOutput:
+    """What one RNNLM forward gives: the logits and new state, and the last layer's outputs AR/TAR read."""
+
+    logits: Tensor                      # (T, B, V)
+    state: State
+    raw_output: Tensor                  # (T, B, E) last layer's output, before the output dropout (TAR)
+    dropped_output: Tensor              # (T, B, E) after it, what the decoder reads (AR)
+    gates: list[Tensor] | None = None   # per layer i/f gates (T, B, 2H), [i, f]; None unless `return_gates`
 
 
 class RNNLM(nn.Module):
@@ -56,22 +70,23 @@ class RNNLM(nn.Module):
                 for layer in self.layers]
 
     def forward(self, tokens: Tensor, state: State, *, return_gates: bool = False,
-                recurrent: Callable[..., tuple[Tensor, ...]] | None = None):
-        """tokens (T, B) -> (logits (T, B, V), new state, raw last output (T, B, E), dropped (T, B, E)[, gates]).
+                recurrent: Callable[..., tuple[Tensor, ...]] | None = None) -> LMOutput:
+        """tokens (T, B) -> LMOutput: logits (T, B, V), new state, raw and dropped last outputs (T, B, E), and
+        with `return_gates` every layer's i/f gates.
 
         `recurrent` stands in for `self.recurrent` (the training loop passes its CUDA graphs of it).
         """
         cfg = self.cfg
         x = embedding_dropout(self.embedding, tokens, cfg.dropout_embed, self.training)   # (T, B, E)
         x = locked_dropout(x, cfg.dropout_input, self.training)
+        gates = None
         if recurrent is None or return_gates:
             raw, dropped, new_state, gates = self._recur(x, state, return_gates)
         else:
             raw, dropped, *flat = recurrent(x, *flatten_state(state))
             new_state = unflatten_state(flat)
         logits = self.decoder(dropped)                                                   # (T, B, V)
-        result = (logits, new_state, raw, dropped)
-        return (*result, gates) if return_gates else result
+        return LMOutput(logits, new_state, raw, dropped, gates if return_gates else None)
 
     def recurrent(self, x: Tensor, *flat_state: Tensor) -> tuple[Tensor, ...]:
         """The recurrent window in tensors only, as CUDA graphs capture it: x (T, B, E), h_0, c_0, h_1, ...
@@ -202,12 +217,13 @@ class LMTask(Task):
             for group in self.optimizer.param_groups:      # a longer window takes a proportionally larger step
                 group["lr"] = cfg.train.lr * x.shape[0] / cfg.lm.bptt
             state = detach_state(state)
-            logits, state, raw, dropped = model(x, state, recurrent=self.graphs)
-            loss = F.cross_entropy(logits.reshape(-1, self.vocab_size), y.reshape(-1))
+            out = model(x, state, recurrent=self.graphs)
+            state = out.state
+            loss = F.cross_entropy(out.logits.reshape(-1, self.vocab_size), y.reshape(-1))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch}, batch {batches}")
-            full = (loss + activation_regularization(dropped, cfg.lm.alpha)
-                    + temporal_activation_regularization(raw, cfg.lm.beta))
+            full = (loss + activation_regularization(out.dropped_output, cfg.lm.alpha)
+                    + temporal_activation_regularization(out.raw_output, cfg.lm.beta))
             self.optimizer.zero_grad(set_to_none=True)
             full.backward()
             if cfg.train.clip:
@@ -258,13 +274,14 @@ class LMTask(Task):
         total_nll, total_tokens, batches = 0.0, 0, 0
         for i in range(0, source.shape[0] - 1, cfg.lm.bptt):
             x, y = lm_batch(source, i, cfg.lm.bptt)
-            logits, state, raw, _ = model(x, state)
+            out = model(x, state)
+            state = out.state
             if cfg.lm.cache_window:
-                logp, memory = cache_pointer_logprobs(logits, raw, y, memory, cfg.lm.cache_window,
+                logp, memory = cache_pointer_logprobs(out.logits, out.raw_output, y, memory, cfg.lm.cache_window,
                                                       cfg.lm.cache_theta, cfg.lm.cache_lambda)
                 nll = -logp.sum()
             else:
-                nll = F.cross_entropy(logits.reshape(-1, self.vocab_size), y.reshape(-1), reduction="sum")
+                nll = F.cross_entropy(out.logits.reshape(-1, self.vocab_size), y.reshape(-1), reduction="sum")
             total_nll += nll.item()
             total_tokens += y.numel()
             batches += 1
@@ -284,8 +301,9 @@ class LMTask(Task):
             if n == GATE_BATCHES:
                 break
             x, _ = lm_batch(source, i, self.cfg.lm.bptt)
-            _, state, _, _, gates = model(x, state, return_gates=True)
-            stats.update(gates)
+            out = model(x, state, return_gates=True)
+            state = out.state
+            stats.update(out.gates)
         return stats
 
     def state_dict(self) -> dict:

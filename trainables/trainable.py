@@ -29,7 +29,8 @@ import torch
 from trainables.checkpoint import BEST_MODEL_FILE, load_checkpoint, load_model, save_checkpoint, save_model
 from trainables.compress import compress_model
 from trainables.config import SMOKE, TrainConfig, TrialConfig, parse_override
-from trainables.data import cache_root
+from trainables.corpora import cache_root
+from trainables.presets import DEFAULT_PRESETS
 from trainables.device import rng_state, set_rng_state, trial_device, use_ieee_fp32
 from trainables.report import DIVERGED, OK, EpochReport, SweepRow, scored
 from trainables.store import ModelStore
@@ -275,8 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainables.trainable", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("task", choices=["lm", "nmt"])
-    parser.add_argument("--preset", help="lm: awd | medium | tiny; nmt: default | paper | tiny "
-                                         "(default: tiny with --smoke, else awd / default)")
+    parser.add_argument("--preset", help="lm: awd | medium | tiny; nmt: default | paper | tiny (default: tiny with "
+                                         f"--smoke, else {' / '.join(f'{t}: {p}' for t, p in DEFAULT_PRESETS.items())})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a dotted field, e.g. --set g2.tau=0.5 (repeatable)")
     parser.add_argument("--smoke", action="store_true", help="2 short epochs and a small sweep, for CI")
@@ -288,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     try:
-        preset = args.preset or ("tiny" if args.smoke else {"lm": "awd", "nmt": "default"}[args.task])
+        preset = args.preset or ("tiny" if args.smoke else DEFAULT_PRESETS[args.task])
         overrides = dict(parse_override(o) for o in args.overrides)
         cfg = TrialConfig.preset(args.task, preset)
         cfg = TrialConfig.from_flat({**(SMOKE if args.smoke else {}), **overrides}, base=cfg)

@@ -1,0 +1,59 @@
+"""The i/f gate maths of the G2-LSTM (Li et al., ICML 2018; DESIGN §2), shared by every path that runs a layer.
+
+The reference recurrence (`trainables/g2lstm.py`) and the fused Triton kernels (`trainables/g2lstm_kernels.py`)
+both compute i, f from the pre-activations a of the contiguous rows 0:2H, [i, f], as `GateMath` says:
+σ((a + L·B) · scale) in training with logistic noise L = log(U+ε) − log(1+ε−U), U ~ U(0,1), B ~ Bernoulli(p),
+or 1[a ≥ 0] for hard evaluation gates. ε is `NOISE_EPS` in both, so the two paths draw the same distribution.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from trainables.config import G2Config
+
+NOISE_EPS = 1e-3          # ε of the logistic noise, as in the authors' code
+
+
+def logistic_noise(shape: tuple[int, ...], p: float, *, device=None, dtype=None) -> Tensor:
+    """L·B of DESIGN §2: logistic noise (a difference of two Gumbels), kept with probability p."""
+    u = torch.rand(shape, device=device, dtype=dtype)
+    noise = torch.log(u + NOISE_EPS) - torch.log1p(NOISE_EPS - u)
+    if p < 1.0:
+        noise = noise * (torch.rand(shape, device=device, dtype=dtype) < p)
+    return noise
+
+
+@dataclass(frozen=True)
+class GateMath:
+    """What the i/f gates compute in one forward: σ((a + noise) · scale), or 1[a ≥ 0] when `hard`."""
+
+    scale: float = 1.0
+    noise_p: float = 0.0
+    hard: bool = False
+
+    @classmethod
+    def of(cls, g2: G2Config, training: bool) -> "GateMath":
+        if g2.gate_mode == "lstm":
+            return cls()
+        if g2.gate_mode == "sharpened":
+            return cls(scale=1.0 / g2.sharpen_tau)
+        if training:
+            return cls(scale=1.0 / g2.tau, noise_p=g2.p)
+        return {"soft": cls(), "tempered": cls(scale=1.0 / g2.tau), "hard": cls(hard=True)}[g2.eval_gate]
+
+    @property
+    def is_plain_lstm(self) -> bool:
+        """True when a (row-scaled) standard LSTM computes exactly this, so cuDNN can run it."""
+        return not self.hard and self.noise_p == 0.0
+
+    def apply(self, a_if: Tensor, noise: Tensor | None = None) -> Tensor:
+        if self.hard:
+            return (a_if >= 0).to(a_if.dtype)
+        if noise is not None:
+            a_if = a_if + noise
+        if self.scale != 1.0:
+            a_if = a_if * self.scale
+        return torch.sigmoid(a_if)

@@ -1,0 +1,226 @@
+"""Attentional LSTM encoder-decoder for translation, every recurrent layer a G2LSTM (DESIGN §4).
+
+Layout: time-major throughout, `src (S, B)`, `tgt (T, B)`, hidden `(layers, B, H)`. The encoder's first layer is
+bidirectional (two one-layer G2LSTMs, the backward one reading each sentence reversed within its own length, so
+padding never enters a real position), the layers above it unidirectional. The decoder uses additive (Bahdanau)
+attention scored against its top hidden state and input feeding (Luong et al. 2015): the attentional vector
+h̃_t = tanh(W_c [ctx_t; h_t]) feeds the output layer and is concatenated to the next input embedding. Input
+feeding makes every decoder step depend on the previous one, so training and decoding share one `step`.
+Dropout (Zaremba et al. 2014) sits on non-recurrent connections only: embeddings, between layers, h̃_t.
+
+Source and target share one embedding: the BPE vocabulary is joint, so a piece (a name, a number, a cognate)
+is the same string on both sides, and on a 29k-pair corpus the halved embedding also keeps the model's bits
+(DESIGN §3 accounting counts embeddings) from being dominated by two copies of the vocabulary.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from trainables.config import G2Config, NMTConfig
+from trainables.g2lstm import G2LSTM
+
+RecurrentFactory = Callable[..., G2LSTM]   # (input_size, hidden_size, num_layers, **kw) -> a G2LSTM
+
+
+def run_rnn(rnn: G2LSTM, x: Tensor, state=None, return_gates: bool = False, weights: dict | None = None):
+    """(y, (h, c), per-layer i/f gates or []); `weights` replaces some of the layer's parameters for this call."""
+    kwargs = {"return_gates": True} if return_gates else {}
+    out = rnn(x, state, **kwargs) if weights is None else functional_call(rnn, weights, (x, state), kwargs)
+    return out if return_gates else (*out, [])
+
+
+def reverse_index(lengths: Tensor, steps: int) -> Tensor:
+    """(S, B) time index reversing each column within its length and leaving its padding in place."""
+    t = torch.arange(steps, device=lengths.device)[:, None]                # (S, 1)
+    return torch.where(t < lengths[None], lengths[None] - 1 - t, t)        # (S, B); an involution
+
+
+def take_time(x: Tensor, index: Tensor) -> Tensor:
+    """x (S, B, F) gathered along time: by an (S, B) index -> (S, B, F), or a (B,) index -> (B, F)."""
+    if index.dim() == 1:
+        return x.gather(0, index.view(1, -1, 1).expand(1, -1, x.size(-1))).squeeze(0)
+    return x.gather(0, index[:, :, None].expand_as(x))
+
+
+@dataclass(frozen=True)
+class EncoderOut:
+    outputs: Tensor         # (S, B, D) top layer, D = 2H with one encoder layer, else H
+    final: Tensor           # (B, D) top layer at each sentence's last real token (both ends when bidirectional)
+    mask: Tensor            # (S, B) bool, True at real tokens
+    gates: list[Tensor]     # per recurrent layer (S, B, 2H) [i, f], in source order; [] unless asked
+
+
+@dataclass(frozen=True)
+class Memory:
+    """What attention reads at every decoder step; keys are projected once per sentence, not per step."""
+
+    values: Tensor          # (S, B, D)
+    keys: Tensor            # (S, B, A)
+    mask: Tensor            # (S, B)
+
+    def repeat(self, k: int) -> "Memory":
+        """Each column repeated k times in place (b*k + j), for a flattened batch × beam."""
+        return Memory(*(t.repeat_interleave(k, dim=1) for t in (self.values, self.keys, self.mask)))
+
+
+@dataclass(frozen=True)
+class DecoderState:
+    h: Tensor               # (L, B, H)
+    c: Tensor               # (L, B, H)
+    feed: Tensor            # (B, H) previous attentional vector h̃_{t-1} (input feeding)
+
+    def select(self, rows: Tensor) -> "DecoderState":
+        return DecoderState(self.h.index_select(1, rows), self.c.index_select(1, rows), self.feed.index_select(0, rows))
+
+
+class Encoder(nn.Module):
+    """Bidirectional first layer, unidirectional G2LSTM layers above it."""
+
+    def __init__(self, cfg: NMTConfig, rnn: RecurrentFactory, embed: nn.Embedding):
+        super().__init__()
+        self.embed, self.dropout = embed, cfg.dropout
+        e, h = cfg.embed_dim, cfg.hidden_size
+        self.forward_rnn = rnn(e, h, 1, weight_drop=cfg.weight_drop)
+        self.backward_rnn = rnn(e, h, 1, weight_drop=cfg.weight_drop)
+        self.upper = (rnn(2 * h, h, cfg.encoder_layers - 1, dropout=cfg.dropout,
+                             weight_drop=cfg.weight_drop) if cfg.encoder_layers > 1 else None)
+        self.output_dim = h if self.upper is not None else 2 * h
+
+    def forward(self, src: Tensor, src_mask: Tensor, return_gates: bool = False) -> EncoderOut:
+        """src, src_mask (S, B). Outputs at real positions never depend on the batch's padding."""
+        lengths = src_mask.sum(0)                                            # (B,)
+        last = (lengths - 1).clamp(min=0)                                    # (B,); an empty source reads step 0
+        x = F.dropout(self.embed(src), self.dropout, self.training)         # (S, B, E)
+        rev = reverse_index(lengths, src.size(0))                            # (S, B)
+        fwd, _, gates_f = run_rnn(self.forward_rnn, x, return_gates=return_gates)              # (S, B, H)
+        bwd, _, gates_b = run_rnn(self.backward_rnn, take_time(x, rev), return_gates=return_gates)
+        final = torch.cat([take_time(fwd, last), take_time(bwd, last)], -1)  # (B, 2H): both directions' ends
+        y = torch.cat([fwd, take_time(bwd, rev)], -1)                        # (S, B, 2H), bwd back in source order
+        gates = gates_f + [take_time(g, rev) for g in gates_b]
+        if self.upper is not None:
+            y = F.dropout(y, self.dropout, self.training)
+            y, _, gates_u = run_rnn(self.upper, y, return_gates=return_gates)   # (S, B, H)
+            final, gates = take_time(y, last), gates + gates_u                  # (B, H)
+        y = F.dropout(y, self.dropout, self.training)
+        return EncoderOut(y, final, src_mask, gates)
+
+
+class AdditiveAttention(nn.Module):
+    """score(q, k_j) = vᵀ tanh(W_q q + W_k k_j) (Bahdanau et al. 2015), source padding masked."""
+
+    def __init__(self, query_dim: int, key_dim: int, attn_dim: int):
+        super().__init__()
+        self.query_proj = nn.Linear(query_dim, attn_dim, bias=False)
+        self.key_proj = nn.Linear(key_dim, attn_dim)
+        self.v = nn.Linear(attn_dim, 1, bias=False)
+
+    def forward(self, query: Tensor, memory: Memory) -> tuple[Tensor, Tensor]:
+        """query (B, Q) -> context (B, D), weights (S, B)."""
+        scores = self.v(torch.tanh(memory.keys + self.query_proj(query)[None])).squeeze(-1)   # (S, B)
+        # finfo.min rather than -inf: an empty source then gets uniform weights instead of NaN.
+        scores = scores.masked_fill(~memory.mask, torch.finfo(scores.dtype).min)
+        weights = torch.softmax(scores, dim=0)                                                 # (S, B)
+        return (weights[:, :, None] * memory.values).sum(0), weights
+
+
+class Decoder(nn.Module):
+    """Input-feeding attentional decoder of G2LSTM layers, run one target token per `step`."""
+
+    def __init__(self, cfg: NMTConfig, rnn: RecurrentFactory, embed: nn.Embedding, memory_dim: int,
+                 vocab_size: int):
+        super().__init__()
+        e, h, layers = cfg.embed_dim, cfg.hidden_size, cfg.decoder_layers
+        self.embed, self.dropout, self.weight_drop = embed, cfg.dropout, cfg.weight_drop
+        self.num_layers, self.hidden_size = layers, h
+        # DropConnect is applied here, once per target sequence: G2LSTM's own would redraw it at every step.
+        self.rnn = rnn(e + h, h, layers, dropout=cfg.dropout)
+        self.bridge = nn.Linear(memory_dim, 2 * layers * h)     # encoder final state -> (h_0, c_0) of every layer
+        self.attention = AdditiveAttention(h, memory_dim, h)
+        self.combine = nn.Linear(memory_dim + h, h, bias=False)  # W_c of h̃ = tanh(W_c [ctx; h])
+        self.output = nn.Linear(h, vocab_size)
+
+    def start(self, enc: EncoderOut) -> tuple[Memory, DecoderState]:
+        batch = enc.final.size(0)
+        h0, c0 = self.bridge(enc.final).view(batch, 2, self.num_layers, self.hidden_size).permute(1, 2, 0, 3)
+        state = DecoderState(torch.tanh(h0).contiguous(), c0.contiguous(),             # (L, B, H) each
+                             enc.final.new_zeros(batch, self.hidden_size))              # (B, H)
+        return Memory(enc.outputs, self.attention.key_proj(enc.outputs), enc.mask), state
+
+    def sequence_weights(self) -> dict[str, Tensor] | None:
+        """W_hh with one DropConnect mask for a whole target sequence (AWD-LSTM); None when off."""
+        if not (self.training and self.weight_drop):
+            return None
+        return {f"weight_hh_l{k}": F.dropout(self.rnn.layer_weights(k)[1], self.weight_drop, True)
+                for k in range(self.num_layers)}
+
+    def step(self, tokens: Tensor, state: DecoderState, memory: Memory, weights: dict | None = None,
+             return_gates: bool = False) -> tuple[Tensor, DecoderState, list[Tensor]]:
+        """tokens (B,) -> attentional vector h̃_t (B, H), the next state, per-layer gates (1, B, 2H) or []."""
+        emb = F.dropout(self.embed(tokens), self.dropout, self.training)        # (B, E)
+        x = torch.cat([emb, state.feed], -1)[None]                               # (1, B, E + H)
+        y, (h, c), gates = run_rnn(self.rnn, x, (state.h, state.c), return_gates, weights)   # y (1, B, H)
+        context, _ = self.attention(y[0], memory)                                # (B, D)
+        out = torch.tanh(self.combine(torch.cat([context, y[0]], -1)))          # (B, H)
+        out = F.dropout(out, self.dropout, self.training)
+        return out, DecoderState(h, c, out), gates
+
+    def forward(self, tgt_in: Tensor, memory: Memory, state: DecoderState,
+                return_gates: bool = False) -> tuple[Tensor, list[Tensor]]:
+        """Teacher forcing: tgt_in (T, B) -> attentional vectors (T, B, H), per-layer gates (T, B, 2H) or []."""
+        weights = self.sequence_weights()
+        outs, steps_gates = [], []
+        for tokens in tgt_in.unbind(0):
+            out, state, gates = self.step(tokens, state, memory, weights, return_gates)
+            outs.append(out)
+            steps_gates.append(gates)
+        gates = [torch.cat(layer) for layer in zip(*steps_gates)] if return_gates else []
+        return torch.stack(outs), gates
+
+
+class Seq2Seq(nn.Module):
+    """Encoder-decoder over one joint vocabulary; `forward` returns teacher-forced logits (T, B, V)."""
+
+    def __init__(self, cfg: NMTConfig, g2: G2Config, vocab_size: int, pad_id: int, bos_id: int, eos_id: int, *,
+                 impl: str = "auto", precision: str = "fp32"):
+        super().__init__()
+        self.cfg, self.pad_id, self.bos_id, self.eos_id = cfg, pad_id, bos_id, eos_id
+        self.embed = nn.Embedding(vocab_size, cfg.embed_dim, padding_idx=pad_id)
+        # PyTorch's N(0, 1) rows keep W_ih·x near unit scale under the LSTM's U(±1/√H) weights; fairseq's
+        # U(±0.1) made the pre-activations ~17× smaller, and the toy copy task started learning epochs later.
+        rnn = functools.partial(G2LSTM, g2=g2, impl=impl, precision=precision)
+        self.encoder = Encoder(cfg, rnn, self.embed)
+        self.decoder = Decoder(cfg, rnn, self.embed, self.encoder.output_dim, vocab_size)
+
+    def encode(self, src: Tensor, src_mask: Tensor) -> tuple[Memory, DecoderState]:
+        return self.decoder.start(self.encoder(src, src_mask))
+
+    def forward(self, src: Tensor, src_mask: Tensor, tgt_in: Tensor, *, return_gates: bool = False):
+        """src, src_mask (S, B); tgt_in (T, B) -> logits (T, B, V), and with `return_gates` every layer's i/f
+        gates in `recurrent_layer_names` order: encoder ones (S, B, 2H), decoder ones (T, B, 2H)."""
+        enc = self.encoder(src, src_mask, return_gates)
+        memory, state = self.decoder.start(enc)
+        outs, dec_gates = self.decoder(tgt_in, memory, state, return_gates)
+        logits = self.decoder.output(outs)                                   # (T, B, V)
+        return (logits, enc.gates + dec_gates) if return_gates else logits
+
+    def context_columns(self) -> dict[str, slice]:
+        """{parameter name: columns} of the input weights through which attention reaches the gates.
+
+        The decoder's first layer reads [embedding (E); h̃_{t-1} (H)] (`Decoder.step`): the h̃ columns are this
+        model's counterpart of the authors' context-to-gate matrix `Wc`, which their NMT compression included and
+        the embedding columns are not (`compress.targets = recurrent+context`).
+        """
+        e, h = self.cfg.embed_dim, self.cfg.hidden_size
+        return {"decoder.rnn.weight_ih_l0": slice(e, e + h)}
+
+    def recurrent_layer_names(self) -> list[str]:
+        upper = self.encoder.upper.num_layers if self.encoder.upper is not None else 0
+        return (["encoder.forward", "encoder.backward"] + [f"encoder.upper.l{k}" for k in range(upper)]
+                + [f"decoder.l{k}" for k in range(self.decoder.num_layers)])
