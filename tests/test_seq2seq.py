@@ -20,7 +20,7 @@ def test_forward_shapes_and_gate_layers(encoder_layers, decoder_layers):
     model = small_model(encoder_layers, decoder_layers)
     batch = make_batches(random_examples(6), 6, shuffle=False)[0]
     (src_len, b), tgt_len = batch.src.shape, batch.tgt_in.size(0)
-    logits, gates = run(model, batch, return_gates=True)
+    logits, gates = model.forward_with_gates(batch.src, batch.src_mask, batch.tgt_in)
     assert logits.shape == (tgt_len, b, VOCAB)
     names = model.recurrent_layer_names()
     assert len(names) == len(gates) == encoder_layers + 1 + decoder_layers

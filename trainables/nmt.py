@@ -125,7 +125,7 @@ class NMTTask(Task):
         n_enc = len(model.recurrent_layer_names()) - model.decoder.num_layers
         with evaluating(model):
             for batch in spread(self.eval_batches["valid"], GATE_BATCHES):
-                _, gates = model(batch.src, batch.src_mask, batch.tgt_in, return_gates=True)
+                _, gates = model.forward_with_gates(batch.src, batch.src_mask, batch.tgt_in)
                 stats.update([g[batch.src_mask] for g in gates[:n_enc]]
                              + [g[batch.tgt_mask] for g in gates[n_enc:]])   # each (N, 2H), pads dropped
         return stats

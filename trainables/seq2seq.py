@@ -201,14 +201,20 @@ class Seq2Seq(nn.Module):
     def encode(self, src: Tensor, src_mask: Tensor) -> tuple[Memory, DecoderState]:
         return self.decoder.start(self.encoder(src, src_mask))
 
-    def forward(self, src: Tensor, src_mask: Tensor, tgt_in: Tensor, *, return_gates: bool = False):
-        """src, src_mask (S, B); tgt_in (T, B) -> logits (T, B, V), and with `return_gates` every layer's i/f
-        gates in `recurrent_layer_names` order: encoder ones (S, B, 2H), decoder ones (T, B, 2H)."""
-        enc = self.encoder(src, src_mask, return_gates)
+    def forward(self, src: Tensor, src_mask: Tensor, tgt_in: Tensor) -> Tensor:
+        """src, src_mask (S, B); tgt_in (T, B) -> teacher-forced logits (T, B, V)."""
+        return self._teacher_forced(src, src_mask, tgt_in, record_gates=False)[0]
+
+    def forward_with_gates(self, src: Tensor, src_mask: Tensor, tgt_in: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """`forward`, and every layer's i/f gates in `recurrent_layer_names` order: encoder ones (S, B, 2H),
+        decoder ones (T, B, 2H)."""
+        return self._teacher_forced(src, src_mask, tgt_in, record_gates=True)
+
+    def _teacher_forced(self, src: Tensor, src_mask: Tensor, tgt_in: Tensor, record_gates: bool):
+        enc = self.encoder(src, src_mask, record_gates)
         memory, state = self.decoder.start(enc)
-        outs, dec_gates = self.decoder(tgt_in, memory, state, return_gates)
-        logits = self.decoder.output(outs)                                   # (T, B, V)
-        return (logits, enc.gates + dec_gates) if return_gates else logits
+        outs, dec_gates = self.decoder(tgt_in, memory, state, record_gates)
+        return self.decoder.output(outs), enc.gates + dec_gates            # (T, B, V), [] unless recorded
 
     def context_columns(self) -> dict[str, slice]:
         """{parameter name: columns} of the input weights through which attention reaches the gates.
