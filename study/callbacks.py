@@ -15,6 +15,7 @@ import pandas as pd
 from ray import tune
 
 from study.config import StudyConfig
+from study.failures import error_message, is_error_report
 from study.report import study_front
 from study.results import ResultsWriter
 from study.tracking import StudyTracker
@@ -37,15 +38,6 @@ def trial_error_text(trial) -> str:
     return str(trial.get_error() or "the trial failed without an error message")
 
 
-def error_message(error: Any) -> str:
-    """The exception line of a trial's error (Ray wraps it in a traceback)."""
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    for line in reversed(lines):
-        if ":" in line and not line.startswith(("File ", "^", "During handling")):
-            return line
-    return lines[-1] if lines else repr(error)
-
-
 def describe_trial(config: dict[str, Any]) -> str:
     mode = config.get("g2.gate_mode", "?")
     knobs = f" τ={config['g2.tau']:.2f} p={config['g2.p']:.2f}" if mode == "g2" else ""
@@ -62,9 +54,10 @@ class StudyCallback(tune.Callback):
         self._statuses: Counter = Counter()
         self._ok_rows: list[dict] = []   # the results rows of the ok trials finished so far
         self._earlier: dict[str, list[dict] | None] = {}   # trial id -> rows recorded by an earlier driver
+        self._measured: dict[str, dict] = {}   # trial id -> its last report that was a measurement, not an error
 
     def __getstate__(self):
-        return {**self.__dict__, "_writer": None, "_tracker": None, "_earlier": {}}
+        return {**self.__dict__, "_writer": None, "_tracker": None, "_earlier": {}, "_measured": {}}
 
     @property
     def writer(self) -> ResultsWriter:
@@ -96,12 +89,18 @@ class StudyCallback(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if self._finished_before(trial) is not None:   # what it says again was recorded already
             return
+        if is_error_report(result):   # the trial's own exception (study.failures): recorded at its end
+            return
+        self._measured[trial.trial_id] = result
         self.writer.record_report(trial.trial_id, trial.config, result)
         self.tracker.log_epoch(trial.trial_id, result, step=int(result.get("epoch") or result["training_iteration"]))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         if (rows := self._finished_before(trial)) is not None:
             self._close_earlier(trial, rows, trials)
+            return
+        if is_error_report(trial.last_result):
+            self._record_error(trial, trial.last_result["error"], trials)
             return
         rows = self.writer.record_end(trial.trial_id, trial.config)
         status = rows[0]["status"]
@@ -115,8 +114,19 @@ class StudyCallback(tune.Callback):
                         message)
             self._close_earlier(trial, rows, trials)
             return
+        self._record_error(trial, message, trials)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        """Its worker process or node was lost (the trial's own exceptions are reports, `study.failures`)."""
+        failures = trial.run_metadata.num_failures
+        self.printer(f"[  -/{self.total}] {trial.trial_id} lost its worker ({error_message(trial_error_text(trial))});"
+                     f" retrying from its last checkpoint (failure {failures} of {self.cfg.max_failures} allowed)")
+
+    def _record_error(self, trial, message: str, trials) -> None:
+        """A trial that raised (its own code) or whose retries ran out: one error row, its run FAILED."""
         rows = self.writer.record_end(trial.trial_id, trial.config, error=message)
-        self.tracker.end_trial(trial.trial_id, "error", trial.last_result or None, message)
+        last = trial.last_result if not is_error_report(trial.last_result) else self._measured.get(trial.trial_id)
+        self.tracker.end_trial(trial.trial_id, "error", last or None, message)
         self._finished(trial, "error", rows, trials)
 
     def _close_earlier(self, trial, rows: list[dict], trials) -> None:

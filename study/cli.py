@@ -1,7 +1,7 @@
 """`g2-study`: launch, resume and inspect G2-LSTM compression studies.
 
     g2-study run [CONFIG.toml] [--set key=value ...]     (no config: study/configs/quickstart.toml)
-    g2-study resume NAME
+    g2-study resume NAME                                (after Ctrl-C, a killed driver, a crash)
     g2-study results NAME [--front] [--where EXPR] [--format table|csv|parquet]
     g2-study ui NAME                                    (the MLflow UI on 127.0.0.1)
     g2-study check CONFIG.toml                          (validate only)
@@ -20,7 +20,8 @@ from trainables.config import SMOKE
 
 QUICKSTART = Path(__file__).resolve().parent / "configs" / "quickstart.toml"
 STUDY_SMOKE = ["study.num_samples=4", *(f"{field}={json.dumps(value)}" for field, value in SMOKE.items())]
-EXIT_BAD_INPUT = 2
+EXIT_BAD_INPUT = 2          # invalid config, or the study cannot be run now (finished, being run by another driver)
+EXIT_INTERRUPTED = 130      # Ctrl-C, as a shell reports SIGINT: the study can be resumed
 
 
 def _config_args(parser: argparse.ArgumentParser, config_required: bool) -> None:
@@ -50,7 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("name")
     res.add_argument("--storage", default="studies")
     res.add_argument("--front", action="store_true", help="only the Pareto front of the study's objectives")
-    res.add_argument("--where", help="a pandas query, e.g. \"status == 'ok' and `g2.tau` < 0.5\"")
+    res.add_argument("--where", metavar="EXPR",
+                     help="rows to keep: comparisons of columns with values, and/or/not, in [...], == None "
+                          "(no code runs; see study/filters.py), e.g. \"status == 'ok' and 0.5 < g2.tau <= 2\" or "
+                          "\"method in ['svd', 'quant'] and `compress.rank` >= 8\"")
     res.add_argument("--format", choices=["table", "csv", "parquet"], default="table")
     res.add_argument("--output", type=Path, help="file to write (required for parquet)")
     ui = sub.add_parser("ui", help="serve the study's MLflow runs on 127.0.0.1")
@@ -118,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    # it looks for Tune's result.json files, which a study does not write (its callback records every report)
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    from study.claim import StudyBusyError
     from study.runner import StudyStateError
 
     try:
@@ -132,19 +139,30 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             from study.runner import run_study
 
-            outcome = run_study(cfg)
-            return 1 if outcome.all_failed else 0
+            return _exit_code(run_study(cfg))
         if args.command == "resume":
             from study.runner import resume_study
 
-            outcome = resume_study(args.name, args.storage)
-            return 1 if outcome.all_failed else 0
+            return _exit_code(resume_study(args.name, args.storage))
         if args.command == "results":
             return cmd_results(args)
         return cmd_ui(args)
-    except (ValueError, StudyStateError) as err:
+    except (ValueError, StudyStateError, StudyBusyError) as err:
         print(f"g2-study {args.command}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:   # a second Ctrl-C, or one before Ray Tune took over the signal
+        if args.command in ("run", "resume"):
+            where = f"{args.name} --storage {args.storage}" if args.command == "resume" else "NAME --storage DIR"
+            print(f"g2-study {args.command}: interrupted; continue the study with `g2-study resume {where}`",
+                  file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _exit_code(outcome) -> int:
+    """130 when interrupted (resumable), 1 when every trial failed, else 0."""
+    if outcome.interrupted:
+        return EXIT_INTERRUPTED
+    return 1 if outcome.all_failed else 0
 
 
 if __name__ == "__main__":

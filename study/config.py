@@ -60,7 +60,8 @@ class StudyConfig:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0            # fractional GPUs pack small trials onto one device
     scheduler: Literal["none", "asha"] = "none"
-    max_failures: int = 0                  # retries of a trial that raised (0: a failure is recorded as data)
+    max_failures: int = 3                  # retries of a trial whose worker or node was lost, from its last
+                                           # checkpoint; a trial whose own code raises is recorded, never retried
     trial: dict[str, Any] = field(default_factory=dict)   # flat, dotted TrialConfig overrides
     space: tuple[Param, ...] = ()          # () = the default space of DESIGN §5
 

@@ -10,6 +10,10 @@ Column names are the names the trainable reports (`trainables/trainable.py`) and
 so Parquet, MLflow and the search space cannot drift apart. Every file is cast to one explicit schema derived from the
 TrialConfig dataclasses; only the gate-saturation columns (`gate_l{k}_{i|f}_{lt01|gt09}`) of results and curves vary,
 with the number of layers, and are float64 wherever they appear.
+
+Every file is written beside its final name under a name starting with '.', which readers skip, and renamed into
+place (an object store publishes an upload whole by itself), so a killed writer leaves the previous file whole. A
+file damaged anyway (a bad copy, a disk fault) is a `CorruptFileError` naming it, never a silently shorter table.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from study.filters import filter_table
 from trainables.config import CompressConfig, TrialConfig
 
 log = logging.getLogger(__name__)
@@ -39,7 +44,8 @@ SETTING_KNOBS = ("compress.rank", "compress.bits", "compress.paper")   # per row
 
 _IDENTITY = {"study": pa.string(), "trial_id": pa.string(), "status": pa.string(), "error": pa.string(),
              "task": pa.string(), "metric_name": pa.string(), "finished_at": pa.timestamp("us", tz="UTC"),
-             "device": pa.string(), "training_key": pa.string(), "reused_checkpoint": pa.bool_()}
+             "device": pa.string(), "node_id": pa.string(), "training_key": pa.string(),
+             "reused_checkpoint": pa.bool_()}   # node_id: the Ray node that ran the trial's last report
 _SETTING = {"method": pa.string(), "is_trial_setting": pa.bool_(), "epoch": pa.int64(), "best_epoch": pa.int64(),
             "wall_time_s": pa.float64()}
 _METRICS = {"val_metric": pa.float64(), "test_metric": pa.float64(),
@@ -171,7 +177,7 @@ def trial_rows(study: str, trial_id: str, config: Mapping[str, Any], last_report
     knobs = _knobs(config)
     base = {**knobs, "study": study, "trial_id": trial_id, "status": status, "finished_at": finished_at,
             "error": error if error is not None else (report.get("error") if status != "ok" else None),
-            **{k: report.get(k) for k in ("metric_name", "device", "training_key", "epoch", "best_epoch")},
+            **{k: report.get(k) for k in ("metric_name", "device", "node_id", "training_key", "epoch", "best_epoch")},
             "reused_checkpoint": bool(report.get("reused_checkpoint", False)) if report else None,
             "wall_time_s": report.get("train_time_s"), **gate_columns(report)}
     base["task"] = knobs.get("task", report.get("task"))
@@ -306,6 +312,19 @@ def write_gates(study_dir: str | os.PathLike, trial_id: str, rows: Sequence[Mapp
     return _write(study_dir, GATES_DIR, trial_id, _to_table(rows, gates_schema))
 
 
+class CorruptFileError(ValueError):
+    """A file of the study's datasets that Parquet cannot read: truncated, damaged, or not Parquet at all."""
+
+
+def _read_file(fs: pafs.FileSystem, path: str) -> pa.Table:
+    """One whole trial file, or a CorruptFileError naming it (pyarrow's own message does not say which file)."""
+    try:
+        return pq.read_table(path, filesystem=fs)
+    except (pa.ArrowException, OSError) as err:
+        raise CorruptFileError(f"cannot read {path}: {err}; if it is truncated or corrupt, move it aside "
+                               "(its trial's rows are lost) to read the rest of the study") from err
+
+
 def _read_all(study_dir: str | os.PathLike, sub: str, schema_fn) -> pa.Table:
     """Every trial file of `sub`, schemas unified (files differ in their gate columns), in one table."""
     fs, root = _filesystem(study_dir)
@@ -313,7 +332,7 @@ def _read_all(study_dir: str | os.PathLike, sub: str, schema_fn) -> pa.Table:
     paths = sorted(info.path for info in fs.get_file_info(selector)
                    if info.type == pafs.FileType.File and info.base_name.endswith(".parquet")
                    and not info.base_name.startswith("."))   # `.…tmp`: a write in progress
-    tables = [pq.read_table(p, filesystem=fs) for p in paths]
+    tables = [_read_file(fs, p) for p in paths]
     names = {n for t in tables for n in t.column_names}
     schema = schema_fn(n for n in names if GATE_COLUMN.match(n))
     if not tables:
@@ -334,21 +353,13 @@ def _to_pandas(table: pa.Table) -> pd.DataFrame:
     return df
 
 
-def _select(df: pd.DataFrame, filters: str | None, columns: Sequence[str] | None,
-            status: str | Sequence[str] | None) -> pd.DataFrame:
+def _select(df: pd.DataFrame, columns: Sequence[str] | None, status: str | Sequence[str] | None) -> pd.DataFrame:
     if status is not None:
         wanted = [status] if isinstance(status, str) else list(status)
         bad = sorted(set(wanted) - set(STATUSES))
         if bad:
             raise ValueError(f"status must be among {', '.join(STATUSES)}, got {', '.join(map(repr, bad))}")
         df = df[df["status"].isin(wanted).fillna(False).astype(bool)]
-    if filters:
-        try:
-            df = df.query(filters)
-        except pd.errors.UndefinedVariableError as err:
-            dotted = [c for c in df.columns if "." in c and c in filters and f"`{c}`" not in filters]
-            hint = f"; quote dotted names in backticks, e.g. `{dotted[0]}`" if dotted else ""
-            raise ValueError(f"cannot evaluate filter {filters!r}: {err}{hint}") from err
     if columns is not None:
         missing = [c for c in columns if c not in df.columns]
         if missing:
@@ -362,24 +373,25 @@ def load(study_dir_or_uri: str | os.PathLike, *, filters: str | None = None, col
     """All results rows of a study, sorted by trial_id, method and setting; an empty frame if there are none.
 
     Args:
-        filters: a `DataFrame.query` expression. Knob names contain dots, so they go in backticks:
-            "`g2.tau` < 0.5 and `g2.gate_mode` == 'g2'"; plain names need none: "gate_bits < 1e5".
+        filters: a condition in the language of `study.filters` (no code runs), e.g.
+            "status == 'ok' and g2.tau < 0.5 and method in ['svd', 'quant']"; a name that is not a plain dotted
+            identifier goes in backquotes. An unknown column or construct is a `study.filters.FilterError`.
         columns: the columns to return, in that order (filters may still use any column).
         status: keep only these statuses (`ok`, `pruned`, `diverged`, `error`).
 
     Strings are pandas `string`, ints `Int64` and bools `boolean` (all with pd.NA for missing), floats float64 (NaN),
     `finished_at` datetime64[us, UTC], list knobs (`sweep.ranks`) tuples.
     """
-    df = _to_pandas(_read_all(study_dir_or_uri, RESULTS_DIR, results_schema))
+    df = _to_pandas(filter_table(_read_all(study_dir_or_uri, RESULTS_DIR, results_schema), filters))
     df = df.sort_values(["trial_id", "method", *SETTING_KNOBS], kind="stable", na_position="first")
-    return _select(df, filters, columns, status)
+    return _select(df, columns, status)
 
 
 def load_curves(study_dir_or_uri: str | os.PathLike, *, filters: str | None = None,
                 columns: Sequence[str] | None = None) -> pd.DataFrame:
     """All per-epoch rows of a study, sorted by trial_id and epoch; `filters` / `columns` as in `load`."""
-    df = _to_pandas(_read_all(study_dir_or_uri, CURVES_DIR, curves_schema))
-    return _select(df.sort_values(["trial_id", "epoch"], kind="stable"), filters, columns, None)
+    df = _to_pandas(filter_table(_read_all(study_dir_or_uri, CURVES_DIR, curves_schema), filters))
+    return _select(df.sort_values(["trial_id", "epoch"], kind="stable"), columns, None)
 
 
 def load_gates(study_dir_or_uri: str | os.PathLike, *, filters: str | None = None) -> pd.DataFrame:
@@ -388,8 +400,8 @@ def load_gates(study_dir_or_uri: str | os.PathLike, *, filters: str | None = Non
     One histogram set per trial, from the last report that carried one (the final epoch of a finished trial); a trial
     that reused a trained model has none. Join with `load(...)` on trial_id for its status and other knobs.
     """
-    df = _to_pandas(_read_all(study_dir_or_uri, GATES_DIR, gates_schema))
-    return _select(df.sort_values("trial_id", kind="stable"), filters, None, None)
+    df = _to_pandas(filter_table(_read_all(study_dir_or_uri, GATES_DIR, gates_schema), filters))
+    return _select(df.sort_values("trial_id", kind="stable"), None, None)
 
 
 # --------------------------------------------------------------------------- the driver's recorder
@@ -411,7 +423,7 @@ class ResultsWriter:
         """Epochs already on disk: after a driver restart a resumed trial reports only the epochs it has left."""
         if trial_id not in self._curves:
             fs, path = self._path(CURVES_DIR, trial_id)
-            rows = pq.read_table(path, filesystem=fs).to_pylist() if _exists(fs, path) else []
+            rows = _read_file(fs, path).to_pylist() if _exists(fs, path) else []
             self._curves[trial_id] = {int(r["epoch"]): r for r in rows}
         return self._curves[trial_id]
 
@@ -426,7 +438,7 @@ class ResultsWriter:
         it had none); its recorded end is what Optuna was told, so it stands.
         """
         fs, path = self._path(RESULTS_DIR, trial_id)
-        return pq.read_table(path, filesystem=fs).to_pylist() if _exists(fs, path) else None
+        return _read_file(fs, path).to_pylist() if _exists(fs, path) else None
 
     def record_report(self, trial_id: str, config: Mapping[str, Any], report: Mapping[str, Any]) -> None:
         """Keep the report and rewrite the trial's curves file."""

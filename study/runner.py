@@ -14,11 +14,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from study.claim import DriverClaim
 from study.config import StudyConfig
 from study.space import DefineByRun
 
@@ -108,6 +110,8 @@ def configure_ray_environment(address: str) -> None:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")   # our callback records; no CSV/TBX copies
+    # a failed or diverged trial's last report has no objectives: it is data (study.failures), not a misspelt metric
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     if not address:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")   # keep a local run on 127.0.0.1
         return
@@ -120,24 +124,48 @@ def configure_ray_environment(address: str) -> None:
         log.info("using the Ray auth token in %s", token)
 
 
-def start_ray(cfg: StudyConfig) -> None:
+def start_ray(cfg: StudyConfig) -> str:
+    """Join `cfg.address` or start a private local Ray; returns the session directory of a local one, else ""."""
     import ray
 
     configure_ray_environment(cfg.address)
     if ray.is_initialized():
-        return
+        return ""
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
     try:
         if cfg.address:
             ray.init(address=cfg.address, **kwargs)
-        else:
-            ray.init(address="local", _node_ip_address="127.0.0.1", **kwargs)
+            return ""
+        context = ray.init(address="local", _node_ip_address="127.0.0.1", **kwargs)
+        return str(context.address_info.get("session_dir", ""))
     except Exception as err:   # Ray raises several types here; add what the user needs to know
         if "auth" in str(err).lower() or "token" in str(err).lower():
             raise RuntimeError(f"could not join the Ray cluster at {cfg.address!r}: {err}\nThe cluster uses token "
                                "authentication: give this driver the head's token, e.g. export "
                                "RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=<path of the head's ~/.ray/auth_token>") from err
         raise
+
+
+def check_resources(cfg: StudyConfig) -> None:
+    """Refuse, before any trial starts, a study whose trials fit on no node: Tune would keep them pending forever.
+
+    The nodes alive now are what counts (a cluster that adds nodes on demand is not one this study assumes).
+    """
+    import ray
+
+    need = {"CPU": cfg.cpus_per_trial, "GPU": cfg.gpus_per_trial}
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if any(all(n["Resources"].get(k, 0.0) >= v for k, v in need.items() if v > 0) for n in nodes):
+        return
+    total = ray.cluster_resources()
+    described = "; ".join(f"node {n['NodeID'][:8]} ({n.get('NodeManagerAddress', '?')}): "
+                          f"CPU {n['Resources'].get('CPU', 0):g}, GPU {n['Resources'].get('GPU', 0):g}"
+                          for n in nodes) or "no node alive"
+    raise StudyStateError(f"no node of the Ray cluster can run a trial of study {cfg.name!r}: each needs "
+                          f"study.cpus_per_trial={cfg.cpus_per_trial:g} CPU and study.gpus_per_trial="
+                          f"{cfg.gpus_per_trial:g} GPU on one node, but the cluster has CPU "
+                          f"{total.get('CPU', 0):g}, GPU {total.get('GPU', 0):g} in all ({described}); "
+                          f"lower them or add a node that has them")
 
 
 # --------------------------------------------------------------------------- Optuna
@@ -167,15 +195,24 @@ def open_optuna_study(cfg: StudyConfig, url: str, seed: int):
     return study
 
 
+ORPHAN_NOTE = ("handed out by Optuna to a driver that was killed before Ray Tune saved the trial; "
+               "the resumed study asked for a new one in its place")
+
+
 def fail_orphaned_trials(cfg: StudyConfig, url: str) -> int:
-    """Trials Optuna handed out to a driver that then died stay RUNNING forever; once a run is over, every
-    RUNNING trial is such an orphan. Record them as FAILED (they were asked for, never run)."""
+    """Mark FAIL, with a note why, the Optuna trials a killed driver left RUNNING; returns how many.
+
+    Optuna stores a trial when it is asked for, Tune saves its experiment every few seconds: a trial asked for in
+    between is unknown to the restored experiment, which asks again. Once a run is over, every RUNNING trial is
+    such an orphan (it was handed out, never run to a report).
+    """
     import optuna
     from optuna.trial import TrialState
 
     study = optuna.load_study(study_name=cfg.name, storage=url)
     orphans = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for trial in orphans:
+        study._storage.set_trial_user_attr(trial._trial_id, "g2.orphan", ORPHAN_NOTE)
         study.tell(trial.number, state=TrialState.FAIL)
     return len(orphans)
 
@@ -186,6 +223,7 @@ def make_searcher(cfg: StudyConfig, paths: StudyPaths, seed: int):
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
+    from study.failures import is_error_report
     from study.results import trial_status
 
     class StudySearch(OptunaSearch):
@@ -194,7 +232,7 @@ def make_searcher(cfg: StudyConfig, paths: StudyPaths, seed: int):
 
         def on_trial_complete(self, trial_id, result=None, error=False):
             # Tune marks a scheduler-stopped result `done` too: only the final report carries the sweep
-            status = "error" if error else trial_status(result)
+            status = "error" if error or is_error_report(result) else trial_status(result)
             if status != "ok":
                 result, error = None, status in ("error", "diverged")
             super().on_trial_complete(trial_id, result=result, error=error)
@@ -212,9 +250,10 @@ def make_searcher(cfg: StudyConfig, paths: StudyPaths, seed: int):
 # --------------------------------------------------------------------------- the Tune run
 
 def make_trainable(cfg: StudyConfig):
+    """The task's trainable, guarded so that only a lost worker is a Tune failure (and retried, `max_failures`)."""
     from ray import tune
 
-    from trainables.trainable import train_lm, train_nmt
+    from study.failures import train_lm, train_nmt
 
     return tune.with_resources(train_lm if cfg.task == "lm" else train_nmt,
                                {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
@@ -250,10 +289,40 @@ class StudyOutcome:
     trials: int
     failed: int
     wall_time_s: float
+    interrupted: bool = False   # stopped (Ctrl-C) with trials left: `g2-study resume` continues it
 
     @property
     def all_failed(self) -> bool:
         return self.trials > 0 and self.failed == self.trials
+
+
+def _fit(tuner) -> int:
+    """Run the experiment; how many of its trials ended (finished, failed or stopped early).
+
+    On Ctrl-C `Tuner.fit()` saves the experiment and returns normally, with trials still running, pending or not
+    yet asked for (STACK.md), and then stops the running ones: in memory they end TERMINATED. The experiment state it
+    saved just before says what they were, so only that state tells whether the experiment is over.
+    """
+    from ray import tune
+
+    grid = tuner.fit()
+    return sum(t.status in ("TERMINATED", "ERROR") for t in tune.ExperimentAnalysis(grid.experiment_path).trials)
+
+
+def _interrupted(cfg: StudyConfig, paths: StudyPaths, ended: int, num_samples: int, started: float,
+                 printer: Printer) -> StudyOutcome:
+    """Ctrl-C: nothing is marked finished or failed, so `resume` carries on exactly where this stopped."""
+    from study import results
+    from study.callbacks import open_tracker
+
+    tracker = open_tracker(cfg, str(paths.root))
+    tracker.attach()
+    tracker.end("interrupted")
+    printer(f"\nstudy {cfg.name} interrupted with {ended} of {num_samples} trial(s) finished; nothing is lost, "
+            f"continue it with\n  g2-study resume {cfg.name} --storage {paths.root.parent}")
+    trials = results.load(str(paths.root))["trial_id"].nunique()
+    return StudyOutcome(cfg.name, paths.root, paths.tracking_uri(cfg), trials, 0, time.time() - started,
+                        interrupted=True)
 
 
 def _finish(cfg: StudyConfig, paths: StudyPaths, state: StudyState, experiment: str, started: float,
@@ -266,40 +335,72 @@ def _finish(cfg: StudyConfig, paths: StudyPaths, state: StudyState, experiment: 
     state.write(paths.state)
     orphans = fail_orphaned_trials(cfg, paths.optuna_url(cfg))
     if orphans:
-        log.warning("%d Optuna trial(s) left RUNNING by an interrupted driver were marked FAIL", orphans)
+        printer(f"{orphans} Optuna trial(s) left RUNNING by the interrupted driver are marked FAIL: they were "
+                f"handed out but never reported (the driver was killed before Ray Tune saved them)")
     trials, failed = close_study(cfg, str(paths.root), paths.tracking_uri(cfg), printer)
     return StudyOutcome(cfg.name, paths.root, paths.tracking_uri(cfg), trials, failed, time.time() - started)
+
+
+def bridge_checkpoint_rotation(exp_dir: Path) -> list[Path]:
+    """Copies that let Tune restore a trial whose checkpoint it rotated away just before its driver was killed.
+
+    With `num_to_keep=1` Tune deletes a trial's previous checkpoint as soon as it registers the next one, and saves
+    the experiment state a moment later: a driver killed in between leaves a state naming a checkpoint that is gone,
+    and every restore of that trial fails ("does not exist on storage anymore"). The newest checkpoint is the same
+    trial further on (its loop state says which epoch), so a copy of it under the previous name resumes the trial
+    from there. Returns the copies made, which the caller removes once the experiment is over.
+    """
+    made = []
+    for trial_dir in (d for d in exp_dir.iterdir() if d.is_dir()):
+        checkpoints = sorted(trial_dir.glob("checkpoint_[0-9]*"))
+        if not checkpoints:
+            continue
+        index = int(checkpoints[-1].name.rpartition("_")[2])
+        previous = trial_dir / f"checkpoint_{index - 1:06d}"
+        if index > 0 and not previous.exists():
+            shutil.copytree(checkpoints[-1], previous)
+            made.append(previous)
+    return made
+
+
+def _start_ray(cfg: StudyConfig, claim: DriverClaim) -> None:
+    """Ray up, this driver's local Ray recorded in its claim, and the trials known to fit on some node."""
+    session = start_ray(cfg)
+    if session:
+        claim.watch_local_ray(session)
+    check_resources(cfg)
 
 
 def run_study(cfg: StudyConfig, *, printer: Printer = print) -> StudyOutcome:
     """Start a new study, or extend a finished one by `cfg.total_samples()` trials."""
     paths = StudyPaths.of(cfg)
-    state = StudyState.read(paths.state)
-    if state is not None and any(not e["finished"] for e in state.experiments):
-        raise StudyStateError(f"study {cfg.name!r} in {paths.root} was interrupted; continue it with "
-                              f"`g2-study resume {cfg.name} --storage {cfg.storage}`")
-    if state is not None and StudyConfig.from_json(state.config).task != cfg.task:
-        raise StudyStateError(f"study {cfg.name!r} in {paths.root} is a {StudyConfig.from_json(state.config).task} "
-                              f"study; pick another study.name")
-    started = time.time()
-    paths.root.mkdir(parents=True, exist_ok=True)
-    state = state or StudyState(config=cfg.to_json())
-    state.config = cfg.to_json()
-    k = len(state.experiments)
-    experiment = cfg.name if k == 0 else f"{cfg.name}-ext{k}"
-    num_samples = cfg.total_samples()
-    state.experiments.append({"name": experiment, "num_samples": num_samples, "finished": False})
-    state.write(paths.state)
-    from study.callbacks import open_tracker
+    with DriverClaim(paths.root, cfg.name, printer) as claim:
+        state = StudyState.read(paths.state)
+        if state is not None and any(not e["finished"] for e in state.experiments):
+            raise StudyStateError(f"study {cfg.name!r} in {paths.root} was interrupted; continue it with "
+                                  f"`g2-study resume {cfg.name} --storage {cfg.storage}`")
+        if state is not None and StudyConfig.from_json(state.config).task != cfg.task:
+            raise StudyStateError(f"study {cfg.name!r} in {paths.root} is a "
+                                  f"{StudyConfig.from_json(state.config).task} study; pick another study.name")
+        started = time.time()
+        _start_ray(cfg, claim)   # before the study records an experiment that could not start
+        state = state or StudyState(config=cfg.to_json())
+        state.config = cfg.to_json()
+        k = len(state.experiments)
+        experiment = cfg.name if k == 0 else f"{cfg.name}-ext{k}"
+        num_samples = cfg.total_samples()
+        state.experiments.append({"name": experiment, "num_samples": num_samples, "finished": False})
+        state.write(paths.state)
+        from study.callbacks import open_tracker
 
-    open_tracker(cfg, str(paths.root)).start(cfg.to_flat(), tags={"g2.storage": str(paths.root)})
-    start_ray(cfg)
-    printer(f"study {cfg.name}: {num_samples} trial(s) of {cfg.task}/{cfg.preset_name}, sampler {cfg.sampler}, "
-            f"objectives {', '.join(f'{o} ({m})' for o, m in zip(cfg.objectives, cfg.modes()))}")
-    printer(f"  study directory {paths.root}\n  MLflow {paths.tracking_uri(cfg)}")
-    tuner = make_tuner(cfg, paths, experiment, num_samples, cfg.sampler_seed + k, printer)
-    tuner.fit()
-    return _finish(cfg, paths, state, experiment, started, printer)
+        open_tracker(cfg, str(paths.root)).start(cfg.to_flat(), tags={"g2.storage": str(paths.root)})
+        printer(f"study {cfg.name}: {num_samples} trial(s) of {cfg.task}/{cfg.preset_name}, sampler {cfg.sampler}, "
+                f"objectives {', '.join(f'{o} ({m})' for o, m in zip(cfg.objectives, cfg.modes()))}")
+        printer(f"  study directory {paths.root}\n  MLflow {paths.tracking_uri(cfg)}")
+        tuner = make_tuner(cfg, paths, experiment, num_samples, cfg.sampler_seed + k, printer)
+        if (ended := _fit(tuner)) < num_samples:
+            return _interrupted(cfg, paths, ended, num_samples, started, printer)
+        return _finish(cfg, paths, state, experiment, started, printer)
 
 
 def resume_study(name: str, storage: str = "studies", *, printer: Printer = print) -> StudyOutcome:
@@ -307,25 +408,32 @@ def resume_study(name: str, storage: str = "studies", *, printer: Printer = prin
     from ray import tune
 
     paths = StudyPaths.named(storage, name)
-    state = read_state(paths)
-    cfg = StudyConfig.from_json(state.config)
-    pending = [e for e in state.experiments if not e["finished"]]
-    if not pending:
-        raise StudyStateError(f"study {name!r} has finished; run it again with --num-samples N to extend it")
-    experiment = pending[-1]["name"]
-    exp_dir = paths.ray / experiment
-    started = time.time()
-    start_ray(cfg)
-    from study.callbacks import open_tracker
+    read_state(paths)   # a clear error, and no directory made, for a study that does not exist
+    with DriverClaim(paths.root, name, printer) as claim:
+        state = read_state(paths)
+        cfg = StudyConfig.from_json(state.config)
+        pending = [e for e in state.experiments if not e["finished"]]
+        if not pending:
+            raise StudyStateError(f"study {name!r} has finished; run it again with --num-samples N to extend it")
+        experiment, num_samples = pending[-1]["name"], pending[-1]["num_samples"]
+        exp_dir = paths.ray / experiment
+        started = time.time()
+        _start_ray(cfg, claim)
+        from study.callbacks import open_tracker
 
-    open_tracker(cfg, str(paths.root)).start(cfg.to_flat())
-    if not tune.Tuner.can_restore(str(exp_dir)):
-        # the driver died before Tune saved anything: nothing ran, so start this experiment afresh
-        printer(f"nothing to restore in {exp_dir}; starting its {pending[-1]['num_samples']} trial(s) again")
-        tuner = make_tuner(cfg, paths, experiment, pending[-1]["num_samples"], cfg.sampler_seed, printer)
-    else:
-        printer(f"resuming study {name} from {exp_dir}")
-        tuner = tune.Tuner.restore(str(exp_dir), trainable=make_trainable(cfg), resume_unfinished=True,
-                                   resume_errored=False, restart_errored=False)
-    tuner.fit()
-    return _finish(cfg, paths, state, experiment, started, printer)
+        open_tracker(cfg, str(paths.root)).start(cfg.to_flat())
+        bridges: list[Path] = []
+        if not tune.Tuner.can_restore(str(exp_dir)):
+            # the driver died before Tune saved anything: nothing ran, so start this experiment afresh
+            printer(f"nothing to restore in {exp_dir}; starting its {num_samples} trial(s) again")
+            tuner = make_tuner(cfg, paths, experiment, num_samples, cfg.sampler_seed, printer)
+        else:
+            printer(f"resuming study {name} from {exp_dir}")
+            bridges = bridge_checkpoint_rotation(exp_dir)
+            tuner = tune.Tuner.restore(str(exp_dir), trainable=make_trainable(cfg), resume_unfinished=True,
+                                       resume_errored=False, restart_errored=False)
+        if (ended := _fit(tuner)) < num_samples:
+            return _interrupted(cfg, paths, ended, num_samples, started, printer)   # a next resume may need them
+        for copy in bridges:   # those Tune restored from it rotated away; the others it never named
+            shutil.rmtree(copy, ignore_errors=True)
+        return _finish(cfg, paths, state, experiment, started, printer)

@@ -52,6 +52,18 @@ def test_results_where_and_parquet_export(real_study, tmp_path):
     assert len(df) > 0 and (df["compress.rank"] == 8).all() and (df["status"] == "ok").all()
 
 
+def test_results_where_runs_no_code_and_bad_filters_exit_2(real_study, tmp_path):
+    marker = tmp_path / "PWNED"
+    storage = str(real_study["storage"])
+    proc = cli("results", "real", "--storage", storage, "--where", f"@pd.io.common.os.system('touch {marker}')",
+               cwd=tmp_path)
+    assert proc.returncode == 2 and not marker.exists() and proc.stdout == ""
+    assert proc.stderr.startswith("g2-study results: error: invalid filter ") and "'@'" in proc.stderr
+    proc = cli("results", "real", "--storage", storage, "--where", "status == 'ok' and", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr == "g2-study results: error: invalid filter \"status == 'ok' and\": invalid syntax\n"
+
+
 def test_results_of_an_unknown_study_is_a_clear_error(tmp_path):
     proc = cli("results", "nope", "--storage", str(tmp_path), cwd=tmp_path)
     assert proc.returncode == 2 and "no study 'nope'" in proc.stderr

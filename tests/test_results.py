@@ -2,15 +2,21 @@
 from __future__ import annotations
 
 import math
+import re
+import signal
+import subprocess
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from conftest import trial_reports
+from conftest import REPO_ROOT, trial_reports
 from study import results
+from study.filters import FilterError
 from trainables.config import SMOKE, TrialConfig
 
 FINISHED = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
@@ -220,8 +226,10 @@ def test_load_filters_on_dotted_columns(trial, tmp_path):
     low = results.load(tmp_path, filters="`g2.tau` < 0.5 and method == 'none'", columns=["trial_id", "g2.tau"])
     assert low.to_dict("records") == [{"trial_id": "a", "g2.tau": 0.3}]
     assert len(results.load(f"file://{tmp_path}", filters="`compress.rank` == 8")) == 4   # a URI, too
-    with pytest.raises(ValueError, match="backticks"):
-        results.load(tmp_path, filters="g2.tau < 0.5")
+    bare = results.load(tmp_path, filters="g2.tau < 0.5 and method == 'none'", columns=["trial_id", "g2.tau"])
+    assert bare.equals(low)   # a dotted name needs no backquotes ...
+    with pytest.raises(FilterError, match="unknown column 'g2.taux' \\(did you mean 'g2.tau'\\?\\)"):
+        results.load(tmp_path, filters="g2.taux < 0.5")   # ... and a misspelt one is an error, not an empty frame
     with pytest.raises(ValueError, match="status"):
         results.load(tmp_path, status="okay")
 
@@ -276,3 +284,65 @@ def test_curves_survive_a_driver_restart(trial, tmp_path):
     assert curves["train_loss"].tolist() == [reports[0]["train_loss"], reports[1]["train_loss"]]
     assert curves["gate_l1_i_gt09"].dtype == "float64"
     assert Path(tmp_path, "curves", "t1.parquet").exists()
+
+
+KILLED_WRITER = """
+import io, os, signal, sys
+from datetime import datetime, timezone
+import pyarrow.parquet as pq
+from study import results
+
+def half_then_die(table, where, filesystem=None, **kwargs):
+    # the real writer's bytes, half of them on disk, then the process dies (an OOM kill, a node lost)
+    buffer = io.BytesIO()
+    real(table, buffer, **kwargs)
+    stream = filesystem.open_output_stream(where)
+    stream.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    stream.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+real, pq.write_table = pq.write_table, half_then_die
+results.write_trial(sys.argv[1], "t1", [{"study": "s", "trial_id": "t1", "status": "error", "error": "new",
+                                         "finished_at": datetime(2026, 1, 3, tzinfo=timezone.utc)}])
+"""
+
+
+def error_row(trial_id: str, error: str) -> dict:
+    return {"study": "s", "trial_id": trial_id, "status": "error", "error": error, "finished_at": FINISHED}
+
+
+def test_a_writer_killed_mid_write_leaves_the_old_file(tmp_path):
+    results.write_trial(tmp_path, "t1", [error_row("t1", "old")])
+    proc = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(tmp_path)], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+
+    partial, final = sorted((tmp_path / "results").iterdir())
+    assert final.name == "t1.parquet" and partial.name.startswith(".t1.") and partial.name.endswith(".tmp")
+    assert partial.stat().st_size > 0
+    with pytest.raises(pa.ArrowInvalid):   # it really is half a file ...
+        pq.read_table(partial)
+    assert results.load(tmp_path)["error"].tolist() == ["old"]   # ... which no reader picks up
+    assert results.ResultsWriter(tmp_path, "s").recorded_rows("t1")[0]["error"] == "old"
+
+    results.write_trial(tmp_path, "t1", [error_row("t1", "new")])   # the next attempt replaces the old file
+    assert results.load(tmp_path)["error"].tolist() == ["new"]
+
+
+@pytest.mark.parametrize("cut", [lambda n: 0, lambda n: n // 2, lambda n: n - 1], ids=["empty", "half", "last-byte"])
+def test_a_truncated_file_is_an_error_naming_it(tmp_path, cut):
+    for trial_id in ("t1", "t2"):
+        results.write_trial(tmp_path, trial_id, [error_row(trial_id, "boom")])
+        results.write_curves(tmp_path, trial_id, [{"study": "s", "trial_id": trial_id, "epoch": 1, "train_loss": 1.0}])
+    damaged = [tmp_path / sub / "t2.parquet" for sub in ("results", "curves")]
+    for path in damaged:
+        data = path.read_bytes()
+        path.write_bytes(data[: cut(len(data))])
+
+    for read, path in ((results.load, damaged[0]), (results.load_curves, damaged[1]),
+                       (lambda d: results.ResultsWriter(d, "s").recorded_rows("t2"), damaged[0]),
+                       (lambda d: results.ResultsWriter(d, "s").record_report("t2", {}, {"epoch": 2}), damaged[1])):
+        with pytest.raises(results.CorruptFileError, match=f"^cannot read {re.escape(str(path))}: ") as caught:
+            read(tmp_path)
+        assert isinstance(caught.value, ValueError) and "truncated or corrupt, move it aside" in str(caught.value)
+    assert results.ResultsWriter(tmp_path, "s").recorded_rows("t1")[0]["error"] == "boom"   # the others still read
