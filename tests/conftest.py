@@ -154,3 +154,51 @@ def real_study(tmp_path_factory):
     proc = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {"dir": root / "studies" / "real", "storage": root / "studies", "stdout": proc.stdout}
+
+
+def alive(procs) -> list:
+    """The psutil processes of `procs` still running (not gone, not zombies)."""
+    import psutil
+
+    out = []
+    for proc in procs:
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                out.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+STUDY = """
+[study]
+name = "{name}"
+task = "lm"
+preset = "tiny"
+sampler = "{sampler}"
+sampler_seed = {sampler_seed}
+num_samples = {num_samples}
+max_concurrent = {concurrent}
+
+[trial]
+"data.cache_dir" = "{cache}"
+"train.epochs" = {epochs}
+"train.max_batches" = {max_batches}
+"train.max_eval_batches" = {max_eval_batches}
+"sweep.ranks" = [0, 8]
+"sweep.bits" = [32, 4]
+"sweep.paper" = ["round_clip"]
+{space}
+"""
+
+
+def study_file(tmp_path: Path, name: str, *, sampler: str = "tpe", sampler_seed: int = 0, num_samples: int = 6,
+               concurrent: int = 2, epochs: int = 3, max_batches: int = 8, max_eval_batches: int = 4,
+               space: str = "") -> Path:
+    """A tiny toy-grammar LM study config (the smoke budget) for the real-Ray tests; `space` is extra TOML."""
+    path = tmp_path / f"{name}.toml"
+    path.write_text(STUDY.format(name=name, sampler=sampler, sampler_seed=sampler_seed, num_samples=num_samples,
+                                 concurrent=concurrent, epochs=epochs, max_batches=max_batches,
+                                 max_eval_batches=max_eval_batches, cache=tmp_path / "cache", space=space))
+    return path
+

@@ -20,37 +20,17 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import free_port, wait_for
+import conftest
+from conftest import alive, free_port, wait_for
 from study import results
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 
-STUDY = """
-[study]
-name = "{name}"
-task = "lm"
-preset = "tiny"
-sampler_seed = 5
-num_samples = {num_samples}
-max_concurrent = 2
-
-[trial]
-"data.cache_dir" = "{cache}"
-"train.epochs" = {epochs}
-"train.max_batches" = {max_batches}
-"train.max_eval_batches" = 3
-"sweep.ranks" = [0, 8]
-"sweep.bits" = [32, 4]
-"sweep.paper" = ["round_clip"]
-"""
-
 
 def study_file(tmp_path, name, *, num_samples, epochs, max_batches=6) -> Path:
-    path = tmp_path / f"{name}.toml"
-    path.write_text(STUDY.format(name=name, num_samples=num_samples, epochs=epochs, max_batches=max_batches,
-                                 cache=tmp_path / "cache"))
-    return path
+    return conftest.study_file(tmp_path, name, sampler_seed=5, num_samples=num_samples, epochs=epochs,
+                               max_batches=max_batches, max_eval_batches=3)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -75,17 +55,6 @@ def kill_tree(proc: subprocess.Popen) -> list[psutil.Process]:
             pass
     proc.wait(30)
     return tree
-
-
-def running(procs: list[psutil.Process]) -> list[psutil.Process]:
-    out = []
-    for p in procs:
-        try:
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return out
 
 
 def training_on(node: subprocess.Popen) -> bool:
@@ -242,5 +211,5 @@ def test_a_lost_node_s_trial_finishes_on_the_other_node_from_its_checkpoint(clus
     (run,) = client.search_runs([client.get_experiment_by_name(name).experiment_id], f"tags.`g2.trial_id` = '{lost}'")
     # from its checkpoint: no epoch measured twice (a restart from scratch would log epoch 1 again)
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_metric")) == [1, 2, 3, 4, 5]
-    assert not running(killed)
+    assert not alive(killed)
     print(f"\nlost node: {len(killed)} process(es) killed, none left; trial {lost} retried once; {counts}")

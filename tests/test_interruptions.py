@@ -21,41 +21,17 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import wait_for
+import conftest
+from conftest import alive, wait_for
 from study import results
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
-STUDY = """
-[study]
-name = "{name}"
-task = "lm"
-preset = "tiny"
-sampler = "{sampler}"
-sampler_seed = 3
-num_samples = {num_samples}
-max_concurrent = {concurrent}
-
-[trial]
-"data.cache_dir" = "{cache}"
-"train.epochs" = {epochs}
-"train.max_batches" = {max_batches}
-"train.max_eval_batches" = 3
-"sweep.ranks" = [0, 8]
-"sweep.bits" = [32, 4]
-"sweep.paper" = ["round_clip"]
-{space}
-"""
-
-
-def study_file(tmp_path, name, *, sampler="tpe", num_samples=4, concurrent=2, epochs=3, max_batches=6,
-               space="") -> Path:
-    path = tmp_path / f"{name}.toml"
-    path.write_text(STUDY.format(name=name, sampler=sampler, num_samples=num_samples, concurrent=concurrent,
-                                 epochs=epochs, max_batches=max_batches, cache=tmp_path / "cache", space=space))
-    return path
+def study_file(tmp_path, name, *, num_samples=4, epochs=3, max_batches=6, **kw) -> Path:
+    return conftest.study_file(tmp_path, name, sampler_seed=3, num_samples=num_samples, epochs=epochs,
+                               max_batches=max_batches, max_eval_batches=3, **kw)
 
 
 @pytest.fixture
@@ -100,17 +76,6 @@ def ray_descendants(pid: int) -> list[psutil.Process]:
         except (psutil.NoSuchProcess, psutil.ZombieProcess):
             pass
     return found
-
-
-def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
-    out = []
-    for proc in procs:
-        try:
-            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                out.append(proc)
-        except psutil.NoSuchProcess:
-            pass
-    return out
 
 
 def study_counts(study_dir: Path, name: str) -> dict:

@@ -18,7 +18,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import free_port, healthy, wait_for
+from conftest import free_port, healthy, study_file, wait_for
 from study import results
 
 pytestmark = pytest.mark.slow
@@ -67,26 +67,6 @@ def mlflow_server(tmp_path_factory):
     server.wait(30)
 
 
-STUDY = """
-[study]
-name = "{name}"
-task = "lm"
-preset = "tiny"
-sampler = "{sampler}"
-num_samples = {num_samples}
-max_concurrent = {concurrent}
-
-[trial]
-"data.cache_dir" = "{cache}"
-"train.epochs" = {epochs}
-"train.max_batches" = 8
-"train.max_eval_batches" = 4
-"sweep.ranks" = [0, 8]
-"sweep.bits" = [32, 4]
-"sweep.paper" = ["round_clip"]
-{space}
-"""
-
 FAILING_GRID = """
 [space."data.corpus"]
 choices = ["toy", "no-such-corpus"]        # half the trials fail on purpose: the corpus is missing
@@ -94,13 +74,6 @@ choices = ["toy", "no-such-corpus"]        # half the trials fail on purpose: th
 [space."compress.rank"]
 choices = [0, 4, 8]
 """
-
-
-def study_file(tmp_path, name, *, sampler="tpe", num_samples=6, concurrent=2, epochs=3, space="") -> Path:
-    path = tmp_path / f"{name}.toml"
-    path.write_text(STUDY.format(name=name, sampler=sampler, num_samples=num_samples, concurrent=concurrent,
-                                 epochs=epochs, cache=tmp_path / "cache", space=space))
-    return path
 
 
 def g2_study(args, cluster, tmp_path, **kw):
