@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 from ray import tune
@@ -18,17 +19,9 @@ from study.config import StudyConfig
 from study.failures import error_message, is_error_report
 from study.report import study_front
 from study.results import ResultsWriter
-from study.tracking import StudyTracker
+from study.tracking import StudyTracker, open_tracker
 
 log = logging.getLogger(__name__)
-
-
-def open_tracker(cfg: StudyConfig, root: str) -> StudyTracker:
-    from study.runner import StudyPaths
-
-    paths = StudyPaths(Path(root))
-    return StudyTracker(paths.tracking_uri(cfg), experiment=cfg.name, study_name=cfg.name,
-                        artifact_location=paths.artifact_location(cfg))
 
 
 def trial_error_text(trial) -> str:

@@ -24,10 +24,10 @@ import os
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable
 
 log = logging.getLogger(__name__)
 LOCK_FILE, CLAIM_FILE = "driver.lock", "driver.json"
@@ -50,7 +50,7 @@ class DriverInfo:
     ray_processes: list[list] = field(default_factory=list)   # [pid, create_time, name]
 
     @classmethod
-    def read(cls, path: Path) -> "DriverInfo | None":
+    def read(cls, path: Path) -> DriverInfo | None:
         try:
             return cls(**json.loads(path.read_text()))
         except FileNotFoundError:
@@ -164,7 +164,7 @@ class DriverClaim:
     def info_path(self) -> Path:
         return self.root / CLAIM_FILE
 
-    def __enter__(self) -> "DriverClaim":
+    def __enter__(self) -> DriverClaim:
         self.acquire()
         return self
 
@@ -188,7 +188,7 @@ class DriverClaim:
         if stale is not None:
             self._take_over(stale)
         self._info = DriverInfo(host=socket.gethostname(), pid=os.getpid(),
-                                started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                started=datetime.now(UTC).isoformat(timespec="seconds"),
                                 command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
         self._info.write(self.info_path)
 

@@ -15,7 +15,13 @@ import os
 import sys
 from pathlib import Path
 
-from study.config import load_study_config
+import optuna
+
+from study import results
+from study.claim import StudyBusyError
+from study.config import DEFAULT_STORAGE, StudyConfig, load_study_config
+from study.paths import StudyPaths, StudyStateError, read_state
+from study.report import format_front, metric_name_of, study_front
 from trainables.config import SMOKE
 
 QUICKSTART = Path(__file__).resolve().parent / "configs" / "quickstart.toml"
@@ -46,10 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(sub.add_parser("check", help="validate a study config and print it"), config_required=False)
     resume = sub.add_parser("resume", help="continue an interrupted study")
     resume.add_argument("name")
-    resume.add_argument("--storage", default="studies")
+    resume.add_argument("--storage", default=DEFAULT_STORAGE)
     res = sub.add_parser("results", help="print or export a study's results")
     res.add_argument("name")
-    res.add_argument("--storage", default="studies")
+    res.add_argument("--storage", default=DEFAULT_STORAGE)
     res.add_argument("--front", action="store_true", help="only the Pareto front of the study's objectives")
     res.add_argument("--where", metavar="EXPR",
                      help="rows to keep: comparisons of columns with values, and/or/not, in [...], == None "
@@ -59,9 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--output", type=Path, help="file to write (required for parquet)")
     ui = sub.add_parser("ui", help="serve the study's MLflow runs on 127.0.0.1")
     ui.add_argument("name")
-    ui.add_argument("--storage", default="studies")
+    ui.add_argument("--storage", default=DEFAULT_STORAGE)
     ui.add_argument("--port", type=int, default=5000)
     return parser
+
+
+def runner():
+    """study.runner, imported only by the commands that run a study: it loads Ray and Optuna (seconds)."""
+    import study.runner
+
+    return study.runner
 
 
 def load_from_args(args: argparse.Namespace):
@@ -72,17 +85,10 @@ def load_from_args(args: argparse.Namespace):
 
 
 def saved_config(name: str, storage: str):
-    from study.config import StudyConfig
-    from study.runner import StudyPaths, read_state
-
     return StudyConfig.from_json(read_state(StudyPaths.named(storage, name)).config)
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from study import results
-    from study.report import format_front, metric_name_of, study_front
-    from study.runner import StudyPaths
-
     cfg = saved_config(args.name, args.storage)
     df = results.load(str(StudyPaths.named(args.storage, args.name).root), filters=args.where)
     if args.front:
@@ -100,8 +106,6 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from study.runner import StudyPaths
-
     cfg = saved_config(args.name, args.storage)
     uri = StudyPaths.named(args.storage, args.name).tracking_uri(cfg)
     if uri.startswith(("http://", "https://")):
@@ -118,14 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    import optuna
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     # it looks for Tune's result.json files, which a study does not write (its callback records every report)
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
-    from study.claim import StudyBusyError
-    from study.runner import StudyStateError
 
     try:
         if args.command in ("run", "check"):
@@ -137,13 +137,9 @@ def main(argv: list[str] | None = None) -> int:
                 for key, value in cfg.base_trial().to_flat().items():
                     print(f"  {key} = {value!r}")
                 return 0
-            from study.runner import run_study
-
-            return _exit_code(run_study(cfg))
+            return _exit_code(runner().run_study(cfg))
         if args.command == "resume":
-            from study.runner import resume_study
-
-            return _exit_code(resume_study(args.name, args.storage))
+            return _exit_code(runner().resume_study(args.name, args.storage))
         if args.command == "results":
             return cmd_results(args)
         return cmd_ui(args)

@@ -25,13 +25,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 from study.space import Param, default_space, parse_space
-from trainables.config import TASKS, TrialConfig, check_choice, check_range, parse_override, reject_unknown
-from trainables.presets import PRESETS
+from trainables.config import (
+    TASKS,
+    TrialConfig,
+    check_choice,
+    check_range,
+    parse_override,
+    reject_unknown,
+)
+from trainables.presets import DEFAULT_PRESETS, PRESETS
 
 SAMPLERS = ("tpe", "nsga2", "gp", "grid")
+DEFAULT_STORAGE = "studies"               # relative to where g2-study runs
 SCHEDULERS = ("none", "asha")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-DEFAULT_PRESETS = {"lm": "awd", "nmt": "default"}
 
 # Metrics a trial reports that can be objectives, with their direction; "metric" is the task's own
 # validation metric under the trial's compression (ppl: lower is better, BLEU: higher is better).
@@ -53,7 +60,7 @@ class StudyConfig:
     sampler_seed: int = 0
     objectives: tuple[str, ...] = ("compressed_val_metric", "gate_bits")
     seeds: tuple[int, ...] = (1111,)       # several seeds: each configuration may be trained per seed
-    storage: str = "studies"               # a directory (shared by all nodes); the study lives in <storage>/<name>
+    storage: str = DEFAULT_STORAGE         # a directory (shared by all nodes); the study lives in <storage>/<name>
     tracking_uri: str = ""                 # "" = sqlite:///<study dir>/mlflow.db
     optuna_storage: str = ""               # "" = sqlite:///<study dir>/optuna.db; or any RDB URL
     address: str = ""                      # Ray address; "" = a fresh local Ray, "auto" = the running cluster
@@ -157,7 +164,7 @@ class StudyConfig:
         return out | {"trial": dict(self.trial), "space": {p.name: p.table() for p in self.space}}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "StudyConfig":
+    def from_json(cls, data: dict[str, Any]) -> StudyConfig:
         data = dict(data)
         space = parse_space(data.pop("space", {}))
         for key in ("objectives", "seeds"):

@@ -26,7 +26,7 @@ from __future__ import annotations
 import ast
 import difflib
 import operator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import reduce
 from typing import Any
 
@@ -214,7 +214,7 @@ class _Compiler:
             except ValueError:
                 raise self.refuse(node, f"column {name!r} holds times; expected an ISO time like "
                                         "'2026-01-02T03:04'") from None
-            return pa.scalar(moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc), dtype)
+            return pa.scalar(moment if moment.tzinfo else moment.replace(tzinfo=UTC), dtype)
         raise self.refuse(node, f"column {name!r} holds {kind} values; cannot compare it with")
 
 

@@ -7,14 +7,16 @@ validation metric of that setting).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 
+from analysis import plots
 from analysis.pareto import SAME_MODEL, pareto_front
 from study import results
 from study.config import HIGHER_IS_BETTER, StudyConfig
+from study.tracking import open_tracker
 
 log = logging.getLogger(__name__)
 ROW_COLUMN = {"compressed_val_metric": "val_metric", "val_metric": "uncompressed_val_metric",
@@ -59,11 +61,6 @@ def format_front(front: pd.DataFrame, metric_name: str) -> str:
 
 def front_plot(df: pd.DataFrame, cfg: StudyConfig, path: Path) -> Path | None:
     """The front as a PNG (Agg backend, no display needed); None when there is nothing to draw."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from analysis import plots
-
     ok = df[df["status"] == "ok"] if not df.empty else df
     if ok.empty:
         return None
@@ -74,8 +71,6 @@ def front_plot(df: pd.DataFrame, cfg: StudyConfig, path: Path) -> Path | None:
 
 def close_study(cfg: StudyConfig, root: str, tracking_uri: str, printer: Callable[[str], None]) -> tuple[int, int]:
     """Print the outcome and the front, attach them to the MLflow parent run; returns (trials, failed)."""
-    from study.callbacks import open_tracker
-
     df = results.load(root)
     per_trial = df.drop_duplicates("trial_id") if not df.empty else df
     counts = per_trial["status"].value_counts().to_dict() if not df.empty else {}

@@ -6,10 +6,8 @@ Layout of a study directory (a local path or any URI `pyarrow.fs.FileSystem.from
     <study_dir>/curves/<trial_id>.parquet    one row per epoch
     <study_dir>/gates/<trial_id>.parquet     one row per (layer, gate, bin) of the trial's last gate histograms
 
-Column names are the names the trainable reports (`trainables/trainable.py`) and the flat TrialConfig knobs (`g2.tau`),
-so Parquet, MLflow and the search space cannot drift apart. Every file is cast to one explicit schema derived from the
-TrialConfig dataclasses; only the gate-saturation columns (`gate_l{k}_{i|f}_{lt01|gt09}`) of results and curves vary,
-with the number of layers, and are float64 wherever they appear.
+Rows are made from what trials report (`study.rows`), every file is cast to one explicit schema (`study.schema`), and
+the driver's callback records through `ResultsWriter`; this module owns the files and reading them back.
 
 Every file is written beside its final name under a name starting with '.', which readers skip, and renamed into
 place (an object store publishes an upload whole by itself), so a killed writer leaves the previous file whole. A
@@ -17,14 +15,12 @@ file damaged anyway (a bad copy, a disk fault) is a `CorruptFileError` naming it
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
-import re
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime, timezone
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -32,216 +28,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from study.filters import filter_table
-from trainables.config import CompressConfig, TrialConfig
+from study.rows import curve_rows, gate_rows, trial_rows, trial_status
+from study.schema import SETTING_KNOBS, curves_schema, gates_schema, results_schema
+from trainables.report import STATUSES, is_gate_column
 
 log = logging.getLogger(__name__)
-
-STATUSES = ("ok", "pruned", "diverged", "error")
 RESULTS_DIR, CURVES_DIR, GATES_DIR = "results", "curves", "gates"
-GATE_COLUMN = re.compile(r"^gate_l(\d+)_([if])_(lt01|gt09)$")
-HISTOGRAM_KEY = re.compile(r"^l(\d+)_([if])$")   # the keys of a report's `gate_histograms`
-SETTING_KNOBS = ("compress.rank", "compress.bits", "compress.paper")   # per row: the sweep point, not the trial's
-
-_IDENTITY = {"study": pa.string(), "trial_id": pa.string(), "status": pa.string(), "error": pa.string(),
-             "task": pa.string(), "metric_name": pa.string(), "finished_at": pa.timestamp("us", tz="UTC"),
-             "device": pa.string(), "node_id": pa.string(), "training_key": pa.string(),
-             "reused_checkpoint": pa.bool_()}   # node_id: the Ray node that ran the trial's last report
-_SETTING = {"method": pa.string(), "is_trial_setting": pa.bool_(), "epoch": pa.int64(), "best_epoch": pa.int64(),
-            "wall_time_s": pa.float64()}
-_METRICS = {"val_metric": pa.float64(), "test_metric": pa.float64(),
-            "val_loss": pa.float64(), "test_loss": pa.float64(),
-            "uncompressed_val_metric": pa.float64(), "uncompressed_test_metric": pa.float64(),
-            "gate_params": pa.int64(), "gate_bits": pa.int64(), "model_params": pa.int64(), "model_bits": pa.int64(),
-            "gate_compression": pa.float64(), "model_compression": pa.float64(), "relative_error": pa.float64()}
-_CURVES = {"study": pa.string(), "trial_id": pa.string(), "epoch": pa.int64(), "train_loss": pa.float64(),
-           "val_loss": pa.float64(), "val_metric": pa.float64(), "compressed_val_metric": pa.float64(),
-           "gate_compression": pa.float64(), "epoch_time_s": pa.float64(), "train_time_s": pa.float64()}
-_GATES = {"study": pa.string(), "trial_id": pa.string(), "g2.gate_mode": pa.string(), "epoch": pa.int64(),
-          "layer": pa.int64(), "gate": pa.string(), "bin": pa.int64(), "fraction": pa.float64()}
-_SWEEP_KEYS = ("method", "is_trial_setting", "val_metric", "test_metric", "val_loss", "test_loss", "gate_params",
-               "gate_bits", "model_params", "model_bits", "gate_compression", "model_compression", "relative_error")
-
-
-# --------------------------------------------------------------------------- schemas
-
-def _arrow_type(name: str, hint: Any) -> pa.DataType:
-    """The Arrow type of one dataclass annotation; a new kind of knob must be mapped here, not guessed."""
-    if hint is bool:
-        return pa.bool_()
-    if hint is int:
-        return pa.int64()
-    if hint is float:
-        return pa.float64()
-    if hint is str or (get_origin(hint) is Literal and all(isinstance(a, str) for a in get_args(hint))):
-        return pa.string()
-    if get_origin(hint) is tuple:
-        return pa.list_(_arrow_type(f"{name}[]", get_args(hint)[0]))
-    raise TypeError(f"no Arrow type for knob {name!r} annotated {hint!r}")
-
-
-def knob_types(cls: type = TrialConfig, prefix: str = "") -> dict[str, pa.DataType]:
-    """Flat knob name -> Arrow type, from the dataclass annotations (the same walk as `TrialConfig.to_flat`)."""
-    hints = get_type_hints(cls)
-    out: dict[str, pa.DataType] = {}
-    for f in dataclasses.fields(cls):
-        hint = hints[f.name]
-        if dataclasses.is_dataclass(hint):
-            out |= knob_types(hint, f"{prefix}{f.name}.")
-        else:
-            out[f"{prefix}{f.name}"] = _arrow_type(prefix + f.name, hint)
-    return out
-
-
-def _gate_sort_key(name: str) -> tuple:
-    """Layer 10 after layer 9, not after layer 1."""
-    m = GATE_COLUMN.match(name)
-    return (0, int(m.group(1)), "if".index(m.group(2)), m.group(3) == "gt09") if m else (1, 0, 0, name)
-
-
-def _with_extras(base: Mapping[str, pa.DataType], extra_columns: Iterable[str], *, saturation: bool = True
-                 ) -> pa.Schema:
-    """`base`, then the gate-saturation columns among `extra_columns` (if the dataset has them); others are refused."""
-    extras = set(extra_columns) - set(base)
-    unknown = sorted(n for n in extras if not (saturation and GATE_COLUMN.match(n)))
-    if unknown:
-        also = " and gate_l{k}_{i|f}_{lt01|gt09}" if saturation else ""
-        raise ValueError(f"unknown column(s) {', '.join(unknown)}; columns are {', '.join(base)}{also}")
-    return pa.schema([*base.items(), *((name, pa.float64()) for name in sorted(extras, key=_gate_sort_key))])
-
-
-def results_schema(extra_columns: Iterable[str] = ()) -> pa.Schema:
-    """Identity, every TrialConfig knob, the row's setting and metrics, then `extra_columns` (gate saturation)."""
-    knobs = {k: t for k, t in knob_types().items() if k not in _IDENTITY}   # `task` is an identity column too
-    return _with_extras({**_IDENTITY, **knobs, **_SETTING, **_METRICS}, extra_columns)
-
-
-def curves_schema(extra_columns: Iterable[str] = ()) -> pa.Schema:
-    """One row per epoch; `extra_columns` (gate saturation) as float64."""
-    return _with_extras(_CURVES, extra_columns)
-
-
-def gates_schema(extra_columns: Iterable[str] = ()) -> pa.Schema:
-    """One row per (layer, gate, bin) of a trial's gate histograms; the dataset takes no extra columns."""
-    return _with_extras(_GATES, extra_columns, saturation=False)
-
-
-# --------------------------------------------------------------------------- rows
-
-def gate_columns(report: Mapping[str, Any] | None) -> dict[str, Any]:
-    return {k: v for k, v in (report or {}).items() if GATE_COLUMN.match(k)}
-
-
-def _knobs(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The flat config minus study-private `_` keys; tuples become lists for Arrow, numpy scalars plain Python."""
-    known = knob_types()
-    out = {}
-    for key, value in config.items():
-        if key.startswith("_"):
-            continue
-        if key not in known:
-            log.warning("config key %r is not a TrialConfig knob; it is not recorded in the results", key)
-            continue
-        if hasattr(value, "item") and not isinstance(value, (list, tuple)):
-            value = value.item()
-        out[key] = list(value) if isinstance(value, tuple) else value
-    return out
-
-
-def trial_status(last_report: Mapping[str, Any] | None, error: str | None = None) -> str:
-    """A finished trial's status: `error` if it raised, `diverged` if it said so, `ok` only with a sweep, else `pruned`.
-
-    A trial stopped before its last epoch (a scheduler, a stopper) has no sweep; calling it `ok` would let a truncated
-    model into a front.
-    """
-    if error is not None:
-        return "error"
-    if last_report and last_report.get("status") == "diverged":
-        return "diverged"
-    return "ok" if last_report and last_report.get("sweep") else "pruned"
-
-
-def trial_rows(study: str, trial_id: str, config: Mapping[str, Any], last_report: Mapping[str, Any] | None, *,
-               status: str, error: str | None, finished_at: datetime) -> list[dict[str, Any]]:
-    """The results rows of one finished trial: one per sweep point if `ok`, else a single row.
-
-    Args:
-        config: the flat trial config (`TrialConfig.to_flat()` keys); `_`-prefixed study keys are dropped.
-        last_report: the trial's last report (with `sweep` when ok), or None if it never reported.
-        finished_at: a timezone-aware time; a naive one would silently be local time in a UTC column.
-    """
-    if status not in STATUSES:
-        raise ValueError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
-    if finished_at.tzinfo is None:
-        raise ValueError("finished_at must be timezone-aware (e.g. datetime.now(timezone.utc))")
-    report = dict(last_report or {})
-    knobs = _knobs(config)
-    base = {**knobs, "study": study, "trial_id": trial_id, "status": status, "finished_at": finished_at,
-            "error": error if error is not None else (report.get("error") if status != "ok" else None),
-            **{k: report.get(k) for k in ("metric_name", "device", "node_id", "training_key", "epoch", "best_epoch")},
-            "reused_checkpoint": bool(report.get("reused_checkpoint", False)) if report else None,
-            "wall_time_s": report.get("train_time_s"), **gate_columns(report)}
-    base["task"] = knobs.get("task", report.get("task"))
-
-    if status == "ok":
-        sweep = report.get("sweep")
-        if not sweep:
-            raise ValueError(f"trial {trial_id}: an ok trial's last report must carry its `sweep`")
-        plain = next((r for r in sweep if r["method"] == "none"), {})
-        uncompressed = {"uncompressed_val_metric": plain.get("val_metric"),
-                        "uncompressed_test_metric": plain.get("test_metric")}
-        return [{**base, **uncompressed, **{k: r[k] for k in SETTING_KNOBS}, **{k: r.get(k) for k in _SWEEP_KEYS}}
-                for r in sweep]
-
-    # One row at the trial's own setting. Its metrics are the last epoch's where known (a failure has none):
-    # the report's compressed metric is this row's metric, its plain val metric the uncompressed one.
-    row = {**base, "is_trial_setting": True}
-    try:
-        row["method"] = CompressConfig(**{k.split(".")[1]: knobs[k] for k in SETTING_KNOBS if k in knobs}).method
-    except (TypeError, ValueError):   # the very setting may be what made the trial fail
-        row["method"] = None
-    if status != "error":
-        row |= {"val_metric": report.get("compressed_val_metric"), "uncompressed_val_metric": report.get("val_metric"),
-                **{k: report.get(k) for k in ("gate_params", "gate_bits", "model_params", "model_bits",
-                                              "gate_compression", "model_compression", "relative_error")}}
-        if row["method"] == "none":   # the reported val_loss is the uncompressed model's: only then this row's
-            row["val_loss"] = report.get("val_loss")
-    else:   # how far it got is known; what it measured is not
-        row |= {k: None for k in gate_columns(report)}
-    return [row]
-
-
-def curve_rows(study: str, trial_id: str, reports: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One row per epoch reported, the last report of an epoch winning (a trial re-entered at its end says it again).
-
-    A reused checkpoint did not train, so it has no curve.
-    """
-    by_epoch: dict[int, dict[str, Any]] = {}
-    for report in reports:
-        if report.get("epoch") is None or report.get("reused_checkpoint"):
-            continue
-        row = {k: report.get(k) for k in _CURVES if k not in ("study", "trial_id")}
-        by_epoch[int(report["epoch"])] = {"study": study, "trial_id": trial_id, **row, **gate_columns(report)}
-    return [by_epoch[e] for e in sorted(by_epoch)]
-
-
-def gate_rows(study: str, trial_id: str, config: Mapping[str, Any], report: Mapping[str, Any] | None
-              ) -> list[dict[str, Any]]:
-    """The tidy rows of one report's `gate_histograms` (layer, i before f, bin); none if it carries none.
-
-    `fraction` is the share of the layer's gate values in bin `bin` of the equal bins on [0, 1] (DESIGN §2).
-    """
-    histograms = (report or {}).get("gate_histograms")
-    if not histograms:
-        return []
-    keys = {}
-    for key in histograms:
-        if not (match := HISTOGRAM_KEY.match(key)):
-            raise ValueError(f"gate histogram key {key!r} is not of the form l<k>_i or l<k>_f")
-        keys[key] = (int(match[1]), "if".index(match[2]))
-    base = {"study": study, "trial_id": trial_id, "g2.gate_mode": config.get("g2.gate_mode"),
-            "epoch": report.get("epoch")}
-    return [{**base, "layer": keys[key][0], "gate": key[-1], "bin": b, "fraction": float(fraction)}
-            for key in sorted(keys, key=keys.get) for b, fraction in enumerate(histograms[key])]
 
 
 # --------------------------------------------------------------------------- files
@@ -334,7 +126,7 @@ def _read_all(study_dir: str | os.PathLike, sub: str, schema_fn) -> pa.Table:
                    and not info.base_name.startswith("."))   # `.…tmp`: a write in progress
     tables = [_read_file(fs, p) for p in paths]
     names = {n for t in tables for n in t.column_names}
-    schema = schema_fn(n for n in names if GATE_COLUMN.match(n))
+    schema = schema_fn(n for n in names if is_gate_column(n))
     if not tables:
         return schema.empty_table()
     return _conform(pa.concat_tables(tables, promote_options="permissive"), schema)
@@ -462,7 +254,7 @@ class ResultsWriter:
         last = self._last.get(trial_id)
         status = trial_status(last, error)
         rows = trial_rows(self.study, trial_id, config, last, status=status, error=error,
-                          finished_at=finished_at or datetime.now(timezone.utc))
+                          finished_at=finished_at or datetime.now(UTC))
         write_trial(self.study_dir, trial_id, rows)
         if trial_id in self._histograms:
             write_gates(self.study_dir, trial_id, gate_rows(self.study, trial_id, config, self._histograms[trial_id]))

@@ -1,101 +1,42 @@
 """Run, resume and extend a study: Ray Tune + a multi-objective OptunaSearch, recorded by driver callbacks.
 
-A study lives in one directory, `<storage>/<name>`:
-
-    study.json       the StudyConfig and the Tune experiments run for it (so `resume NAME` needs no config)
-    optuna.db        the persistent Optuna study: an extension continues its numbering and its sampler
-    mlflow.db        the default MLflow store (a parent run, a child run per trial), artifacts in mlartifacts/
-    results/ curves/ the Parquet datasets (one file per trial, rewritten whole)
-    models/          the best weights of every trained configuration, keyed by its training knobs
-    ray/<name>[-ext<k>]/   Tune's experiment directories (trial checkpoints), what `Tuner.restore` reads
+A study lives in one directory (`study.paths`); Tune's experiments of it, what `Tuner.restore` reads, are
+`ray/<name>[-ext<k>]/` there, one per run or extension.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import shutil
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+import optuna
+import ray
+from optuna.trial import TrialState
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from study import results
+from study.callbacks import StudyCallback
 from study.claim import DriverClaim
-from study.config import StudyConfig
+from study.config import DEFAULT_STORAGE, StudyConfig
+from study.failures import is_error_report, train_lm, train_nmt
+from study.paths import StudyPaths, StudyState, StudyStateError, read_state
+from study.report import close_study
+from study.rows import trial_status
 from study.space import DefineByRun
+from study.tracking import open_tracker
 
 log = logging.getLogger(__name__)
-STATE_FILE = "study.json"
 Printer = Callable[[str], None]
-
-
-# --------------------------------------------------------------------------- the study directory
-
-@dataclass(frozen=True)
-class StudyPaths:
-    root: Path
-
-    @classmethod
-    def named(cls, storage: str, name: str) -> "StudyPaths":
-        return cls(Path(storage).expanduser().resolve() / name)
-
-    @classmethod
-    def of(cls, cfg: StudyConfig) -> "StudyPaths":
-        return cls.named(cfg.storage, cfg.name)
-
-    @property
-    def state(self) -> Path:
-        return self.root / STATE_FILE
-
-    @property
-    def ray(self) -> Path:
-        return self.root / "ray"
-
-    @property
-    def models(self) -> Path:
-        return self.root / "models"
-
-    def optuna_url(self, cfg: StudyConfig) -> str:
-        return cfg.optuna_storage or f"sqlite:///{self.root / 'optuna.db'}"
-
-    def tracking_uri(self, cfg: StudyConfig) -> str:
-        """`study.tracking_uri`, by default an absolute SQLite store in the study directory."""
-        return cfg.tracking_uri or f"sqlite:///{(self.root / 'mlflow.db').as_posix()}"
-
-    def artifact_location(self, cfg: StudyConfig) -> str | None:
-        """Local stores keep artifacts in `<root>/mlartifacts`; a server (None) decides for itself."""
-        if self.tracking_uri(cfg).startswith(("http://", "https://", "databricks")):
-            return None
-        return (self.root / "mlartifacts").as_uri()
-
-
-@dataclass
-class StudyState:
-    """What has been run for a study: its config (flat) and one entry per Tune experiment."""
-
-    config: dict[str, Any]
-    experiments: list[dict[str, Any]] = field(default_factory=list)   # {"name", "num_samples", "finished"}
-
-    @classmethod
-    def read(cls, path: Path) -> "StudyState | None":
-        return cls(**json.loads(path.read_text())) if path.exists() else None
-
-    def write(self, path: Path) -> None:
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"config": self.config, "experiments": self.experiments}, indent=2))
-        os.replace(tmp, path)
-
-
-class StudyStateError(RuntimeError):
-    """The study directory says this cannot be done (resume a finished study, run over an interrupted one)."""
-
-
-def read_state(paths: StudyPaths) -> StudyState:
-    """The study's saved state; a clear error when there is no study there."""
-    state = StudyState.read(paths.state)
-    if state is None:
-        raise StudyStateError(f"no study {paths.root.name!r} in {paths.root.parent} (no {STATE_FILE})")
-    return state
 
 
 # --------------------------------------------------------------------------- Ray
@@ -126,8 +67,6 @@ def configure_ray_environment(address: str) -> None:
 
 def start_ray(cfg: StudyConfig) -> str:
     """Join `cfg.address` or start a private local Ray; returns the session directory of a local one, else ""."""
-    import ray
-
     configure_ray_environment(cfg.address)
     if ray.is_initialized():
         return ""
@@ -151,8 +90,6 @@ def check_resources(cfg: StudyConfig) -> None:
 
     The nodes alive now are what counts (a cluster that adds nodes on demand is not one this study assumes).
     """
-    import ray
-
     need = {"CPU": cfg.cpus_per_trial, "GPU": cfg.gpus_per_trial}
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if any(all(n["Resources"].get(k, 0.0) >= v for k, v in need.items() if v > 0) for n in nodes):
@@ -171,8 +108,6 @@ def check_resources(cfg: StudyConfig) -> None:
 # --------------------------------------------------------------------------- Optuna
 
 def make_sampler(cfg: StudyConfig, seed: int):
-    import optuna
-
     if cfg.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
     if cfg.sampler == "gp":
@@ -184,8 +119,6 @@ def make_sampler(cfg: StudyConfig, seed: int):
 
 def open_optuna_study(cfg: StudyConfig, url: str, seed: int):
     """Create or load the persistent study and refuse one whose stored directions differ."""
-    import optuna
-
     study = optuna.create_study(storage=url, study_name=cfg.name, load_if_exists=True,
                                 directions=cfg.directions(), sampler=make_sampler(cfg, seed))
     stored = [d.name.lower() for d in study.directions]
@@ -206,9 +139,6 @@ def fail_orphaned_trials(cfg: StudyConfig, url: str) -> int:
     between is unknown to the restored experiment, which asks again. Once a run is over, every RUNNING trial is
     such an orphan (it was handed out, never run to a report).
     """
-    import optuna
-    from optuna.trial import TrialState
-
     study = optuna.load_study(study_name=cfg.name, storage=url)
     orphans = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for trial in orphans:
@@ -217,26 +147,20 @@ def fail_orphaned_trials(cfg: StudyConfig, url: str) -> int:
     return len(orphans)
 
 
+class StudySearch(OptunaSearch):
+    """Tells Optuna the truth about unfinished trials: a diverged or errored trial FAILED, one stopped
+    early (ASHA) was PRUNED. Neither is a real point of the front."""
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        # Tune marks a scheduler-stopped result `done` too: only the final report carries the sweep
+        status = "error" if error or is_error_report(result) else trial_status(result)
+        if status != "ok":
+            result, error = None, status in ("error", "diverged")
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+
 def make_searcher(cfg: StudyConfig, paths: StudyPaths, seed: int):
     """OptunaSearch (multi-objective; metric and mode live on the searcher only) behind a ConcurrencyLimiter."""
-    import optuna
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
-
-    from study.failures import is_error_report
-    from study.results import trial_status
-
-    class StudySearch(OptunaSearch):
-        """Tells Optuna the truth about unfinished trials: a diverged or errored trial FAILED, one stopped
-        early (ASHA) was PRUNED. Neither is a real point of the front."""
-
-        def on_trial_complete(self, trial_id, result=None, error=False):
-            # Tune marks a scheduler-stopped result `done` too: only the final report carries the sweep
-            status = "error" if error or is_error_report(result) else trial_status(result)
-            if status != "ok":
-                result, error = None, status in ("error", "diverged")
-            super().on_trial_complete(trial_id, result=result, error=error)
-
     url = paths.optuna_url(cfg)
     open_optuna_study(cfg, url, seed)
     constants = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.base_trial().to_flat().items()}
@@ -251,20 +175,11 @@ def make_searcher(cfg: StudyConfig, paths: StudyPaths, seed: int):
 
 def make_trainable(cfg: StudyConfig):
     """The task's trainable, guarded so that only a lost worker is a Tune failure (and retried, `max_failures`)."""
-    from ray import tune
-
-    from study.failures import train_lm, train_nmt
-
     return tune.with_resources(train_lm if cfg.task == "lm" else train_nmt,
                                {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
 
 
 def make_tuner(cfg: StudyConfig, paths: StudyPaths, experiment: str, num_samples: int, seed: int, printer: Printer):
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
-    from study.callbacks import StudyCallback
-
     trainable = make_trainable(cfg)
     scheduler = None
     if cfg.scheduler == "asha":
@@ -303,8 +218,6 @@ def _fit(tuner) -> int:
     yet asked for (STACK.md), and then stops the running ones: in memory they end TERMINATED. The experiment state it
     saved just before says what they were, so only that state tells whether the experiment is over.
     """
-    from ray import tune
-
     grid = tuner.fit()
     return sum(t.status in ("TERMINATED", "ERROR") for t in tune.ExperimentAnalysis(grid.experiment_path).trials)
 
@@ -312,9 +225,6 @@ def _fit(tuner) -> int:
 def _interrupted(cfg: StudyConfig, paths: StudyPaths, ended: int, num_samples: int, started: float,
                  printer: Printer) -> StudyOutcome:
     """Ctrl-C: nothing is marked finished or failed, so `resume` carries on exactly where this stopped."""
-    from study import results
-    from study.callbacks import open_tracker
-
     tracker = open_tracker(cfg, str(paths.root))
     tracker.attach()
     tracker.end("interrupted")
@@ -327,8 +237,6 @@ def _interrupted(cfg: StudyConfig, paths: StudyPaths, ended: int, num_samples: i
 
 def _finish(cfg: StudyConfig, paths: StudyPaths, state: StudyState, experiment: str, started: float,
             printer: Printer) -> StudyOutcome:
-    from study.report import close_study
-
     for entry in state.experiments:
         if entry["name"] == experiment:
             entry["finished"] = True
@@ -342,24 +250,26 @@ def _finish(cfg: StudyConfig, paths: StudyPaths, state: StudyState, experiment: 
 
 
 def bridge_checkpoint_rotation(exp_dir: Path) -> list[Path]:
-    """Copies that let Tune restore a trial whose checkpoint it rotated away just before its driver was killed.
+    """Copies that let Tune restore a trial whose checkpoint it rotated away before its driver was killed.
 
     With `num_to_keep=1` Tune deletes a trial's previous checkpoint as soon as it registers the next one, and saves
-    the experiment state a moment later: a driver killed in between leaves a state naming a checkpoint that is gone,
-    and every restore of that trial fails ("does not exist on storage anymore"). The newest checkpoint is the same
-    trial further on (its loop state says which epoch), so a copy of it under the previous name resumes the trial
-    from there. Returns the copies made, which the caller removes once the experiment is over.
+    the experiment state only every few seconds: a driver killed in between leaves a state naming a checkpoint that
+    is gone (one or several epochs back), and every restore of that trial fails ("does not exist on storage
+    anymore"). The trial's newest checkpoint is the same trial further on (its loop state says which epoch), so a
+    copy of it under each name the newest saved state gives that trial resumes it from there. Returns the copies
+    made, which the caller removes once the experiment is over.
     """
+    states = sorted(exp_dir.glob("experiment_state-*.json"))
+    if not states:
+        return []
     made = []
-    for trial_dir in (d for d in exp_dir.iterdir() if d.is_dir()):
-        checkpoints = sorted(trial_dir.glob("checkpoint_[0-9]*"))
-        if not checkpoints:
-            continue
-        index = int(checkpoints[-1].name.rpartition("_")[2])
-        previous = trial_dir / f"checkpoint_{index - 1:06d}"
-        if index > 0 and not previous.exists():
-            shutil.copytree(checkpoints[-1], previous)
-            made.append(previous)
+    for trial_json, runtime_json in json.loads(states[-1].read_text())["trial_data"]:
+        trial_dir = exp_dir / json.loads(trial_json)["relative_logdir"]
+        newest = sorted(trial_dir.glob("checkpoint_[0-9]*"))
+        for name in sorted(set(re.findall(r"checkpoint_\d{6}", runtime_json))):
+            if newest and not (trial_dir / name).exists():
+                shutil.copytree(newest[-1], trial_dir / name)
+                made.append(trial_dir / name)
     return made
 
 
@@ -391,8 +301,6 @@ def run_study(cfg: StudyConfig, *, printer: Printer = print) -> StudyOutcome:
         num_samples = cfg.total_samples()
         state.experiments.append({"name": experiment, "num_samples": num_samples, "finished": False})
         state.write(paths.state)
-        from study.callbacks import open_tracker
-
         open_tracker(cfg, str(paths.root)).start(cfg.to_flat(), tags={"g2.storage": str(paths.root)})
         printer(f"study {cfg.name}: {num_samples} trial(s) of {cfg.task}/{cfg.preset_name}, sampler {cfg.sampler}, "
                 f"objectives {', '.join(f'{o} ({m})' for o, m in zip(cfg.objectives, cfg.modes()))}")
@@ -403,10 +311,8 @@ def run_study(cfg: StudyConfig, *, printer: Printer = print) -> StudyOutcome:
         return _finish(cfg, paths, state, experiment, started, printer)
 
 
-def resume_study(name: str, storage: str = "studies", *, printer: Printer = print) -> StudyOutcome:
+def resume_study(name: str, storage: str = DEFAULT_STORAGE, *, printer: Printer = print) -> StudyOutcome:
     """Continue an interrupted study: finished trials stay, interrupted ones continue from their checkpoints."""
-    from ray import tune
-
     paths = StudyPaths.named(storage, name)
     read_state(paths)   # a clear error, and no directory made, for a study that does not exist
     with DriverClaim(paths.root, name, printer) as claim:
@@ -419,8 +325,6 @@ def resume_study(name: str, storage: str = "studies", *, printer: Printer = prin
         exp_dir = paths.ray / experiment
         started = time.time()
         _start_ray(cfg, claim)
-        from study.callbacks import open_tracker
-
         open_tracker(cfg, str(paths.root)).start(cfg.to_flat())
         bridges: list[Path] = []
         if not tune.Tuner.can_restore(str(exp_dir)):

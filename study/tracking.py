@@ -24,16 +24,23 @@ import pandas as pd
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from mlflow.utils.validation import (MAX_ENTITY_KEY_LENGTH, MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH,
-                                     MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_VAL_LENGTH)
+from mlflow.utils.validation import (
+    MAX_ENTITY_KEY_LENGTH,
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAM_VAL_LENGTH,
+    MAX_PARAMS_TAGS_PER_BATCH,
+    MAX_TAG_VAL_LENGTH,
+)
 
-from study.config import flatten
+from study.config import StudyConfig, flatten
+from study.paths import StudyPaths
+from trainables.report import FAILED, STATUSES
 
 log = logging.getLogger(__name__)
 
 PARENT_ID_TAG = "mlflow.parentRunId"
 STUDY_TAG, ROLE_TAG, TRIAL_TAG, STATUS_TAG = "g2.study", "g2.role", "g2.trial_id", "g2.status"
-TRIAL_RUN_STATUS = {"ok": "FINISHED", "pruned": "FINISHED", "error": "FAILED", "diverged": "FAILED"}
+TRIAL_RUN_STATUS = {status: "FAILED" if status in FAILED else "FINISHED" for status in STATUSES}   # MLflow's
 STUDY_RUN_STATUS = {"ok": "FINISHED", "finished": "FINISHED", "error": "FAILED", "failed": "FAILED",
                     "killed": "KILLED", "interrupted": "KILLED"}
 # Bookkeeping Ray Tune adds to every result, and the epoch (it is the step): not the trial's measurements.
@@ -314,3 +321,10 @@ class StudyTracker:
         self._log(run_id, tags=tags)
         self.client.set_terminated(run_id, status=TRIAL_RUN_STATUS[status])
         self._ended.add(trial_id)
+
+
+def open_tracker(cfg: StudyConfig, root: str | Path) -> StudyTracker:
+    """The tracker of the study in `root`, on its configured (or default, in-directory) MLflow store."""
+    paths = StudyPaths(Path(root))
+    return StudyTracker(paths.tracking_uri(cfg), experiment=cfg.name, study_name=cfg.name,
+                        artifact_location=paths.artifact_location(cfg))

@@ -1,20 +1,22 @@
 """The `g2-study` commands a user types after a study: results, the front, exports and the MLflow UI."""
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import urllib.request
 from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import free_port, healthy, wait_for
+
 from study import results
 from study.config import StudyConfig
+from study.paths import STATE_FILE, StudyState
 from study.report import study_front
-from study.runner import STATE_FILE, StudyState
 
 pytestmark = pytest.mark.slow
 G2 = str(Path(sys.executable).parent / "g2-study")
@@ -64,6 +66,26 @@ def test_results_where_runs_no_code_and_bad_filters_exit_2(real_study, tmp_path)
     assert proc.stderr == "g2-study results: error: invalid filter \"status == 'ok' and\": invalid syntax\n"
 
 
+def first_line(proc: subprocess.Popen, timeout: float, what: str) -> str:
+    """The first line `proc` prints, waited for at most `timeout` seconds: a silent, hung process fails the test.
+
+    A daemon thread reads it, then drains the rest of the output until `proc` ends, so a server that keeps logging
+    never blocks on a full pipe.
+    """
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read():
+        lines.put(proc.stdout.readline())
+        for _ in proc.stdout:
+            pass
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        return lines.get(timeout=timeout)
+    except queue.Empty:
+        pytest.fail(f"{what} printed no line in {timeout}s (exit status {proc.poll()}: None = still running)")
+
+
 def test_results_of_an_unknown_study_is_a_clear_error(tmp_path):
     proc = cli("results", "nope", "--storage", str(tmp_path), cwd=tmp_path)
     assert proc.returncode == 2 and "no study 'nope'" in proc.stderr
@@ -75,7 +97,7 @@ def test_ui_serves_the_study_runs(real_study, tmp_path):
                           cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           start_new_session=True)
     try:
-        assert f"http://127.0.0.1:{port}" in ui.stdout.readline()
+        assert f"http://127.0.0.1:{port}" in first_line(ui, 60, "`g2-study ui`")
         base = f"http://127.0.0.1:{port}"
         wait_for(lambda: healthy(f"{base}/health"), 120, "the MLflow UI", poll=0.5)
         request = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", method="POST",

@@ -15,13 +15,13 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+import conftest
 import optuna
 import psutil
 import pytest
+from conftest import alive, free_port, wait_for
 from mlflow.tracking import MlflowClient
 
-import conftest
-from conftest import alive, free_port, wait_for
 from study import results
 
 pytestmark = pytest.mark.slow

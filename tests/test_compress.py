@@ -5,8 +5,16 @@ import pytest
 import torch
 from torch import nn
 
-from trainables.compress import (account, compress_block, compress_model, gate_rows, low_rank, low_rank_factors,
-                                 quantize, round_to_step)
+from trainables.compress import (
+    account,
+    compress_block,
+    compress_model,
+    gate_rows,
+    low_rank,
+    low_rank_factors,
+    quantize,
+    round_to_step,
+)
 from trainables.config import CompressConfig, G2Config, NMTConfig, TrialConfig
 from trainables.g2lstm import G2LSTM
 from trainables.parallel_data import BOS_ID, EOS_ID, PAD_ID

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -10,7 +10,8 @@ import pytest
 from study import cli, results
 from study.config import load_study_config
 from study.filters import MAX_LENGTH, FilterError, compile_filter
-from study.runner import STATE_FILE, StudyPaths, StudyState
+from study.paths import STATE_FILE, StudyPaths, StudyState
+from study.schema import results_schema
 
 NAN = math.nan
 #       trial  status      method   gate_mode    tau  rank  trial_setting  val    uncompressed  error
@@ -27,7 +28,7 @@ def write_dataset(study_dir: Path) -> None:
         results.write_trial(study_dir, tid, [{
             "study": "s", "trial_id": tid, "status": status, "method": method, "g2.gate_mode": mode, "g2.tau": tau,
             "compress.rank": rank, "is_trial_setting": setting, "val_metric": val, "uncompressed_val_metric": plain,
-            "error": error, "finished_at": datetime(2026, 1, day, tzinfo=timezone.utc)}])
+            "error": error, "finished_at": datetime(2026, 1, day, tzinfo=UTC)}])
 
 
 @pytest.fixture
@@ -148,7 +149,7 @@ def test_columns_are_checked_on_an_empty_study_and_in_every_dataset(tmp_path):
 
 
 def test_compile_filter_builds_one_expression_from_the_schema():
-    schema = results.results_schema()
+    schema = results_schema()
     assert str(compile_filter("0.5 < g2.tau <= 2", schema)) == "((0.5 < g2.tau) and (g2.tau <= 2))"
     assert str(compile_filter("`g2.tau` < 1", schema)) == str(compile_filter("g2.tau < 1", schema))
     assert str(compile_filter("error == None", schema)) == "is_null(error, {nan_is_null=true})"

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import rerun_compiled
 from kernel_noise import gate_noise
+
 from trainables import g2lstm
 from trainables.config import G2Config
 from trainables.g2lstm import G2LSTM, lstm_layer_reference

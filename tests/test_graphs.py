@@ -10,10 +10,10 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import rerun_compiled
-from trainables.config import G2Config, LMConfig
+
 from trainables import graphs as graphs_module
+from trainables.config import G2Config, LMConfig
 from trainables.graphs import WindowGraphs
 from trainables.lm import RNNLM, flatten_state
 

@@ -16,13 +16,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import conftest
 import optuna
 import psutil
 import pytest
+from conftest import alive, wait_for
 from mlflow.tracking import MlflowClient
 
-import conftest
-from conftest import alive, wait_for
 from study import results
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,5 @@
 import math
+import random
 
 import pytest
 import torch
@@ -6,12 +7,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainables.config import G2Config, LMConfig, TrialConfig
-from trainables.lm import LMTask, RNNLM, cache_pointer_logprobs, variable_bptt
-from trainables.regularize import (NonMonotoneTrigger, activation_regularization, embedding_dropout,
-                                   locked_dropout, temporal_activation_regularization)
 from trainables.g2lstm import G2LSTM
-
-import random
+from trainables.lm import RNNLM, LMTask, cache_pointer_logprobs, variable_bptt
+from trainables.regularize import (
+    NonMonotoneTrigger,
+    activation_regularization,
+    embedding_dropout,
+    locked_dropout,
+    temporal_activation_regularization,
+)
 
 
 def tiny_cfg(**overrides) -> TrialConfig:

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import real_corpus
+
 from trainables.lm_data import EOS, UNK, batchify, lm_batch, load_lm_corpus
 
 

@@ -5,8 +5,8 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-
 from tiny_seq2seq import PAD, VOCAB
+
 from trainables.config import TrialConfig
 from trainables.corpora import find_corpus
 from trainables.decoding import beam_search, greedy_decode

@@ -1,10 +1,18 @@
 """Tests for trainables/parallel_data.py: parallel text, the joint BPE and its cache, and seq2seq batching."""
 import pytest
 import torch
-
 from conftest import real_corpus
+
 from trainables.parallel_data import (
-    BOS_ID, EOS_ID, PAD_ID, decode_bpe, encode_parallel, load_parallel_data, load_parallel_text, make_batches, spread,
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    decode_bpe,
+    encode_parallel,
+    load_parallel_data,
+    load_parallel_text,
+    make_batches,
+    spread,
     train_bpe,
 )
 from trainables.toy import toy_parallel_corpus

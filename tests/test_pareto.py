@@ -2,12 +2,13 @@
 
 import time
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import trial_reports
 
 from analysis.pareto import (
     front_over_seeds,
@@ -18,11 +19,11 @@ from analysis.pareto import (
     pareto_front,
     pareto_mask,
 )
-from conftest import trial_reports
 from study import results
+from study.rows import trial_rows
 from trainables.config import TrialConfig
 
-FINISHED = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+FINISHED = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
 
 def brute_mask(values: np.ndarray, minimize: list[bool]) -> np.ndarray:
@@ -289,7 +290,7 @@ def test_front_over_seeds_counts_each_model_and_each_seed_once(trial, tmp_path):
     trials = {"t1": (config, reports[-1]), "t2": (config, reused), "t3": (config, reused),
               "t4": ({**config, "seed": seed2.seed}, other)}
     for trial_id, (flat, last) in trials.items():
-        rows = results.trial_rows("s", trial_id, flat, last, status="ok", error=None, finished_at=FINISHED)
+        rows = trial_rows("s", trial_id, flat, last, status="ok", error=None, finished_at=FINISHED)
         results.write_trial(tmp_path / "study", trial_id, rows)
     df = results.load(tmp_path / "study")
     assert len(df) == 4 * len(reports[-1]["sweep"]) and df["reused_checkpoint"].sum() == 2 * len(reused["sweep"])

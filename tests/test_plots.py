@@ -1,66 +1,78 @@
-"""Tests for analysis/plots.py and analysis/paper.py on synthetic studies written through study.results."""
+"""Tests for analysis/plots.py and analysis/paper.py on synthetic studies written through study.results: synthetic
+scores, with the accounting that `compress_model` reports for small real models."""
 from __future__ import annotations
 
+import functools
 import math
 import os
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from matplotlib.collections import PathCollection
 from matplotlib.figure import Figure
 
 from analysis import gate_plots, pareto, plots
-from analysis.paper import (SETTINGS, compare_saturation, compare_with_paper, paper_compression, paper_saturation)
+from analysis.paper import SETTINGS, compare_saturation, compare_with_paper, paper_compression, paper_saturation
 from study import results
-from trainables.config import TrialConfig
+from trainables.compress import compress_model
+from trainables.config import CompressConfig, TrialConfig
+from trainables.lm import RNNLM
+from trainables.parallel_data import BOS_ID, EOS_ID, PAD_ID
+from trainables.report import Accounting, SweepRow
+from trainables.seq2seq import Seq2Seq
 
-HIDDEN = 64          # synthetic i/f blocks: 2 layers × {W_ih, W_hh} × {i, f}, each HIDDEN × HIDDEN
-LAYERS = 2
+LAYERS = 2           # of the LM; the NMT model has the default 2 + 2 (its first encoder layer bidirectional)
 RANKS = (16, 32, 64, 128)
 BITS = (32, 8, 4)
+VOCAB = 100
+# Small real models, one per task, whose fields the trials' configs carry: every row's accounting (gate and model
+# bits, both compression ratios, the relative error) is what `compress_model` reports for that model and setting.
+MODELS = {"lm": {"lm.embed_dim": 64, "lm.hidden_size": 128, "lm.num_layers": LAYERS},
+          "nmt": {"nmt.embed_dim": 32, "nmt.hidden_size": 64, "data.corpus": "toy-copy", "compress.step": 0.5,
+                  "compress.clip": 1.0, "compress.targets": "recurrent+context"}}
+SWEEP = {"sweep.ranks": RANKS, "sweep.bits": BITS, "sweep.paper": ("round", "round_clip")}
 # (ppl or BLEU of the trained model, how much it loses per doubling of compression, gate saturation lt01 / gt09)
 MODES = {"lstm": (60.0, 0.06, 0.18, 0.04), "sharpened": (61.0, 0.04, 0.30, 0.30), "g2": (58.0, 0.02, 0.05, 0.70)}
 
 
-def _accounting(rank: int, bits: int, paper: str) -> dict:
-    """Bits of the synthetic gate blocks under one setting (DESIGN §3), with the model's other weights at 32 bits."""
-    blocks, m = 4 * LAYERS, HIDDEN
-    if paper != "none":
-        per_block = m * m * 3
-    elif rank and rank < m:
-        per_block = rank * 2 * m * bits + (32 * 2 * m if bits < 32 else 0)
-    else:
-        per_block = m * m * bits + (32 * m if bits < 32 else 0)
-    gate_params, other_params = blocks * m * m, 50_000
-    gate_bits = blocks * per_block
-    model_bits = gate_bits + 32 * other_params
-    return {"gate_params": gate_params, "gate_bits": gate_bits, "model_params": gate_params + other_params,
-            "model_bits": model_bits, "gate_compression": 32 * gate_params / gate_bits,
-            "model_compression": 32 * (gate_params + other_params) / model_bits}
+@functools.cache
+def _model(task: str) -> torch.nn.Module:
+    """The task's small model, seeded (the rounding modes' bits count the distinct values of its weights)."""
+    cfg = TrialConfig.from_flat({"task": task, **MODELS[task]})
+    torch.manual_seed(0)
+    if task == "lm":
+        return RNNLM(cfg.lm, cfg.g2, VOCAB)
+    return Seq2Seq(cfg.nmt, cfg.g2, VOCAB, PAD_ID, BOS_ID, EOS_ID)
 
 
-def _sweep(task: str, mode: str, seed: int, trial_setting: tuple[int, int, str]) -> list[dict]:
-    base, loss_per_doubling, _, _ = MODES[mode]
+@functools.cache
+def _accounting(task: str, setting: CompressConfig) -> Accounting:
+    return compress_model(_model(task), setting)[1]
+
+
+def _sweep(cfg: TrialConfig, seed: int) -> list[dict]:
+    """The final report's sweep as `trainable.sweep_rows` builds it, with synthetic scores in place of evaluation."""
+    base, loss_per_doubling, _, _ = MODES[cfg.g2.gate_mode]
     rng = np.random.default_rng(seed)
-    settings = [(0, 32, "none"), *((r, b, "none") for r in RANKS for b in BITS if (r, b) != (0, 32)),
-                (0, 32, "round"), (0, 32, "round_clip")]
+    settings = cfg.sweep.settings(cfg.compress)
+    if cfg.compress not in settings:
+        settings.append(cfg.compress)
     rows = []
-    for rank, bits, paper in settings:
-        acc = _accounting(rank if rank < HIDDEN else 0, bits, paper)
-        method = paper if paper != "none" else "+".join(
-            (["svd"] if rank else []) + (["quant"] if bits < 32 else [])) or "none"
-        loss = loss_per_doubling * math.log2(acc["gate_compression"]) ** 2 + rng.normal(0, 0.005)
+    for setting in settings:
+        acc = _accounting(cfg.task, setting)
+        loss = loss_per_doubling * math.log2(acc.gate_compression) ** 2 + rng.normal(0, 0.005)
         ppl = base * (1 + loss) + rng.normal(0, 0.3)
-        metric = ppl if task == "lm" else max(0.0, 30.0 - (ppl - 50.0))
-        rows.append({"compress.rank": rank, "compress.bits": bits, "compress.paper": paper, "method": method,
-                     "is_trial_setting": (rank, bits, paper) == trial_setting, **acc, "relative_error": loss,
-                     "val_loss": math.log(ppl), "val_metric": metric, "test_loss": math.log(ppl) + 0.01,
-                     "test_metric": metric + (0.5 if task == "lm" else -0.5)})
+        metric = ppl if cfg.task == "lm" else max(0.0, 30.0 - (ppl - 50.0))
+        scores = {"val_loss": math.log(ppl), "val_metric": metric, "test_loss": math.log(ppl) + 0.01,
+                  "test_metric": metric + (0.5 if cfg.task == "lm" else -0.5)}
+        rows.append(SweepRow(rank=setting.rank, bits=setting.bits, paper=setting.paper, method=setting.method,
+                             is_trial_setting=setting == cfg.compress, accounting=acc, scores=scores).to_dict())
     return rows
 
 
@@ -85,23 +97,22 @@ def write_synthetic_study(study_dir: Path, *, tasks=("lm", "nmt"), modes=tuple(M
                           epochs: int = 3) -> Path:
     """A study directory in the layout of study.results: ok trials per task × gate mode × seed × (τ, p), plus one
     diverged and one failed trial, with per-epoch curves and the ok trials' gate histograms."""
-    start = datetime(2025, 1, 1, tzinfo=timezone.utc)
+    start = datetime(2025, 1, 1, tzinfo=UTC)
     n = 0
     for task in tasks:
         for mode in modes:
             for seed in seeds:
                 for tau, p in ((0.5, 0.2), (0.9, 0.2), (0.9, 1.0)):
                     n += 1
-                    flat = TrialConfig().to_flat() | {"task": task, "seed": seed, "g2.gate_mode": mode,
-                                                      "g2.tau": tau, "g2.p": p, "train.epochs": epochs}
-                    if task == "nmt":
-                        flat |= {"data.corpus": "toy-copy", "compress.step": 0.5, "compress.clip": 1.0}
+                    own = {"compress.rank": 32, "compress.bits": 4} if n % 2 else {"compress.paper": "round"}
+                    cfg = TrialConfig.from_flat({"task": task, "seed": seed, "g2.gate_mode": mode, "g2.tau": tau,
+                                                 "g2.p": p, "train.epochs": epochs, **MODELS[task], **SWEEP, **own})
+                    flat = cfg.to_flat()
                     layers = LAYERS if task == "lm" else flat["nmt.encoder_layers"] + 1 + flat["nmt.decoder_layers"]
                     sat = _saturation(mode, seed * 100 + n, layers)
-                    trial_setting = (32, 4, "none") if n % 2 else (0, 32, "round")
                     report = {"metric_name": "ppl" if task == "lm" else "bleu", "device": "cpu", "epoch": epochs,
                               "training_key": f"key{n}", "best_epoch": epochs, "train_time_s": 60.0 + n,
-                              "status": "ok", "done": True, "sweep": _sweep(task, mode, seed * 1000 + n, trial_setting),
+                              "status": "ok", "done": True, "sweep": _sweep(cfg, seed * 1000 + n),
                               **sat, "gate_histograms": _histograms(sat, layers)}
                     trial_id = f"{task}_{n:04d}"
                     rows = results.trial_rows("synthetic", trial_id, flat, report, status="ok", error=None,
@@ -124,7 +135,7 @@ def write_synthetic_study(study_dir: Path, *, tasks=("lm", "nmt"), modes=tuple(M
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory) -> pd.DataFrame:
+def study(tmp_path_factory, one_thread) -> pd.DataFrame:
     return results.load(write_synthetic_study(tmp_path_factory.mktemp("study")))
 
 

@@ -3,9 +3,22 @@ import math
 
 import pytest
 
-from trainables.report import (ACCOUNTING, FAILED, HIST_BINS, OK, RUNNING, STATUSES, EpochReport, GateColumn,
-                               SweepRow, gate_column, gate_column_order, histogram_key, is_gate_column,
-                               parse_histogram_key)
+from trainables.report import (
+    ACCOUNTING,
+    FAILED,
+    HIST_BINS,
+    OK,
+    RUNNING,
+    STATUSES,
+    EpochReport,
+    GateColumn,
+    SweepRow,
+    gate_column,
+    gate_column_order,
+    histogram_key,
+    is_gate_column,
+    parse_histogram_key,
+)
 
 
 def test_a_real_trials_reports_survive_the_round_trip(trial):

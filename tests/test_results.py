@@ -6,20 +6,22 @@ import re
 import signal
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import REPO_ROOT, trial_reports
+
 from study import results
 from study.filters import FilterError
+from study.rows import gate_rows, trial_rows
+from study.schema import gates_schema, results_schema
 from trainables.config import SMOKE, TrialConfig
 
-FINISHED = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+FINISHED = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 @pytest.fixture(scope="module")
 def reused(trial, tmp_path_factory):
     """The reports of a second trial with the same training knobs: it reuses the first one's model."""
@@ -34,7 +36,7 @@ def flat_config(**overrides) -> dict:
 
 
 def test_schema_types_come_from_the_dataclasses():
-    schema = results.results_schema(["gate_l10_i_lt01", "gate_l1_f_gt09", "gate_l1_i_lt01"])
+    schema = results_schema(["gate_l10_i_lt01", "gate_l1_f_gt09", "gate_l1_i_lt01"])
     assert set(TrialConfig().to_flat()) <= set(schema.names)
     assert len(schema.names) == len(set(schema.names))
     assert schema.field("seed").type == pa.int64()
@@ -52,7 +54,7 @@ def test_schema_types_come_from_the_dataclasses():
 def test_ok_trial_gives_one_row_per_sweep_point(trial):
     config, reports = trial
     last = reports[-1]
-    rows = results.trial_rows("s", "t1", config, last, status="ok", error=None, finished_at=FINISHED)
+    rows = trial_rows("s", "t1", config, last, status="ok", error=None, finished_at=FINISHED)
 
     assert len(rows) == len(last["sweep"]) == 5   # none, quant, svd, svd+quant, round_clip
     assert sorted(r["method"] for r in rows) == ["none", "quant", "round_clip", "svd", "svd+quant"]
@@ -76,19 +78,19 @@ def test_ok_trial_gives_one_row_per_sweep_point(trial):
 def test_ok_without_sweep_is_refused(trial):
     config, reports = trial
     with pytest.raises(ValueError, match="sweep"):
-        results.trial_rows("s", "t1", config, reports[0], status="ok", error=None, finished_at=FINISHED)
+        trial_rows("s", "t1", config, reports[0], status="ok", error=None, finished_at=FINISHED)
     with pytest.raises(ValueError, match="timezone"):
-        results.trial_rows("s", "t1", config, reports[-1], status="ok", error=None, finished_at=datetime(2026, 1, 1))
+        trial_rows("s", "t1", config, reports[-1], status="ok", error=None, finished_at=datetime(2026, 1, 1))
 
 
 def test_round_trip_keeps_values_and_types(trial, tmp_path):
     config, reports = trial
-    rows = results.trial_rows("s", "t1", config, reports[-1], status="ok", error=None, finished_at=FINISHED)
+    rows = trial_rows("s", "t1", config, reports[-1], status="ok", error=None, finished_at=FINISHED)
     results.write_trial(tmp_path, "t1", rows)
     df = results.load(tmp_path)
 
     assert len(df) == 5 and list(df["method"]) == sorted(r["method"] for r in rows)
-    assert list(df.columns[: len(results.results_schema().names)]) == results.results_schema().names
+    assert list(df.columns[: len(results_schema().names)]) == results_schema().names
     assert df["status"].dtype == pd.StringDtype() and df["g2.gate_mode"].dtype == pd.StringDtype()
     assert df["seed"].dtype == pd.Int64Dtype() and df["gate_bits"].dtype == pd.Int64Dtype()
     assert df["is_trial_setting"].dtype == pd.BooleanDtype()
@@ -128,7 +130,7 @@ def test_gates_round_trip_from_the_final_report(trial, tmp_path):
     writer.record_end("t1", config)
     df = results.load_gates(tmp_path)
 
-    assert list(df.columns) == results.gates_schema().names == [
+    assert list(df.columns) == gates_schema().names == [
         "study", "trial_id", "g2.gate_mode", "epoch", "layer", "gate", "bin", "fraction"]
     assert len(df) == 2 * 2 * 10   # layers x (i, f) x bins
     assert df["epoch"].dtype == df["layer"].dtype == df["bin"].dtype == pd.Int64Dtype()
@@ -142,7 +144,7 @@ def test_gates_round_trip_from_the_final_report(trial, tmp_path):
         assert group["fraction"].tolist() == last["gate_histograms"][f"l{layer}_{gate}"]   # exact, not approximate
         assert group["fraction"].sum() == pytest.approx(1.0)
     assert results.load_gates(tmp_path, filters="layer == 1 and gate == 'f' and bin >= 8")["bin"].tolist() == [8, 9]
-    assert results.load_gates(tmp_path / "nothing-here").columns.tolist() == results.gates_schema().names
+    assert results.load_gates(tmp_path / "nothing-here").columns.tolist() == gates_schema().names
 
     # A resumed driver sees the final report again (the trial re-entered at its end): one file, replaced.
     resumed = results.ResultsWriter(tmp_path, "s")
@@ -154,7 +156,7 @@ def test_gates_round_trip_from_the_final_report(trial, tmp_path):
     with pytest.raises(ValueError, match="unknown column.*gate_l0_i_lt01"):
         results.write_gates(tmp_path, "bad", [{"trial_id": "bad", "gate_l0_i_lt01": 0.1}])
     with pytest.raises(ValueError, match="l<k>_i"):
-        results.gate_rows("s", "t1", config, {"epoch": 1, "gate_histograms": {"layer0_i": [1.0]}})
+        gate_rows("s", "t1", config, {"epoch": 1, "gate_histograms": {"layer0_i": [1.0]}})
 
 
 def test_a_reused_model_writes_no_gates(trial, reused, tmp_path):
@@ -219,7 +221,7 @@ def test_diverged_and_truncated_trials(trial, tmp_path):
 def test_load_filters_on_dotted_columns(trial, tmp_path):
     config, reports = trial
     for trial_id, tau in (("a", 0.3), ("b", 0.9)):
-        rows = results.trial_rows("s", trial_id, config | {"g2.tau": tau}, reports[-1], status="ok", error=None,
+        rows = trial_rows("s", trial_id, config | {"g2.tau": tau}, reports[-1], status="ok", error=None,
                                   finished_at=FINISHED)
         results.write_trial(tmp_path, trial_id, rows)
 
@@ -236,7 +238,7 @@ def test_load_filters_on_dotted_columns(trial, tmp_path):
 
 def test_missing_study_is_an_empty_frame_with_the_schema(tmp_path):
     df = results.load(tmp_path / "nothing-here")
-    assert df.empty and list(df.columns) == results.results_schema().names
+    assert df.empty and list(df.columns) == results_schema().names
     assert df["seed"].dtype == pd.Int64Dtype() and df["finished_at"].dtype == "datetime64[us, UTC]"
     assert results.load_curves(tmp_path).empty
 

@@ -1,10 +1,10 @@
 """Tests for trainables/seq2seq.py: the attentional G2-LSTM encoder-decoder (shapes, padding, directions, layers)."""
 import pytest
 import torch
+from tiny_seq2seq import VOCAB, random_examples, run, small_model
 from torch import nn
 
 from analysis.paper import nmt_layer_names
-from tiny_seq2seq import VOCAB, random_examples, run, small_model
 from trainables.compress import compress_model, gate_rows
 from trainables.config import CompressConfig, G2Config
 from trainables.g2lstm import G2LSTM

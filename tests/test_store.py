@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO_ROOT, wait_for
+
 from trainables.config import SMOKE, TrialConfig
 from trainables.store import ModelStore
 from trainables.trainable import run_trial

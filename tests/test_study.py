@@ -16,9 +16,9 @@ from pathlib import Path
 import optuna
 import psutil
 import pytest
+from conftest import free_port, healthy, study_file, wait_for
 from mlflow.tracking import MlflowClient
 
-from conftest import free_port, healthy, study_file, wait_for
 from study import results
 
 pytestmark = pytest.mark.slow

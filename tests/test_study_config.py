@@ -1,11 +1,19 @@
 """Study configuration: every bad input is refused with its field and range, before anything is created."""
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
 
+import optuna
 import pytest
+from optuna.distributions import IntDistribution
+from optuna.trial import FixedTrial
 
-from study.config import StudyConfig, load_study_config
+from study.config import StudyConfig, flatten, load_study_config
 from study.space import DefineByRun
+from trainables.config import TrialConfig
+
+SHIPPED = sorted((Path(__file__).resolve().parents[1] / "study" / "configs").glob("*.toml"))
 
 GOOD = """
 [study]
@@ -61,30 +69,30 @@ def test_several_seeds_become_a_dimension_and_grid_counts_them():
     assert cfg.total_samples() == 6
 
 
-class FakeTrial:
-    """Stands in for optuna's trial: records which names were asked for."""
-
-    def __init__(self, mode):
-        self.mode, self.asked = mode, []
-
-    def suggest_categorical(self, name, choices):
-        self.asked.append(name)
-        return self.mode if name == "g2.gate_mode" else choices[0]
-
-    def suggest_float(self, name, low, high, step=None, log=False):
-        self.asked.append(name)
-        return low
-
-
 def test_conditional_parameters_are_only_suggested_for_g2():
     cfg = load_study_config(None, ["study.preset=tiny"])
     space = DefineByRun(cfg.search_space(), cfg.base_trial().to_flat())
     for mode, expect_tau in (("lstm", False), ("g2", True)):
-        trial = FakeTrial(mode)
+        # a FixedTrial answers every suggest from this table and lists in `params` only what was asked for
+        trial = FixedTrial({"g2.gate_mode": mode, "g2.tau": 0.5, "g2.p": 0.3, "compress.rank": 4, "compress.bits": 4})
         constants = space(trial)
-        assert ("g2.tau" in trial.asked) == expect_tau
+        assert ("g2.tau" in trial.params) == expect_tau
         assert ("g2.tau" in constants) != expect_tau           # a fixed value when not searched
         assert "g2.gate_mode" not in constants
+
+
+def test_an_int_range_is_suggested_on_its_steps():
+    cfg = load_study_config(None, ["study.preset=tiny", "space.compress.rank.type=int", "space.compress.rank.low=0",
+                                   "space.compress.rank.high=8", "space.compress.rank.step=4"])
+    rank = next(p for p in cfg.search_space() if p.name == "compress.rank")
+    assert rank.grid_values() == [0, 4, 8]
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    space = DefineByRun(cfg.search_space(), cfg.base_trial().to_flat())
+    for _ in range(5):
+        trial = study.ask()
+        space(trial)
+        assert trial.distributions["compress.rank"] == IntDistribution(0, 8, step=4)
+        assert trial.params["compress.rank"] in (0, 4, 8)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -165,3 +173,55 @@ def test_optuna_study_keeps_its_directions(tmp_path):
     other = StudyConfig(preset="tiny", objectives=("compressed_val_metric", "gate_compression"))
     with pytest.raises(ValueError, match="has directions"):
         open_optuna_study(other, url, seed=0)
+
+
+def test_the_shipped_configs_are_found():   # an empty glob would parametrize nothing
+    assert {p.stem for p in SHIPPED} >= {"quickstart", "ptb_awd", "ptb_medium_grid", "multi30k", "multi30k_paper_grid"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_config_loads_and_its_fixed_fields_arrive(path):
+    doc = tomllib.loads(path.read_text())
+    cfg = load_study_config(path, [])
+    base = cfg.base_trial()
+    assert cfg.task == doc["study"]["task"] == base.task
+    assert cfg.total_samples() > 0
+    flat = base.to_flat()
+    for key, value in flatten(doc.get("trial", {})).items():   # every fixed field the file sets, none dropped
+        assert flat[key] == (tuple(value) if isinstance(value, list) else value), key
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_config_space_samples_valid_trials(path):
+    """What the study's own seeded sampler suggests, merged as OptunaSearch merges it, is a valid TrialConfig."""
+    from study.runner import make_sampler
+
+    cfg = load_study_config(path, [])
+    params = cfg.search_space()
+    space = DefineByRun(params, cfg.base_trial().to_flat())
+    study = optuna.create_study(directions=cfg.directions(), sampler=make_sampler(cfg, seed=0))
+    for _ in range(min(4, cfg.total_samples())):
+        trial = study.ask()
+        constants = space(trial)                                # suggests, then returns the fixed fields
+        flat = {**trial.params, **constants}                    # OptunaSearch's merge
+        trial_cfg = TrialConfig.from_flat(flat)
+        assert trial_cfg == TrialConfig.from_flat(trial.params, base=cfg.base_trial())   # only the suggested differ
+        assert trial_cfg.task == cfg.task
+        for param in params:
+            if param.name not in trial.params:                  # left out only when its condition does not hold
+                assert any(flat[key] != value for key, value in param.when), param.name
+            elif param.kind == "categorical":
+                assert trial.params[param.name] in param.choices
+            else:
+                assert param.low <= trial.params[param.name] <= param.high
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_cli_check_accepts_every_shipped_config(path, tmp_path, monkeypatch, capsys):
+    from study.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"config OK: {load_study_config(path, []).total_samples()} trial(s)" in out
+    assert list(tmp_path.iterdir()) == []                       # checking creates nothing

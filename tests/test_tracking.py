@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from study import tracking
 from study.config import StudyConfig
-from study.runner import StudyPaths
+from study.paths import StudyPaths
 from study.tracking import StudyTracker
 
 EXPERIMENT = "g2-tests"

@@ -304,13 +304,13 @@ class TrialConfig:
                              "context inputs; use one of 'both', 'recurrent', 'input'")
 
     @classmethod
-    def preset(cls, task: str, name: str) -> "TrialConfig":
+    def preset(cls, task: str, name: str) -> TrialConfig:
         check_choice("task", task, TASKS)
         check_choice("preset", name, tuple(PRESETS[task]))
         return cls.from_flat({"task": task, **PRESETS[task][name]})
 
     @classmethod
-    def from_flat(cls, flat: Mapping[str, Any], base: "TrialConfig | None" = None) -> "TrialConfig":
+    def from_flat(cls, flat: Mapping[str, Any], base: TrialConfig | None = None) -> TrialConfig:
         """Build from dotted keys over `base` (defaults if None); unknown keys and bad values raise ValueError."""
         base = base or cls()
         top: dict[str, Any] = {}

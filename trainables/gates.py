@@ -35,7 +35,7 @@ class GateMath:
     hard: bool = False
 
     @classmethod
-    def of(cls, g2: G2Config, training: bool) -> "GateMath":
+    def of(cls, g2: G2Config, training: bool) -> GateMath:
         if g2.gate_mode == "lstm":
             return cls()
         if g2.gate_mode == "sharpened":

@@ -24,8 +24,13 @@ from trainables.corpora import find_corpus
 from trainables.g2lstm import G2LSTM, GateStatistics
 from trainables.graphs import WindowGraphs
 from trainables.lm_data import batchify, lm_batch, load_lm_corpus
-from trainables.regularize import (NonMonotoneTrigger, activation_regularization, embedding_dropout,
-                                   locked_dropout, temporal_activation_regularization)
+from trainables.regularize import (
+    NonMonotoneTrigger,
+    activation_regularization,
+    embedding_dropout,
+    locked_dropout,
+    temporal_activation_regularization,
+)
 from trainables.task import Task, make_optimizer
 from trainables.toy import generate_once, toy_grammar_corpus
 

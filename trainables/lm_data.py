@@ -6,9 +6,9 @@ time-major into `(T, B)` columns (AWD-LSTM) and `lm_batch` cuts `(L, B)` windows
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from torch import Tensor
@@ -37,7 +37,7 @@ class Vocabulary:
             self.add(word)
 
     @classmethod
-    def from_lines(cls, lines: Iterable[str]) -> "Vocabulary":
+    def from_lines(cls, lines: Iterable[str]) -> Vocabulary:
         return cls(word for line in lines for word in tokenize(line))
 
     def add(self, word: str) -> int:

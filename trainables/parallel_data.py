@@ -10,9 +10,9 @@ import hashlib
 import io
 import logging
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Sequence
 
 import sentencepiece as spm
 import torch
@@ -151,7 +151,7 @@ class Seq2SeqBatch:
     def num_tgt_tokens(self) -> int:
         return int(self.tgt_mask.sum())
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Seq2SeqBatch":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Seq2SeqBatch:
         # Lengths and index stay where they are: pack_padded_sequence wants CPU lengths.
         moved = {f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
                  for f in fields(self) if f.name not in ("src_lengths", "index")}

@@ -65,7 +65,7 @@ class Memory:
     keys: Tensor            # (S, B, A)
     mask: Tensor            # (S, B)
 
-    def repeat(self, k: int) -> "Memory":
+    def repeat(self, k: int) -> Memory:
         """Each column repeated k times in place (b*k + j), for a flattened batch × beam."""
         return Memory(*(t.repeat_interleave(k, dim=1) for t in (self.values, self.keys, self.mask)))
 
@@ -76,7 +76,7 @@ class DecoderState:
     c: Tensor               # (L, B, H)
     feed: Tensor            # (B, H) previous attentional vector h̃_{t-1} (input feeding)
 
-    def select(self, rows: Tensor) -> "DecoderState":
+    def select(self, rows: Tensor) -> DecoderState:
         return DecoderState(self.h.index_select(1, rows), self.c.index_select(1, rows), self.feed.index_select(0, rows))
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import os
 import random
 import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable, Literal
+from typing import Literal
 
 from trainables.corpora import SPLITS
-
 
 GRAMMAR = {
     "det_sg": ("the", "a", "every"), "det_pl": ("the", "some", "many"),

@@ -28,10 +28,12 @@ import torch
 
 from trainables.checkpoint import BEST_MODEL_FILE, load_checkpoint, load_model, save_checkpoint, save_model
 from trainables.compress import compress_model
-from trainables.config import SMOKE, TrainConfig, TrialConfig, parse_override
+from trainables.config import SMOKE, TrialConfig, parse_override
 from trainables.corpora import cache_root
-from trainables.presets import DEFAULT_PRESETS
 from trainables.device import rng_state, set_rng_state, trial_device, use_ieee_fp32
+from trainables.lm import LMTask
+from trainables.nmt import NMTTask
+from trainables.presets import DEFAULT_PRESETS
 from trainables.report import DIVERGED, OK, EpochReport, SweepRow, scored
 from trainables.store import ModelStore
 from trainables.task import Task
@@ -41,11 +43,8 @@ Reporter = Callable[[dict[str, Any], "Path | None"], None]   # (metrics, checkpo
 
 
 def make_task(cfg: TrialConfig, device: torch.device) -> Task:
-    if cfg.task == "lm":
-        from trainables.lm import LMTask
-        return LMTask(cfg, device, cache_root(cfg.data.cache_dir))
-    from trainables.nmt import NMTTask
-    return NMTTask(cfg, device, cache_root(cfg.data.cache_dir))
+    task = LMTask if cfg.task == "lm" else NMTTask
+    return task(cfg, device, cache_root(cfg.data.cache_dir))
 
 
 def sweep_rows(task: Task, model: torch.nn.Module, cfg: TrialConfig) -> list[SweepRow]:

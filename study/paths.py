@@ -1,0 +1,87 @@
+"""The study directory: where everything of one study lives, and what has been run for it.
+
+    <storage>/<name>/study.json   the StudyConfig and the Tune experiments run for it (so `resume NAME` needs no config)
+                     optuna.db    the persistent Optuna study
+                     mlflow.db    the default MLflow store, artifacts in mlartifacts/
+                     results/ curves/ gates/   the Parquet datasets (study.results)
+                     models/      the best weights of every trained configuration, keyed by its training knobs
+                     ray/<experiment>/         Tune's experiment directories (trial checkpoints)
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from study.config import StudyConfig
+
+STATE_FILE = "study.json"
+
+
+@dataclass(frozen=True)
+class StudyPaths:
+    root: Path
+
+    @classmethod
+    def named(cls, storage: str, name: str) -> StudyPaths:
+        return cls(Path(storage).expanduser().resolve() / name)
+
+    @classmethod
+    def of(cls, cfg: StudyConfig) -> StudyPaths:
+        return cls.named(cfg.storage, cfg.name)
+
+    @property
+    def state(self) -> Path:
+        return self.root / STATE_FILE
+
+    @property
+    def ray(self) -> Path:
+        return self.root / "ray"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    def optuna_url(self, cfg: StudyConfig) -> str:
+        return cfg.optuna_storage or f"sqlite:///{self.root / 'optuna.db'}"
+
+    def tracking_uri(self, cfg: StudyConfig) -> str:
+        """`study.tracking_uri`, by default an absolute SQLite store in the study directory."""
+        return cfg.tracking_uri or f"sqlite:///{(self.root / 'mlflow.db').as_posix()}"
+
+    def artifact_location(self, cfg: StudyConfig) -> str | None:
+        """Local stores keep artifacts in `<root>/mlartifacts`; a server (None) decides for itself."""
+        if self.tracking_uri(cfg).startswith(("http://", "https://", "databricks")):
+            return None
+        return (self.root / "mlartifacts").as_uri()
+
+
+@dataclass
+class StudyState:
+    """What has been run for a study: its config (flat) and one entry per Tune experiment."""
+
+    config: dict[str, Any]
+    experiments: list[dict[str, Any]] = field(default_factory=list)   # {"name", "num_samples", "finished"}
+
+    @classmethod
+    def read(cls, path: Path) -> StudyState | None:
+        return cls(**json.loads(path.read_text())) if path.exists() else None
+
+    def write(self, path: Path) -> None:
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"config": self.config, "experiments": self.experiments}, indent=2))
+        os.replace(tmp, path)
+
+
+class StudyStateError(RuntimeError):
+    """The study directory says this cannot be done (resume a finished study, run over an interrupted one)."""
+
+
+def read_state(paths: StudyPaths) -> StudyState:
+    """The study's saved state; a clear error when there is no study there."""
+    state = StudyState.read(paths.state)
+    if state is None:
+        raise StudyStateError(f"no study {paths.root.name!r} in {paths.root.parent} (no {STATE_FILE})")
+    return state

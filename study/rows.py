@@ -1,0 +1,132 @@
+"""The rows of a study's datasets, made from what a trial reported: a row per sweep point, per epoch, per bin."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+from study.schema import CURVE_COLUMNS, SETTING_KNOBS, SWEEP_COLUMNS, knob_types
+from trainables.config import CompressConfig
+from trainables.report import GATES, STATUSES, is_gate_column, parse_histogram_key
+
+log = logging.getLogger(__name__)
+
+
+def gate_columns(report: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {k: v for k, v in (report or {}).items() if is_gate_column(k)}
+
+
+def _knobs(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The flat config minus study-private `_` keys; tuples become lists for Arrow, numpy scalars plain Python."""
+    known = knob_types()
+    out = {}
+    for key, value in config.items():
+        if key.startswith("_"):
+            continue
+        if key not in known:
+            log.warning("config key %r is not a TrialConfig knob; it is not recorded in the results", key)
+            continue
+        if hasattr(value, "item") and not isinstance(value, (list, tuple)):
+            value = value.item()
+        out[key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def trial_status(last_report: Mapping[str, Any] | None, error: str | None = None) -> str:
+    """A finished trial's status: `error` if it raised, `diverged` if it said so, `ok` only with a sweep, else `pruned`.
+
+    A trial stopped before its last epoch (a scheduler, a stopper) has no sweep; calling it `ok` would let a truncated
+    model into a front.
+    """
+    if error is not None:
+        return "error"
+    if last_report and last_report.get("status") == "diverged":
+        return "diverged"
+    return "ok" if last_report and last_report.get("sweep") else "pruned"
+
+
+def trial_rows(study: str, trial_id: str, config: Mapping[str, Any], last_report: Mapping[str, Any] | None, *,
+               status: str, error: str | None, finished_at: datetime) -> list[dict[str, Any]]:
+    """The results rows of one finished trial: one per sweep point if `ok`, else a single row.
+
+    Args:
+        config: the flat trial config (`TrialConfig.to_flat()` keys); `_`-prefixed study keys are dropped.
+        last_report: the trial's last report (with `sweep` when ok), or None if it never reported.
+        finished_at: a timezone-aware time; a naive one would silently be local time in a UTC column.
+    """
+    if status not in STATUSES:
+        raise ValueError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
+    if finished_at.tzinfo is None:
+        raise ValueError("finished_at must be timezone-aware (e.g. datetime.now(timezone.utc))")
+    report = dict(last_report or {})
+    knobs = _knobs(config)
+    base = {**knobs, "study": study, "trial_id": trial_id, "status": status, "finished_at": finished_at,
+            "error": error if error is not None else (report.get("error") if status != "ok" else None),
+            **{k: report.get(k) for k in ("metric_name", "device", "node_id", "training_key", "epoch", "best_epoch")},
+            "reused_checkpoint": bool(report.get("reused_checkpoint", False)) if report else None,
+            "wall_time_s": report.get("train_time_s"), **gate_columns(report)}
+    base["task"] = knobs.get("task", report.get("task"))
+
+    if status == "ok":
+        sweep = report.get("sweep")
+        if not sweep:
+            raise ValueError(f"trial {trial_id}: an ok trial's last report must carry its `sweep`")
+        plain = next((r for r in sweep if r["method"] == "none"), {})
+        uncompressed = {"uncompressed_val_metric": plain.get("val_metric"),
+                        "uncompressed_test_metric": plain.get("test_metric")}
+        return [{**base, **uncompressed, **{k: r[k] for k in SETTING_KNOBS}, **{k: r.get(k) for k in SWEEP_COLUMNS}}
+                for r in sweep]
+
+    # One row at the trial's own setting. Its metrics are the last epoch's where known (a failure has none):
+    # the report's compressed metric is this row's metric, its plain val metric the uncompressed one.
+    row = {**base, "is_trial_setting": True}
+    try:
+        row["method"] = CompressConfig(**{k.split(".")[1]: knobs[k] for k in SETTING_KNOBS if k in knobs}).method
+    except (TypeError, ValueError):   # the very setting may be what made the trial fail
+        row["method"] = None
+    if status != "error":
+        row |= {"val_metric": report.get("compressed_val_metric"), "uncompressed_val_metric": report.get("val_metric"),
+                **{k: report.get(k) for k in ("gate_params", "gate_bits", "model_params", "model_bits",
+                                              "gate_compression", "model_compression", "relative_error")}}
+        if row["method"] == "none":   # the reported val_loss is the uncompressed model's: only then this row's
+            row["val_loss"] = report.get("val_loss")
+    else:   # how far it got is known; what it measured is not
+        row |= {k: None for k in gate_columns(report)}
+    return [row]
+
+
+def curve_rows(study: str, trial_id: str, reports: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per epoch reported, the last report of an epoch winning (a trial re-entered at its end says it again).
+
+    A reused checkpoint did not train, so it has no curve.
+    """
+    by_epoch: dict[int, dict[str, Any]] = {}
+    for report in reports:
+        if report.get("epoch") is None or report.get("reused_checkpoint"):
+            continue
+        row = {k: report.get(k) for k in CURVE_COLUMNS if k not in ("study", "trial_id")}
+        by_epoch[int(report["epoch"])] = {"study": study, "trial_id": trial_id, **row, **gate_columns(report)}
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def gate_rows(study: str, trial_id: str, config: Mapping[str, Any], report: Mapping[str, Any] | None
+              ) -> list[dict[str, Any]]:
+    """The tidy rows of one report's `gate_histograms` (layer, i before f, bin); none if it carries none.
+
+    `fraction` is the share of the layer's gate values in bin `bin` of the equal bins on [0, 1] (DESIGN §2).
+    """
+    histograms = (report or {}).get("gate_histograms")
+    if not histograms:
+        return []
+    keys = {}
+    for key in histograms:
+        if not (layer_gate := parse_histogram_key(key)):
+            raise ValueError(f"gate histogram key {key!r} is not of the form l<k>_i or l<k>_f")
+        keys[key] = (layer_gate[0], GATES.index(layer_gate[1]))
+    base = {"study": study, "trial_id": trial_id, "g2.gate_mode": config.get("g2.gate_mode"),
+            "epoch": report.get("epoch")}
+    return [{**base, "layer": keys[key][0], "gate": key[-1], "bin": b, "fraction": float(fraction)}
+            for key in sorted(keys, key=keys.get) for b, fraction in enumerate(histograms[key])]
+
+
