@@ -8,7 +8,7 @@ from typing import Any
 
 from study.schema import CURVE_COLUMNS, SETTING_KNOBS, SWEEP_COLUMNS, knob_types
 from trainables.config import CompressConfig
-from trainables.report import GATES, STATUSES, is_gate_column, parse_histogram_key
+from trainables.report import GATES, STATUSES, all_gate_columns, gate_layers, is_gate_column, parse_histogram_key
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,10 @@ def trial_rows(study: str, trial_id: str, config: Mapping[str, Any], last_report
             "error": error if error is not None else (report.get("error") if status != "ok" else None),
             **{k: report.get(k) for k in ("metric_name", "device", "node_id", "training_key", "epoch", "best_epoch")},
             "reused_checkpoint": bool(report.get("reused_checkpoint", False)) if report else None,
-            "wall_time_s": report.get("train_time_s"), **gate_columns(report)}
+            "wall_time_s": report.get("train_time_s"),
+            # every gate column of the model, so each trial's file has the same columns whatever it reported
+            # (a re-scored model, a divergence, an error): a whole directory reads as one table anywhere
+            **dict.fromkeys(all_gate_columns(gate_layers(knobs) or 0)), **gate_columns(report)}
     base["task"] = knobs.get("task", report.get("task"))
 
     if status == "ok":

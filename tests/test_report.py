@@ -2,6 +2,7 @@
 import math
 
 import pytest
+from tiny_seq2seq import small_model
 
 from trainables.report import (
     ACCOUNTING,
@@ -13,8 +14,10 @@ from trainables.report import (
     EpochReport,
     GateColumn,
     SweepRow,
+    all_gate_columns,
     gate_column,
     gate_column_order,
+    gate_layers,
     histogram_key,
     is_gate_column,
     parse_histogram_key,
@@ -70,3 +73,12 @@ def test_reports_without_optional_parts(missing):
     report = EpochReport(epoch=1, metric_name="ppl", val_metric=3.0)
     said = report.to_dict()
     assert missing not in said and EpochReport.from_dict(said) == report
+
+
+@pytest.mark.parametrize("encoder_layers, decoder_layers", [(1, 1), (3, 2)])
+def test_gate_layers_count_what_the_models_measure(encoder_layers, decoder_layers):
+    names = small_model(encoder_layers, decoder_layers).recurrent_layer_names()
+    flat = {"task": "nmt", "nmt.encoder_layers": encoder_layers, "nmt.decoder_layers": decoder_layers}
+    assert gate_layers(flat) == len(names)
+    assert gate_layers({"task": "lm", "lm.num_layers": 3}) == 3 and gate_layers({"task": "lm"}) is None
+    assert all_gate_columns(1) == ["gate_l0_i_lt01", "gate_l0_i_gt09", "gate_l0_f_lt01", "gate_l0_f_gt09"]

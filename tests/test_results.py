@@ -169,6 +169,29 @@ def test_a_reused_model_writes_no_gates(trial, reused, tmp_path):
     assert results.load_gates(tmp_path).empty and not (tmp_path / "gates").exists()
 
 
+def test_every_trial_file_has_every_column_so_the_directory_reads_whole(trial, reused, tmp_path):
+    """A re-scored model, a divergence and an error report no gate statistics; their files still carry the
+    model's gate columns (null), so readers that take one file's schema for all (pandas, polars, duckdb) lose
+    nothing."""
+    config, reports = trial
+    writer = results.ResultsWriter(tmp_path, "s")
+    writer.record_report("a-trained", config, reports[-1])
+    writer.record_end("a-trained", config)
+    writer.record_report("b-reused", config, reused[0])
+    writer.record_end("b-reused", config)
+    writer.record_report("c-diverged", config, {"epoch": 1, "status": "diverged", "error": "nan", "done": True})
+    writer.record_end("c-diverged", config)
+    writer.record_end("d-error", config, "RuntimeError: boom")
+    schemas = {f.stem: pq.read_schema(f) for f in sorted((tmp_path / "results").glob("*.parquet"))}
+    assert len(schemas) == 4 and all(schema == schemas["a-trained"] for schema in schemas.values())
+    gate_columns = [c for c in schemas["a-trained"].names if c.startswith("gate_l")]
+    assert len(gate_columns) == 2 * 2 * 2            # the tiny LM: 2 layers x {i, f} x {lt01, gt09}
+    whole = pd.read_parquet(tmp_path / "results")     # one file's schema for the whole directory
+    assert set(gate_columns) <= set(whole.columns) and whole["trial_id"].nunique() == 4
+    assert whole.loc[whole["trial_id"] == "a-trained", gate_columns].notna().all().all()
+    assert whole.loc[whole["trial_id"] != "a-trained", gate_columns].isna().all().all()
+
+
 def test_error_trial_is_one_row_with_its_message(trial, tmp_path):
     config, reports = trial
     writer = results.ResultsWriter(tmp_path, "s")

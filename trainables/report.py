@@ -66,6 +66,24 @@ def gate_column_order(name: str) -> tuple:
     return (0, col.layer, GATES.index(col.gate), col.side == HIGH) if col else (1, 0, 0, name)
 
 
+def gate_layers(flat_config: Mapping[str, Any]) -> int | None:
+    """How many recurrent layers a trial of this flat config reports gates for (`GateStatistics`): an LM's layers;
+    NMT's encoder counts its bidirectional first layer twice. None when the config does not say."""
+    try:
+        if flat_config.get("task") == "lm":
+            return int(flat_config["lm.num_layers"])
+        if flat_config.get("task") == "nmt":
+            return int(flat_config["nmt.encoder_layers"]) + 1 + int(flat_config["nmt.decoder_layers"])
+    except (KeyError, TypeError, ValueError):
+        pass
+    return None
+
+
+def all_gate_columns(layers: int) -> list[str]:
+    """Every gate-saturation column of a model with `layers` recurrent layers, in `gate_column_order`."""
+    return [gate_column(k, g, side) for k in range(layers) for g in GATES for side in (LOW, HIGH)]
+
+
 def histogram_key(layer: int, gate: str) -> str:
     return f"l{layer}_{gate}"
 
