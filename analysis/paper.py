@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.pareto import matches, ok_rows
+from trainables.report import HIGH, LOW, gate_column
 
 GATE_MODES = ("lstm", "sharpened", "g2")  # lstm = the paper's baseline
 SETTINGS = ("original", "round", "round_clip", "svd_big", "svd_small")
@@ -188,7 +189,7 @@ def compare_saturation(df: pd.DataFrame, layer: int | None = None) -> pd.DataFra
     rows = []
     for mode, group in ours.groupby("g2.gate_mode", sort=False):
         for gate in "if":
-            cols = [f"gate_l{layer}_{gate}_lt01", f"gate_l{layer}_{gate}_gt09"]
+            cols = [gate_column(layer, gate, LOW), gate_column(layer, gate, HIGH)]
             if not set(cols) <= set(group.columns):
                 continue
             lt, gt = (group[c].to_numpy(dtype=float, na_value=np.nan) for c in cols)
