@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import free_port, healthy, wait_for
 
 from study import results
 from study.config import StudyConfig
 from study.paths import STATE_FILE, StudyState
 from study.report import study_front
+
+from conftest import free_port, healthy, wait_for
 
 pytestmark = pytest.mark.slow
 G2 = str(Path(sys.executable).parent / "g2-study")

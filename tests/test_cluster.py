@@ -15,14 +15,15 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-import conftest
 import optuna
 import psutil
 import pytest
-from conftest import alive, free_port, wait_for
 from mlflow.tracking import MlflowClient
 
 from study import results
+
+import conftest
+from conftest import alive, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent

@@ -1,13 +1,14 @@
 """Tests for trainables/decoding.py: greedy and beam search on an untrained model, and translation order."""
 import pytest
 import torch
-from tiny_seq2seq import BOS, EOS, PAD, random_examples, small_model
 
 from trainables.config import G2Config, NMTConfig
 from trainables.decoding import beam_search, greedy_decode, translate
 from trainables.parallel_data import encode_parallel, load_parallel_text, make_batches, train_bpe
 from trainables.seq2seq import Seq2Seq
 from trainables.toy import toy_parallel_corpus
+
+from tiny_seq2seq import BOS, EOS, PAD, random_examples, small_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,14 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rerun_compiled
-from kernel_noise import gate_noise
 
 from trainables import g2lstm
 from trainables.config import G2Config
 from trainables.g2lstm import G2LSTM, lstm_layer_reference
 from trainables.g2lstm_kernels import fused_available, fused_lstm_layer
 from trainables.gates import NOISE_EPS, GateMath
+
+from conftest import rerun_compiled
+from kernel_noise import gate_noise
 
 # triton is not imported here: the session imports it for the interpreter (conftest `_triton_kernels`)
 pytestmark = [pytest.mark.interpreted_kernels,

@@ -10,12 +10,13 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rerun_compiled
 
 from trainables import graphs as graphs_module
 from trainables.config import G2Config, LMConfig
 from trainables.graphs import WindowGraphs
 from trainables.lm import RNNLM, flatten_state
+
+from conftest import rerun_compiled
 
 VOCAB = 50
 QUIET = LMConfig(embed_dim=16, hidden_size=32, num_layers=2, dropout=0.0, dropout_hidden=0.0, dropout_input=0.0,

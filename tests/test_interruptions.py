@@ -16,14 +16,15 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import conftest
 import optuna
 import psutil
 import pytest
-from conftest import alive, wait_for
 from mlflow.tracking import MlflowClient
 
 from study import results
+
+import conftest
+from conftest import alive, wait_for
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent

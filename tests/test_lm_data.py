@@ -3,9 +3,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import real_corpus
 
 from trainables.lm_data import EOS, UNK, batchify, lm_batch, load_lm_corpus
+
+from conftest import real_corpus
 
 
 def write_lm(folder: Path, train: str, valid: str, test: str, names: str = "{split}.txt") -> Path:

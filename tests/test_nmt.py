@@ -5,13 +5,14 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_seq2seq import PAD, VOCAB
 
 from trainables.config import TrialConfig
 from trainables.corpora import find_corpus
 from trainables.decoding import beam_search, greedy_decode
 from trainables.nmt import NMTTask, bleu_scores, sequence_loss
 from trainables.toy import toy_parallel_corpus
+
+from tiny_seq2seq import PAD, VOCAB
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,7 +1,6 @@
 """Tests for trainables/parallel_data.py: parallel text, the joint BPE and its cache, and seq2seq batching."""
 import pytest
 import torch
-from conftest import real_corpus
 
 from trainables.parallel_data import (
     BOS_ID,
@@ -16,6 +15,8 @@ from trainables.parallel_data import (
     train_bpe,
 )
 from trainables.toy import toy_parallel_corpus
+
+from conftest import real_corpus
 
 
 @pytest.fixture(scope="module")

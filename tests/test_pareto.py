@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import trial_reports
 
 from analysis.pareto import (
     front_over_seeds,
@@ -22,6 +21,8 @@ from analysis.pareto import (
 from study import results
 from study.rows import trial_rows
 from trainables.config import TrialConfig
+
+from conftest import trial_reports
 
 FINISHED = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 

@@ -2,7 +2,6 @@
 import math
 
 import pytest
-from tiny_seq2seq import small_model
 
 from trainables.report import (
     ACCOUNTING,
@@ -22,6 +21,8 @@ from trainables.report import (
     is_gate_column,
     parse_histogram_key,
 )
+
+from tiny_seq2seq import small_model
 
 
 def test_a_real_trials_reports_survive_the_round_trip(trial):

@@ -13,13 +13,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO_ROOT, trial_reports
 
 from study import results
 from study.filters import FilterError
 from study.rows import gate_rows, trial_rows
 from study.schema import gates_schema, results_schema
 from trainables.config import SMOKE, TrialConfig
+
+from conftest import REPO_ROOT, trial_reports
 
 FINISHED = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """Tests for trainables/seq2seq.py: the attentional G2-LSTM encoder-decoder (shapes, padding, directions, layers)."""
 import pytest
 import torch
-from tiny_seq2seq import VOCAB, random_examples, run, small_model
 from torch import nn
 
 from analysis.paper import nmt_layer_names
@@ -11,6 +10,8 @@ from trainables.g2lstm import G2LSTM
 from trainables.nmt import sequence_loss
 from trainables.parallel_data import make_batches
 from trainables.seq2seq import reverse_index
+
+from tiny_seq2seq import VOCAB, random_examples, run, small_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, wait_for
 
 from trainables.config import SMOKE, TrialConfig
 from trainables.store import ModelStore
 from trainables.trainable import run_trial
+
+from conftest import REPO_ROOT, wait_for
 
 LOOP = {"epoch": 3, "best_epoch": 2, "best_metric": 41.5, "train_time_s": 12.0}   # what a run records of itself
 

@@ -16,10 +16,11 @@ from pathlib import Path
 import optuna
 import psutil
 import pytest
-from conftest import free_port, healthy, study_file, wait_for
 from mlflow.tracking import MlflowClient
 
 from study import results
+
+from conftest import free_port, healthy, study_file, wait_for
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
