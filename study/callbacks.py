@@ -20,6 +20,7 @@ from study.failures import error_message, is_error_report
 from study.report import study_front
 from study.results import ResultsWriter
 from study.tracking import StudyTracker, open_tracker
+from trainables.report import ERROR, OK
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +120,8 @@ class StudyCallback(tune.Callback):
         """A trial that raised (its own code) or whose retries ran out: one error row, its run FAILED."""
         rows = self.writer.record_end(trial.trial_id, trial.config, error=message)
         last = trial.last_result if not is_error_report(trial.last_result) else self._measured.get(trial.trial_id)
-        self.tracker.end_trial(trial.trial_id, "error", last or None, message)
-        self._finished(trial, "error", rows, trials)
+        self.tracker.end_trial(trial.trial_id, ERROR, last or None, message)
+        self._finished(trial, ERROR, rows, trials)
 
     def _close_earlier(self, trial, rows: list[dict], trials) -> None:
         """A trial an earlier driver recorded: its files stay; its MLflow run is closed if that driver died first."""
@@ -135,7 +136,7 @@ class StudyCallback(tune.Callback):
 
     def _finished(self, trial, status: str, rows: list[dict], trials, *, earlier: bool = False) -> None:
         self._statuses[status] += 1
-        if status == "ok":
+        if status == OK:
             self._ok_rows.extend(rows)
         front = len(study_front(pd.DataFrame(self._ok_rows), self.cfg))   # the front `close_study` will print
         running = sum(1 for t in trials if t.status == "RUNNING")
@@ -144,7 +145,7 @@ class StudyCallback(tune.Callback):
         name = last.get("metric_name", "metric")
         if earlier:
             outcome = "recorded before the restart"
-        elif status == "ok":
+        elif status == OK:
             outcome = (f"val {name} {last['val_metric']:.2f}, compressed {last['compressed_val_metric']:.2f} "
                        f"at gate ×{last['gate_compression']:.1f}"
                        + (" (reused model)" if last.get("reused_checkpoint") else ""))

@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from study.paths import write_json
+
 log = logging.getLogger(__name__)
 LOCK_FILE, CLAIM_FILE = "driver.lock", "driver.json"
 WATCH_INTERVAL_S = 2.0   # how often a driver with a local Ray records that Ray's processes
@@ -60,9 +62,7 @@ class DriverInfo:
             return None
 
     def write(self, path: Path) -> None:
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(asdict(self), indent=2))
-        os.replace(tmp, path)
+        write_json(path, asdict(self))
 
     def describe(self) -> str:
         return f"pid {self.pid} on host {self.host} since {self.started}"

@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Mapping
 from typing import Any
 
-ERROR_STATUS = "error"
+from trainables.report import ERROR
 
 
 def error_message(error: Any) -> str:
@@ -37,7 +37,7 @@ def error_text(err: BaseException) -> str:
 
 def error_report(err: BaseException) -> dict[str, Any]:
     """The final report of a trial whose own code raised `err`; Tune ends the trial on `done`."""
-    report: dict[str, Any] = {"status": ERROR_STATUS, "error": error_text(err), "done": True}
+    report: dict[str, Any] = {"status": ERROR, "error": error_text(err), "done": True}
     try:
         import ray
 
@@ -49,7 +49,7 @@ def error_report(err: BaseException) -> dict[str, Any]:
 
 def is_error_report(result: Mapping[str, Any] | None) -> bool:
     """Whether `result` is the report `guarded` made of an exception (not a measurement)."""
-    return bool(result) and result.get("status") == ERROR_STATUS
+    return bool(result) and result.get("status") == ERROR
 
 
 def guarded(name: str, config: dict[str, Any]) -> None:

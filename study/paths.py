@@ -20,6 +20,13 @@ from study.config import StudyConfig
 STATE_FILE = "study.json"
 
 
+def write_json(path: Path, value: Any) -> None:
+    """Write aside, then rename: a killed driver leaves the old file or the new one, never a part of one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)
+
+
 @dataclass(frozen=True)
 class StudyPaths:
     root: Path
@@ -70,9 +77,7 @@ class StudyState:
         return cls(**json.loads(path.read_text())) if path.exists() else None
 
     def write(self, path: Path) -> None:
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"config": self.config, "experiments": self.experiments}, indent=2))
-        os.replace(tmp, path)
+        write_json(path, {"config": self.config, "experiments": self.experiments})
 
 
 class StudyStateError(RuntimeError):

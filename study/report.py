@@ -17,6 +17,7 @@ from analysis.pareto import SAME_MODEL, pareto_front
 from study import results
 from study.config import HIGHER_IS_BETTER, StudyConfig
 from study.tracking import open_tracker
+from trainables.report import FAILED, OK
 
 log = logging.getLogger(__name__)
 ROW_COLUMN = {"compressed_val_metric": "val_metric", "val_metric": "uncompressed_val_metric",
@@ -61,7 +62,7 @@ def format_front(front: pd.DataFrame, metric_name: str) -> str:
 
 def front_plot(df: pd.DataFrame, cfg: StudyConfig, path: Path) -> Path | None:
     """The front as a PNG (Agg backend, no display needed); None when there is nothing to draw."""
-    ok = df[df["status"] == "ok"] if not df.empty else df
+    ok = df[df["status"] == OK] if not df.empty else df
     if ok.empty:
         return None
     direction = "max" if HIGHER_IS_BETTER[cfg.task] else "min"
@@ -74,7 +75,7 @@ def close_study(cfg: StudyConfig, root: str, tracking_uri: str, printer: Callabl
     df = results.load(root)
     per_trial = df.drop_duplicates("trial_id") if not df.empty else df
     counts = per_trial["status"].value_counts().to_dict() if not df.empty else {}
-    failed = int(counts.get("error", 0) + counts.get("diverged", 0))
+    failed = int(sum(counts.get(status, 0) for status in FAILED))
     front = study_front(df, cfg)
     metric = metric_name_of(df)
     figure = front_plot(df, cfg, Path(root) / "pareto_front.png") if not df.empty else None

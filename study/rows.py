@@ -8,7 +8,18 @@ from typing import Any
 
 from study.schema import CURVE_COLUMNS, SETTING_KNOBS, SWEEP_COLUMNS, knob_types
 from trainables.config import CompressConfig
-from trainables.report import GATES, STATUSES, all_gate_columns, gate_layers, is_gate_column, parse_histogram_key
+from trainables.report import (
+    DIVERGED,
+    ERROR,
+    GATES,
+    OK,
+    PRUNED,
+    STATUSES,
+    all_gate_columns,
+    gate_layers,
+    is_gate_column,
+    parse_histogram_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +51,10 @@ def trial_status(last_report: Mapping[str, Any] | None, error: str | None = None
     model into a front.
     """
     if error is not None:
-        return "error"
-    if last_report and last_report.get("status") == "diverged":
-        return "diverged"
-    return "ok" if last_report and last_report.get("sweep") else "pruned"
+        return ERROR
+    if last_report and last_report.get("status") == DIVERGED:
+        return DIVERGED
+    return OK if last_report and last_report.get("sweep") else PRUNED
 
 
 def trial_rows(study: str, trial_id: str, config: Mapping[str, Any], last_report: Mapping[str, Any] | None, *,
@@ -62,7 +73,7 @@ def trial_rows(study: str, trial_id: str, config: Mapping[str, Any], last_report
     report = dict(last_report or {})
     knobs = _knobs(config)
     base = {**knobs, "study": study, "trial_id": trial_id, "status": status, "finished_at": finished_at,
-            "error": error if error is not None else (report.get("error") if status != "ok" else None),
+            "error": error if error is not None else (report.get("error") if status != OK else None),
             **{k: report.get(k) for k in ("metric_name", "device", "node_id", "training_key", "epoch", "best_epoch")},
             "reused_checkpoint": bool(report.get("reused_checkpoint", False)) if report else None,
             "wall_time_s": report.get("train_time_s"),
@@ -71,7 +82,7 @@ def trial_rows(study: str, trial_id: str, config: Mapping[str, Any], last_report
             **dict.fromkeys(all_gate_columns(gate_layers(knobs) or 0)), **gate_columns(report)}
     base["task"] = knobs.get("task", report.get("task"))
 
-    if status == "ok":
+    if status == OK:
         sweep = report.get("sweep")
         if not sweep:
             raise ValueError(f"trial {trial_id}: an ok trial's last report must carry its `sweep`")
@@ -88,7 +99,7 @@ def trial_rows(study: str, trial_id: str, config: Mapping[str, Any], last_report
         row["method"] = CompressConfig(**{k.split(".")[1]: knobs[k] for k in SETTING_KNOBS if k in knobs}).method
     except (TypeError, ValueError):   # the very setting may be what made the trial fail
         row["method"] = None
-    if status != "error":
+    if status != ERROR:
         row |= {"val_metric": report.get("compressed_val_metric"), "uncompressed_val_metric": report.get("val_metric"),
                 **{k: report.get(k) for k in ("gate_params", "gate_bits", "model_params", "model_bits",
                                               "gate_compression", "model_compression", "relative_error")}}

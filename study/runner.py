@@ -34,6 +34,7 @@ from study.report import close_study
 from study.rows import trial_status
 from study.space import DefineByRun
 from study.tracking import open_tracker
+from trainables.report import ERROR, FAILED, OK
 
 log = logging.getLogger(__name__)
 Printer = Callable[[str], None]
@@ -153,9 +154,9 @@ class StudySearch(OptunaSearch):
 
     def on_trial_complete(self, trial_id, result=None, error=False):
         # Tune marks a scheduler-stopped result `done` too: only the final report carries the sweep
-        status = "error" if error or is_error_report(result) else trial_status(result)
-        if status != "ok":
-            result, error = None, status in ("error", "diverged")
+        status = ERROR if error or is_error_report(result) else trial_status(result)
+        if status != OK:
+            result, error = None, status in FAILED
         super().on_trial_complete(trial_id, result=result, error=error)
 
 
