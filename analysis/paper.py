@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.pareto import matches, ok_rows
-from trainables.report import HIGH, LOW, gate_column
+from trainables.report import HIGH, LOW, TEST_METRIC, gate_column
 
 GATE_MODES = ("lstm", "sharpened", "g2")  # lstm = the paper's baseline
 SETTINGS = ("original", "round", "round_clip", "svd_big", "svd_small")
@@ -110,7 +110,7 @@ def _setting_rows(df: pd.DataFrame, task: str) -> dict[str, tuple[pd.DataFrame, 
 
 
 def compare_with_paper(
-    df: pd.DataFrame, task: str, *, metric: str = "test_metric", eval_gate: str | None = "soft"
+    df: pd.DataFrame, task: str, *, metric: str = TEST_METRIC, eval_gate: str | None = "soft"
 ) -> pd.DataFrame:
     """Our figures for the paper's compression settings beside the paper's, one row per (gate_mode, setting).
 

@@ -20,16 +20,27 @@ from matplotlib.ticker import MaxNLocator
 
 from analysis import pareto
 from analysis.paper import GATE_MODES, METRIC_NAME, SETTINGS, compare_with_paper, paper_compression
-from trainables.report import LOW, GateColumn
+from trainables.report import (
+    GATE_BITS,
+    GATE_COMPRESSION,
+    LOW,
+    MODEL_BITS,
+    MODEL_COMPRESSION,
+    TEST_METRIC,
+    UNCOMPRESSED_TEST_METRIC,
+    UNCOMPRESSED_VAL_METRIC,
+    VAL_METRIC,
+    GateColumn,
+)
 
 GATE_MODE_COLORS = {"lstm": "tab:blue", "sharpened": "tab:orange", "g2": "tab:green"}
 _EXTRA_COLORS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
 _METRICS = {"ppl": ("perplexity", "min"), "bleu": ("BLEU", "max")}
-_SPLITS = {"val_metric": "validation", "test_metric": "test", "uncompressed_val_metric": "uncompressed validation",
-           "uncompressed_test_metric": "uncompressed test"}
-_LABELS = {"gate_compression": "gate compression (× fewer bits in the i/f gate blocks)",
-           "model_compression": "model compression (× fewer bits, whole model)",
-           "gate_bits": "bits stored for the i/f gate blocks", "model_bits": "bits stored for the whole model",
+_SPLITS = {VAL_METRIC: "validation", TEST_METRIC: "test", UNCOMPRESSED_VAL_METRIC: "uncompressed validation",
+           UNCOMPRESSED_TEST_METRIC: "uncompressed test"}
+_LABELS = {GATE_COMPRESSION: "gate compression (× fewer bits in the i/f gate blocks)",
+           MODEL_COMPRESSION: "model compression (× fewer bits, whole model)",
+           GATE_BITS: "bits stored for the i/f gate blocks", MODEL_BITS: "bits stored for the whole model",
            "g2.tau": "τ (temperature of g2 training)", "g2.p": "p (probability of gate noise)",
            "g2.sharpen_tau": "τ_s (temperature of the sharpened ablation)"}
 # Knobs that only change some gate modes; the others are drawn as their mean, a horizontal reference.
@@ -160,7 +171,7 @@ def save(fig: Figure, path: str | Path) -> Path:
 
 # --------------------------------------------------------------------------------------------------------- figures
 
-def plot_front(df: pd.DataFrame, x: str = "gate_compression", y: str = "val_metric", *,
+def plot_front(df: pd.DataFrame, x: str = GATE_COMPRESSION, y: str = VAL_METRIC, *,
                metric_direction: str | None = None, x_direction: str | None = None, by: str | None = "g2.gate_mode",
                knee: bool = False, logy: bool | None = None, ax: Axes | None = None) -> Figure:
     """Every ok row (compression on a log x-axis against the metric) and each group's Pareto front as a step line.
@@ -201,7 +212,7 @@ def plot_front(df: pd.DataFrame, x: str = "gate_compression", y: str = "val_metr
     return fig
 
 
-def plot_objective_vs(df: pd.DataFrame, knob: str = "g2.tau", y: str = "val_metric", by: str | None = "g2.gate_mode",
+def plot_objective_vs(df: pd.DataFrame, knob: str = "g2.tau", y: str = VAL_METRIC, by: str | None = "g2.gate_mode",
                       *, method: str | None = "none", ax: Axes | None = None) -> Figure:
     """y against a knob (τ, p, ...), one colour per gate mode.
 
@@ -272,7 +283,7 @@ def plot_hypervolume_over_time(df: pd.DataFrame, objectives: Mapping[str, str], 
     return fig
 
 
-def plot_paper_comparison(df: pd.DataFrame, task: str, *, metric: str = "test_metric", relative: bool = False,
+def plot_paper_comparison(df: pd.DataFrame, task: str, *, metric: str = TEST_METRIC, relative: bool = False,
                           axes: Sequence[Axes] | None = None) -> Figure:
     """The paper's compression table (left) beside ours (right): one line per gate mode across the paper's settings.
 
@@ -283,7 +294,7 @@ def plot_paper_comparison(df: pd.DataFrame, task: str, *, metric: str = "test_me
     table = compare_with_paper(df, task, metric=metric)
     dataset = paper_compression().query("task == @task")["dataset"].iloc[0]
     ours = df[pareto.matches(df["task"], task)] if "task" in df.columns else df
-    paper_label = label(pd.DataFrame({"metric_name": [METRIC_NAME[task]]}), "test_metric")
+    paper_label = label(pd.DataFrame({"metric_name": [METRIC_NAME[task]]}), TEST_METRIC)
     colors = {mode: color for mode, _, color in mode_groups(table, "gate_mode")}
     x = np.arange(len(SETTINGS))
     for ax, source in zip(grid[0], ("paper", "ours"), strict=True):

@@ -34,6 +34,14 @@ from trainables.config import (
     reject_unknown,
 )
 from trainables.presets import DEFAULT_PRESETS, PRESETS
+from trainables.report import (
+    COMPRESSED_VAL_METRIC,
+    GATE_BITS,
+    GATE_COMPRESSION,
+    MODEL_BITS,
+    MODEL_COMPRESSION,
+    VAL_METRIC,
+)
 
 SAMPLERS = ("tpe", "nsga2", "gp", "grid")
 DEFAULT_STORAGE = "studies"               # relative to where g2-study runs
@@ -42,8 +50,8 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 # Metrics a trial reports that can be objectives, with their direction; "metric" is the task's own
 # validation metric under the trial's compression (ppl: lower is better, BLEU: higher is better).
-OBJECTIVES = {"compressed_val_metric": "metric", "val_metric": "metric", "gate_bits": "min",
-              "model_bits": "min", "gate_compression": "max", "model_compression": "max"}
+OBJECTIVES = {COMPRESSED_VAL_METRIC: "metric", VAL_METRIC: "metric", GATE_BITS: "min", MODEL_BITS: "min",
+              GATE_COMPRESSION: "max", MODEL_COMPRESSION: "max"}
 HIGHER_IS_BETTER = {"lm": False, "nmt": True}
 
 
@@ -58,7 +66,7 @@ class StudyConfig:
     max_concurrent: int = 2
     sampler: Literal["tpe", "nsga2", "gp", "grid"] = "tpe"
     sampler_seed: int = 0
-    objectives: tuple[str, ...] = ("compressed_val_metric", "gate_bits")
+    objectives: tuple[str, ...] = (COMPRESSED_VAL_METRIC, GATE_BITS)
     seeds: tuple[int, ...] = (1111,)       # several seeds: each configuration may be trained per seed
     storage: str = DEFAULT_STORAGE         # a directory (shared by all nodes); the study lives in <storage>/<name>
     tracking_uri: str = ""                 # "" = sqlite:///<study dir>/mlflow.db

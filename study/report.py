@@ -17,14 +17,24 @@ from analysis.pareto import SAME_MODEL, pareto_front
 from study import results
 from study.config import HIGHER_IS_BETTER, StudyConfig
 from study.tracking import open_tracker
-from trainables.report import FAILED, OK
+from trainables.report import (
+    COMPRESSED_VAL_METRIC,
+    FAILED,
+    GATE_BITS,
+    GATE_COMPRESSION,
+    MODEL_BITS,
+    MODEL_COMPRESSION,
+    OK,
+    TEST_METRIC,
+    UNCOMPRESSED_VAL_METRIC,
+    VAL_METRIC,
+)
 
 log = logging.getLogger(__name__)
-ROW_COLUMN = {"compressed_val_metric": "val_metric", "val_metric": "uncompressed_val_metric",
-              "gate_bits": "gate_bits", "model_bits": "model_bits", "gate_compression": "gate_compression",
-              "model_compression": "model_compression"}
-SHOWN = ["trial_id", "g2.gate_mode", "g2.tau", "g2.p", "method", "compress.rank", "compress.bits", "gate_bits",
-         "gate_compression", "model_compression", "val_metric", "test_metric"]
+ROW_COLUMN = {COMPRESSED_VAL_METRIC: VAL_METRIC, VAL_METRIC: UNCOMPRESSED_VAL_METRIC, GATE_BITS: GATE_BITS,
+              MODEL_BITS: MODEL_BITS, GATE_COMPRESSION: GATE_COMPRESSION, MODEL_COMPRESSION: MODEL_COMPRESSION}
+SHOWN = ["trial_id", "g2.gate_mode", "g2.tau", "g2.p", "method", "compress.rank", "compress.bits", GATE_BITS,
+         GATE_COMPRESSION, MODEL_COMPRESSION, VAL_METRIC, TEST_METRIC]
 
 
 def front_objectives(cfg: StudyConfig) -> dict[str, str]:
@@ -55,8 +65,8 @@ def format_front(front: pd.DataFrame, metric_name: str) -> str:
     if front.empty:
         return "(no finished trial yet: the front is empty)"
     shown = front[[c for c in SHOWN if c in front.columns]].rename(
-        columns={"val_metric": f"val {metric_name}", "test_metric": f"test {metric_name}",
-                 "gate_compression": "gate ×", "model_compression": "model ×"})
+        columns={VAL_METRIC: f"val {metric_name}", TEST_METRIC: f"test {metric_name}",
+                 GATE_COMPRESSION: "gate ×", MODEL_COMPRESSION: "model ×"})
     return shown.to_string(index=False, float_format=lambda v: f"{v:.3g}")
 
 
@@ -66,7 +76,7 @@ def front_plot(df: pd.DataFrame, cfg: StudyConfig, path: Path) -> Path | None:
     if ok.empty:
         return None
     direction = "max" if HIGHER_IS_BETTER[cfg.task] else "min"
-    fig = plots.plot_front(ok, x="gate_compression", y="val_metric", metric_direction=direction)
+    fig = plots.plot_front(ok, x=GATE_COMPRESSION, y=VAL_METRIC, metric_direction=direction)
     return Path(plots.save(fig, path))
 
 

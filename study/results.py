@@ -238,7 +238,7 @@ class ResultsWriter:
         if report.get("gate_histograms"):
             self._histograms[trial_id] = self._last[trial_id]
         curve = self._known_curve(trial_id)
-        for row in curve_rows(self.study, trial_id, [report]):
+        for row in curve_rows(self.study, trial_id, config, [report]):
             curve[row["epoch"]] = row
         if curve:
             write_curves(self.study_dir, trial_id, [curve[e] for e in sorted(curve)])

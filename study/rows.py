@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Mapping
+from dataclasses import asdict
 from datetime import datetime
 from typing import Any
 
@@ -15,6 +17,11 @@ from trainables.report import (
     OK,
     PRUNED,
     STATUSES,
+    UNCOMPRESSED_TEST_METRIC,
+    UNCOMPRESSED_VAL_METRIC,
+    VAL_LOSS,
+    VAL_METRIC,
+    EpochReport,
     all_gate_columns,
     gate_layers,
     is_gate_column,
@@ -70,27 +77,25 @@ def trial_rows(study: str, trial_id: str, config: Mapping[str, Any], last_report
         raise ValueError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
     if finished_at.tzinfo is None:
         raise ValueError("finished_at must be timezone-aware (e.g. datetime.now(timezone.utc))")
-    report = dict(last_report or {})
+    report = EpochReport.from_dict(last_report) if last_report else None
     knobs = _knobs(config)
+    said = {k: getattr(report, k) if report else None
+            for k in ("metric_name", "device", "node_id", "training_key", "epoch", "best_epoch")}
     base = {**knobs, "study": study, "trial_id": trial_id, "status": status, "finished_at": finished_at,
-            "error": error if error is not None else (report.get("error") if status != OK else None),
-            **{k: report.get(k) for k in ("metric_name", "device", "node_id", "training_key", "epoch", "best_epoch")},
-            "reused_checkpoint": bool(report.get("reused_checkpoint", False)) if report else None,
-            "wall_time_s": report.get("train_time_s"),
+            "error": error if error is not None else (report.error if report and status != OK else None), **said,
+            "reused_checkpoint": report.reused_checkpoint if report else None,
+            "wall_time_s": report.train_time_s if report else None,
             # every gate column of the model, so each trial's file has the same columns whatever it reported
             # (a re-scored model, a divergence, an error): a whole directory reads as one table anywhere
-            **dict.fromkeys(all_gate_columns(gate_layers(knobs) or 0)), **gate_columns(report)}
-    base["task"] = knobs.get("task", report.get("task"))
+            **dict.fromkeys(all_gate_columns(gate_layers(knobs) or 0)), **(report.gate_saturation if report else {})}
+    base["task"] = knobs.get("task", (last_report or {}).get("task"))
 
     if status == OK:
-        sweep = report.get("sweep")
-        if not sweep:
+        if not (report and report.sweep):
             raise ValueError(f"trial {trial_id}: an ok trial's last report must carry its `sweep`")
-        plain = next((r for r in sweep if r["method"] == "none"), {})
-        uncompressed = {"uncompressed_val_metric": plain.get("val_metric"),
-                        "uncompressed_test_metric": plain.get("test_metric")}
-        return [{**base, **uncompressed, **{k: r[k] for k in SETTING_KNOBS}, **{k: r.get(k) for k in SWEEP_COLUMNS}}
-                for r in sweep]
+        plain = report.uncompressed()
+        uncompressed = {UNCOMPRESSED_VAL_METRIC: plain.val_metric, UNCOMPRESSED_TEST_METRIC: plain.test_metric}
+        return [{**base, **uncompressed, **_pick(r.to_dict(), (*SETTING_KNOBS, *SWEEP_COLUMNS))} for r in report.sweep]
 
     # One row at the trial's own setting. Its metrics are the last epoch's where known (a failure has none):
     # the report's compressed metric is this row's metric, its plain val metric the uncompressed one.
@@ -99,28 +104,40 @@ def trial_rows(study: str, trial_id: str, config: Mapping[str, Any], last_report
         row["method"] = CompressConfig(**{k.split(".")[1]: knobs[k] for k in SETTING_KNOBS if k in knobs}).method
     except (TypeError, ValueError):   # the very setting may be what made the trial fail
         row["method"] = None
-    if status != ERROR:
-        row |= {"val_metric": report.get("compressed_val_metric"), "uncompressed_val_metric": report.get("val_metric"),
-                **{k: report.get(k) for k in ("gate_params", "gate_bits", "model_params", "model_bits",
-                                              "gate_compression", "model_compression", "relative_error")}}
+    if status != ERROR and report is not None:
+        row |= {VAL_METRIC: _measured(report.compressed_val_metric),
+                UNCOMPRESSED_VAL_METRIC: _measured(report.val_metric),
+                **(asdict(report.accounting) if report.accounting else {})}
         if row["method"] == "none":   # the reported val_loss is the uncompressed model's: only then this row's
-            row["val_loss"] = report.get("val_loss")
+            row[VAL_LOSS] = report.val.get(VAL_LOSS)
     else:   # how far it got is known; what it measured is not
-        row |= {k: None for k in gate_columns(report)}
+        row |= {k: None for k in (report.gate_saturation if report else {})}
     return [row]
 
 
-def curve_rows(study: str, trial_id: str, reports: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def _pick(said: Mapping[str, Any], keys: Iterable[str]) -> dict[str, Any]:
+    return {k: said.get(k) for k in keys}
+
+
+def _measured(value: float) -> float | None:
+    """A report's metric, None where it was never measured (a record's NaN default)."""
+    return None if value is None or math.isnan(value) else value
+
+
+def curve_rows(study: str, trial_id: str, config: Mapping[str, Any], reports: Iterable[Mapping[str, Any]]
+               ) -> list[dict[str, Any]]:
     """One row per epoch reported, the last report of an epoch winning (a trial re-entered at its end says it again).
 
-    A reused checkpoint did not train, so it has no curve.
+    A reused checkpoint did not train, so it has no curve. Every row has every gate column of the model (null in a
+    diverged epoch), so every curves file has the same columns.
     """
+    gates = dict.fromkeys(all_gate_columns(gate_layers(config) or 0))
     by_epoch: dict[int, dict[str, Any]] = {}
     for report in reports:
         if report.get("epoch") is None or report.get("reused_checkpoint"):
             continue
         row = {k: report.get(k) for k in CURVE_COLUMNS if k not in ("study", "trial_id")}
-        by_epoch[int(report["epoch"])] = {"study": study, "trial_id": trial_id, **row, **gate_columns(report)}
+        by_epoch[int(report["epoch"])] = {"study": study, "trial_id": trial_id, **row, **gates, **gate_columns(report)}
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 

@@ -8,38 +8,35 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import pyarrow as pa
 
 from trainables.config import TrialConfig
-from trainables.report import ACCOUNTING, gate_column_order, is_gate_column
+from trainables.report import (
+    ACCOUNTING,
+    CURVE_FIELDS,
+    GATE_COMPRESSION,
+    TEST_LOSS,
+    TEST_METRIC,
+    TRAIN_LOSS,
+    UNCOMPRESSED_TEST_METRIC,
+    UNCOMPRESSED_VAL_METRIC,
+    VAL_LOSS,
+    VAL_METRIC,
+    Accounting,
+    EpochReport,
+    gate_column_order,
+    is_gate_column,
+)
 
 SETTING_KNOBS = ("compress.rank", "compress.bits", "compress.paper")   # per row: the sweep point, not the trial's
 
-_IDENTITY = {"study": pa.string(), "trial_id": pa.string(), "status": pa.string(), "error": pa.string(),
-             "task": pa.string(), "metric_name": pa.string(), "finished_at": pa.timestamp("us", tz="UTC"),
-             "device": pa.string(), "node_id": pa.string(), "training_key": pa.string(),
-             "reused_checkpoint": pa.bool_()}   # node_id: the Ray node that ran the trial's last report
-_SETTING = {"method": pa.string(), "is_trial_setting": pa.bool_(), "epoch": pa.int64(), "best_epoch": pa.int64(),
-            "wall_time_s": pa.float64()}
-_METRICS = {"val_metric": pa.float64(), "test_metric": pa.float64(),
-            "val_loss": pa.float64(), "test_loss": pa.float64(),
-            "uncompressed_val_metric": pa.float64(), "uncompressed_test_metric": pa.float64(),
-            "gate_params": pa.int64(), "gate_bits": pa.int64(), "model_params": pa.int64(), "model_bits": pa.int64(),
-            "gate_compression": pa.float64(), "model_compression": pa.float64(), "relative_error": pa.float64()}
-CURVE_COLUMNS = {"study": pa.string(), "trial_id": pa.string(), "epoch": pa.int64(), "train_loss": pa.float64(),
-           "val_loss": pa.float64(), "val_metric": pa.float64(), "compressed_val_metric": pa.float64(),
-           "gate_compression": pa.float64(), "epoch_time_s": pa.float64(), "train_time_s": pa.float64()}
-_GATES = {"study": pa.string(), "trial_id": pa.string(), "g2.gate_mode": pa.string(), "epoch": pa.int64(),
-          "layer": pa.int64(), "gate": pa.string(), "bin": pa.int64(), "fraction": pa.float64()}
-SWEEP_COLUMNS = ("method", "is_trial_setting", "val_metric", "test_metric", "val_loss", "test_loss", *ACCOUNTING)
-
-
-# --------------------------------------------------------------------------- schemas
-
 def _arrow_type(name: str, hint: Any) -> pa.DataType:
     """The Arrow type of one dataclass annotation; a new kind of knob must be mapped here, not guessed."""
+    if get_origin(hint) in (Union, UnionType) and type(None) in get_args(hint):   # `float | None`: nullable anyway
+        (hint,) = (a for a in get_args(hint) if a is not type(None))
     if hint is bool:
         return pa.bool_()
     if hint is int:
@@ -52,6 +49,26 @@ def _arrow_type(name: str, hint: Any) -> pa.DataType:
         return pa.list_(_arrow_type(f"{name}[]", get_args(hint)[0]))
     raise TypeError(f"no Arrow type for knob {name!r} annotated {hint!r}")
 
+
+_IDENTITY = {"study": pa.string(), "trial_id": pa.string(), "status": pa.string(), "error": pa.string(),
+             "task": pa.string(), "metric_name": pa.string(), "finished_at": pa.timestamp("us", tz="UTC"),
+             "device": pa.string(), "node_id": pa.string(), "training_key": pa.string(),
+             "reused_checkpoint": pa.bool_()}   # node_id: the Ray node that ran the trial's last report
+_SETTING = {"method": pa.string(), "is_trial_setting": pa.bool_(), "epoch": pa.int64(), "best_epoch": pa.int64(),
+            "wall_time_s": pa.float64()}
+_METRICS = {**dict.fromkeys((VAL_METRIC, TEST_METRIC, VAL_LOSS, TEST_LOSS, UNCOMPRESSED_VAL_METRIC,
+                             UNCOMPRESSED_TEST_METRIC), pa.float64()),
+            **{name: _arrow_type(name, hint) for name, hint in get_type_hints(Accounting).items()}}
+_REPORT_TYPES = get_type_hints(EpochReport)
+CURVE_COLUMNS = {"study": pa.string(), "trial_id": pa.string(),
+                 **{name: _arrow_type(name, _REPORT_TYPES[name]) for name in CURVE_FIELDS},
+                 TRAIN_LOSS: pa.float64(), VAL_LOSS: pa.float64(), GATE_COMPRESSION: pa.float64()}
+_GATES = {"study": pa.string(), "trial_id": pa.string(), "g2.gate_mode": pa.string(), "epoch": pa.int64(),
+          "layer": pa.int64(), "gate": pa.string(), "bin": pa.int64(), "fraction": pa.float64()}
+SWEEP_COLUMNS = ("method", "is_trial_setting", VAL_METRIC, TEST_METRIC, VAL_LOSS, TEST_LOSS, *ACCOUNTING)
+
+
+# --------------------------------------------------------------------------- schemas
 
 def knob_types(cls: type = TrialConfig, prefix: str = "") -> dict[str, pa.DataType]:
     """Flat knob name -> Arrow type, from the dataclass annotations (the same walk as `TrialConfig.to_flat`)."""

@@ -87,7 +87,7 @@ def test_tempered_evaluation_is_lstm_with_scaled_gate_rows(impl):
 def test_hard_evaluation_gates_are_binary(impl):
     g2lstm = G2LSTM(IN, H, LAYERS, g2=G2Config(eval_gate="hard"), impl=impl).eval()
     x, state = inputs()
-    y, _, gates = g2lstm(x, state, return_gates=True)
+    y, _, gates = g2lstm.forward_with_gates(x, state)
     for g in gates:
         assert g.shape == (T, B, 2 * H)
         assert set(g.unique().tolist()) <= {0.0, 1.0}
@@ -148,7 +148,7 @@ def layer_noise(p: float, tau: float, steps: int = 50, batch: int = 40, hidden: 
     nn.init.zeros_(m.weight_ih_l0), nn.init.zeros_(m.weight_hh_l0)
     nn.init.zeros_(m.bias_ih_l0), nn.init.zeros_(m.bias_hh_l0)
     m.train()
-    _, _, (gates,) = m(torch.randn(steps, batch, 4), return_gates=True)
+    _, _, (gates,) = m.forward_with_gates(torch.randn(steps, batch, 4))
     return tau * torch.logit(gates.double())     # (steps, batch, 2H)
 
 
@@ -206,7 +206,7 @@ def test_return_gates_matches_between_paths_in_eval():
     models = [G2LSTM(IN, H, LAYERS, impl=impl).eval() for impl in IMPLS]
     models[1].load_state_dict(models[0].state_dict())
     x, state = inputs()
-    gates = [m(x, state, return_gates=True)[2] for m in models]
+    gates = [m.forward_with_gates(x, state)[2] for m in models]
     for a, b in zip(*gates):
         assert torch.allclose(a, b, atol=1e-5)
 

@@ -122,7 +122,7 @@ def write_synthetic_study(study_dir: Path, *, tasks=("lm", "nmt"), modes=tuple(M
                     curve = [{"epoch": e, "train_loss": 5.0 / e, "val_loss": 4.5 / e, "val_metric": 100.0 / e,
                               "compressed_val_metric": 110.0 / e, "gate_compression": 8.0, "epoch_time_s": 20.0,
                               "train_time_s": 20.0 * e, **sat} for e in range(1, epochs + 1)]
-                    results.write_curves(study_dir, trial_id, results.curve_rows("synthetic", trial_id, curve))
+                    results.write_curves(study_dir, trial_id, results.curve_rows("synthetic", trial_id, flat, curve))
         flat = TrialConfig().to_flat() | {"task": task, "g2.gate_mode": modes[0]}
         diverged = {"status": "diverged", "error": "loss is nan", "done": True, "epoch": 1, "val_metric": math.nan,
                     "compressed_val_metric": math.nan, "metric_name": "ppl" if task == "lm" else "bleu"}

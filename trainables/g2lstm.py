@@ -14,6 +14,7 @@ or the fused Triton path (`trainables/g2lstm_kernels.py`). The i/f gate maths al
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -122,12 +123,25 @@ class G2LSTM(nn.Module):
         """(weight_ih, weight_hh, bias_ih, bias_hh) of layer k."""
         return tuple(getattr(self, f"{name}_l{k}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
 
-    def forward(self, x: Tensor, state: tuple[Tensor, Tensor] | None = None, *, return_gates: bool = False):
-        """Args: x (T, B, input_size); state (h_0, c_0), each (num_layers, B, H), zeros if None.
+    def forward(self, x: Tensor, state: tuple[Tensor, Tensor] | None = None, *,
+                weight_hh: Sequence[Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Args: x (T, B, input_size); state (h_0, c_0), each (num_layers, B, H), zeros if None; weight_hh: each
+        layer's recurrent weights to use instead of its own, already dropped (a decoder that runs one step per call
+        drops them once per sequence).
 
-        Returns (y (T, B, H), (h_n, c_n)), and with `return_gates` also a list with each layer's i/f
-        gate values (T, B, 2H), [i, f], as used in this forward.
+        Returns (y (T, B, H), (h_n, c_n)), as nn.LSTM.
         """
+        y, state, _ = self._run(x, state, weight_hh, return_gates=False)
+        return y, state
+
+    def forward_with_gates(self, x: Tensor, state: tuple[Tensor, Tensor] | None = None, *,
+                           weight_hh: Sequence[Tensor] | None = None
+                           ) -> tuple[Tensor, tuple[Tensor, Tensor], list[Tensor]]:
+        """`forward`, and a list with each layer's i/f gate values (T, B, 2H), [i, f], as used in this forward."""
+        return self._run(x, state, weight_hh, return_gates=True)
+
+    def _run(self, x: Tensor, state: tuple[Tensor, Tensor] | None, weight_hh: Sequence[Tensor] | None, *,
+             return_gates: bool) -> tuple[Tensor, tuple[Tensor, Tensor], list[Tensor]]:
         if x.dim() != 3 or x.shape[-1] != self.input_size:
             raise ValueError(f"G2LSTM expects input (T, B, {self.input_size}), got {tuple(x.shape)}")
         batch = x.shape[1]
@@ -139,16 +153,18 @@ class G2LSTM(nn.Module):
         h_n, c_n, all_gates = [], [], []
         for k in range(self.num_layers):
             w_ih, w_hh, b_ih, b_hh = self.layer_weights(k)
-            if self.weight_drop:
+            if weight_hh is not None:
+                w_hh = weight_hh[k]
+            elif self.weight_drop:
                 w_hh = F.dropout(w_hh, self.weight_drop, self.training)
             x, h, c, gates = layer_fn(x, state[0][k], state[1][k], w_ih, w_hh, b_ih, b_hh, gate, return_gates)
             h_n.append(h)
             c_n.append(c)
-            all_gates.append(gates)
+            if return_gates:
+                all_gates.append(gates)
             if self.dropout and k < self.num_layers - 1:
                 x = F.dropout(x, self.dropout, self.training)
-        out = (x, (torch.stack(h_n), torch.stack(c_n)))
-        return (*out, all_gates) if return_gates else out
+        return x, (torch.stack(h_n), torch.stack(c_n)), all_gates
 
     def path(self, training: bool, device: torch.device) -> str:
         """Which implementation runs a forward in this mode on `device`: "plain", "fused" or "reference"."""

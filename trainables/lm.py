@@ -104,11 +104,12 @@ class RNNLM(nn.Module):
         cfg = self.cfg
         new_state, gates = [], []
         for k, layer in enumerate(self.layers):
-            out = layer(x, state[k], return_gates=return_gates)
-            x, layer_state = out[0], out[1]
-            new_state.append(layer_state)
             if return_gates:
-                gates.extend(out[2])
+                x, layer_state, layer_gates = layer.forward_with_gates(x, state[k])
+                gates.extend(layer_gates)
+            else:
+                x, layer_state = layer(x, state[k])
+            new_state.append(layer_state)
             raw = x
             if k < len(self.layers) - 1:
                 x = locked_dropout(x, cfg.dropout_hidden, self.training)

@@ -25,6 +25,16 @@ RUNNING, OK, PRUNED, DIVERGED, ERROR = "running", "ok", "pruned", "diverged", "e
 STATUSES = (OK, PRUNED, DIVERGED, ERROR)     # how a trial ends: a results row's `status`
 FAILED = (DIVERGED, ERROR)                   # ends that are no point of the front (Optuna FAIL, MLflow FAILED)
 
+# --------------------------------------------------------------------------- metric columns
+
+# The task's metric (perplexity or BLEU, `metric_name` says which) and loss, by split. In a results row `val_metric`
+# is that row's (compressed) model's; in an epoch report the uncompressed model's, `compressed_val_metric` the copy's
+# under the trial's own setting (the study's default objective).
+TRAIN_LOSS, VAL_LOSS, TEST_LOSS = "train_loss", "val_loss", "test_loss"
+VAL_METRIC, TEST_METRIC = "val_metric", "test_metric"
+COMPRESSED_VAL_METRIC, COMPRESSED_TEST_METRIC = "compressed_val_metric", "compressed_test_metric"
+UNCOMPRESSED_VAL_METRIC, UNCOMPRESSED_TEST_METRIC = "uncompressed_val_metric", "uncompressed_test_metric"
+
 # --------------------------------------------------------------------------- gate saturation
 
 HIST_BINS = 10
@@ -110,6 +120,9 @@ class Accounting:
 
 
 ACCOUNTING = tuple(f.name for f in fields(Accounting))
+GATE_BITS, MODEL_BITS, GATE_COMPRESSION, MODEL_COMPRESSION = "gate_bits", "model_bits", "gate_compression", \
+    "model_compression"   # the size objectives, the axes of fronts
+assert {GATE_BITS, MODEL_BITS, GATE_COMPRESSION, MODEL_COMPRESSION} <= set(ACCOUNTING)
 
 
 def scored(split: str, scores: Mapping[str, float], metric: str) -> dict[str, float]:
@@ -131,11 +144,11 @@ class SweepRow:
 
     @property
     def val_metric(self) -> float:
-        return self.scores["val_metric"]
+        return self.scores[VAL_METRIC]
 
     @property
     def test_metric(self) -> float:
-        return self.scores["test_metric"]
+        return self.scores[TEST_METRIC]
 
     def to_dict(self) -> dict[str, Any]:
         return {"compress.rank": self.rank, "compress.bits": self.bits, "compress.paper": self.paper,
@@ -189,12 +202,11 @@ class EpochReport:
                                "metric_name": self.metric_name, "device": self.device,
                                "training_key": self.training_key, "node_id": self.node_id, "error": self.error,
                                "reused_checkpoint": self.reused_checkpoint, **self.train, **self.val,
-                               "val_metric": self.val_metric, "compressed_val_metric": self.compressed_val_metric,
+                               VAL_METRIC: self.val_metric, COMPRESSED_VAL_METRIC: self.compressed_val_metric,
                                **(asdict(self.accounting) if self.accounting else {}), **self.gate_saturation,
                                "gate_histograms": self.gate_histograms or None, "epoch_time_s": self.epoch_time_s,
                                "train_time_s": self.train_time_s, "best_epoch": self.best_epoch,
-                               "test_metric": self.test_metric,
-                               "compressed_test_metric": self.compressed_test_metric,
+                               TEST_METRIC: self.test_metric, COMPRESSED_TEST_METRIC: self.compressed_test_metric,
                                "sweep": [row.to_dict() for row in self.sweep] if self.sweep is not None else None}
         return {k: v for k, v in out.items() if v is not None}
 
@@ -208,7 +220,7 @@ class EpochReport:
         if all(k in report for k in ACCOUNTING):
             values["accounting"] = Accounting(**{k: report[k] for k in ACCOUNTING})
         return cls(**values, train={k: v for k, v in report.items() if k.startswith("train_") and k != "train_time_s"},
-                   val={k: v for k, v in report.items() if k.startswith("val_") and k != "val_metric"},
+                   val={k: v for k, v in report.items() if k.startswith("val_") and k != VAL_METRIC},
                    gate_saturation={k: v for k, v in report.items() if is_gate_column(k)})
 
     @property
@@ -222,3 +234,7 @@ class EpochReport:
 
     def uncompressed(self) -> SweepRow:
         return next(row for row in self.sweep or () if row.method == "none")
+
+
+CURVE_FIELDS = ("epoch", VAL_METRIC, COMPRESSED_VAL_METRIC, "epoch_time_s", "train_time_s")   # per-epoch curves keep
+assert set(CURVE_FIELDS) <= {f.name for f in fields(EpochReport)}

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from trainables.config import G2Config, NMTConfig
 from trainables.g2lstm import G2LSTM
@@ -29,11 +28,12 @@ from trainables.g2lstm import G2LSTM
 RecurrentFactory = Callable[..., G2LSTM]   # (input_size, hidden_size, num_layers, **kw) -> a G2LSTM
 
 
-def run_rnn(rnn: G2LSTM, x: Tensor, state=None, return_gates: bool = False, weights: dict | None = None):
-    """(y, (h, c), per-layer i/f gates or []); `weights` replaces some of the layer's parameters for this call."""
-    kwargs = {"return_gates": True} if return_gates else {}
-    out = rnn(x, state, **kwargs) if weights is None else functional_call(rnn, weights, (x, state), kwargs)
-    return out if return_gates else (*out, [])
+def run_rnn(rnn: G2LSTM, x: Tensor, state=None, return_gates: bool = False,
+            weight_hh: list[Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor], list[Tensor]]:
+    """(y, (h, c), per-layer i/f gates or []); `weight_hh` replaces the layers' recurrent weights for this call."""
+    if return_gates:
+        return rnn.forward_with_gates(x, state, weight_hh=weight_hh)
+    return (*rnn(x, state, weight_hh=weight_hh), [])
 
 
 def reverse_index(lengths: Tensor, steps: int) -> Tensor:
@@ -153,14 +153,13 @@ class Decoder(nn.Module):
                              enc.final.new_zeros(batch, self.hidden_size))              # (B, H)
         return Memory(enc.outputs, self.attention.key_proj(enc.outputs), enc.mask), state
 
-    def sequence_weights(self) -> dict[str, Tensor] | None:
-        """W_hh with one DropConnect mask for a whole target sequence (AWD-LSTM); None when off."""
+    def sequence_weights(self) -> list[Tensor] | None:
+        """Each layer's W_hh with one DropConnect mask for a whole target sequence (AWD-LSTM); None when off."""
         if not (self.training and self.weight_drop):
             return None
-        return {f"weight_hh_l{k}": F.dropout(self.rnn.layer_weights(k)[1], self.weight_drop, True)
-                for k in range(self.num_layers)}
+        return [F.dropout(self.rnn.layer_weights(k)[1], self.weight_drop, True) for k in range(self.num_layers)]
 
-    def step(self, tokens: Tensor, state: DecoderState, memory: Memory, weights: dict | None = None,
+    def step(self, tokens: Tensor, state: DecoderState, memory: Memory, weights: list[Tensor] | None = None,
              return_gates: bool = False) -> tuple[Tensor, DecoderState, list[Tensor]]:
         """tokens (B,) -> attentional vector h̃_t (B, H), the next state, per-layer gates (1, B, 2H) or []."""
         emb = F.dropout(self.embed(tokens), self.dropout, self.training)        # (B, E)

@@ -34,7 +34,16 @@ from trainables.device import rng_state, set_rng_state, trial_device, use_ieee_f
 from trainables.lm import LMTask
 from trainables.nmt import NMTTask
 from trainables.presets import DEFAULT_PRESETS
-from trainables.report import DIVERGED, OK, EpochReport, SweepRow, scored
+from trainables.report import (
+    COMPRESSED_VAL_METRIC,
+    DIVERGED,
+    OK,
+    TEST_METRIC,
+    VAL_METRIC,
+    EpochReport,
+    SweepRow,
+    scored,
+)
 from trainables.store import ModelStore
 from trainables.task import Task
 
@@ -192,7 +201,7 @@ def _train_epoch(cfg: TrialConfig, task: Task, ckpt_dir: Path, base: EpochReport
     loop.epoch = epoch
     loop.train_time_s += time.perf_counter() - start
     val_scores = scored("val", val, task.metric)
-    return replace(base, epoch=epoch, train=train, val_metric=val_scores.pop("val_metric"), val=val_scores,
+    return replace(base, epoch=epoch, train=train, val_metric=val_scores.pop(VAL_METRIC), val=val_scores,
                    compressed_val_metric=compressed_val[task.metric], accounting=accounting,
                    gate_saturation=gate_stats.summary(), gate_histograms=gate_stats.histograms(),
                    epoch_time_s=time.perf_counter() - start, train_time_s=loop.train_time_s)
@@ -210,25 +219,26 @@ def _share_divergence(store: ModelStore | None, diverged: dict[str, Any]) -> Non
 
 # --------------------------------------------------------------------------- Ray Tune entry points
 
-def train_lm(config: dict[str, Any]) -> None:
+def train_lm(config: dict[str, Any], model_store: str | None = None) -> None:
     """Ray Tune function trainable for language modelling (the flat config of `TrialConfig`)."""
-    _tune_trial("lm", config)
+    _tune_trial("lm", config, model_store)
 
 
-def train_nmt(config: dict[str, Any]) -> None:
+def train_nmt(config: dict[str, Any], model_store: str | None = None) -> None:
     """Ray Tune function trainable for translation."""
-    _tune_trial("nmt", config)
+    _tune_trial("nmt", config, model_store)
 
 
-def _tune_trial(task: str, config: dict[str, Any]) -> None:
+def _tune_trial(task: str, config: dict[str, Any], model_store: str | None) -> None:
+    """One trial under Tune: `config` is exactly the trial's flat `TrialConfig`; `model_store` (a directory
+    shared by the study's trials, `tune.with_parameters`) lets trials with the same training knobs share a model."""
     import ray
     from ray import tune
 
-    flat = {k: v for k, v in config.items() if not k.startswith("_")}   # `_model_store`: set by the study
-    if flat.get("task", task) != task:
-        raise ValueError(f"config task={flat['task']!r} given to the {task} trainable")
-    cfg = TrialConfig.from_flat({**flat, "task": task})
-    store = config.get("_model_store")
+    if config.get("task", task) != task:
+        raise ValueError(f"config task={config['task']!r} given to the {task} trainable")
+    cfg = TrialConfig.from_flat({**config, "task": task})
+    store = Path(model_store) if model_store else None
 
     def report(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
         checkpoint = tune.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None
@@ -257,8 +267,8 @@ def print_progress(bar) -> Reporter:
             return
         bar.update(1)
         bar.write(f"epoch {metrics['epoch']:>3}  train loss {metrics.get('train_loss', math.nan):.3f}  "
-                  f"val {name} {metrics.get('val_metric', math.nan):.2f}  "
-                  f"compressed val {name} {metrics['compressed_val_metric']:.2f} "
+                  f"val {name} {metrics.get(VAL_METRIC, math.nan):.2f}  "
+                  f"compressed val {name} {metrics[COMPRESSED_VAL_METRIC]:.2f} "
                   f"(gate ×{metrics['gate_compression']:.1f})  {metrics.get('epoch_time_s', 0):.1f}s")
     return report
 
@@ -268,7 +278,7 @@ def print_sweep(metrics: dict[str, Any]) -> None:
     print(f"\n{'method':<11}{'rank':>5}{'bits':>5}{'gate ×':>8}{'model ×':>9}{'val ' + name:>11}{'test ' + name:>11}")
     for r in metrics["sweep"]:
         print(f"{r['method']:<11}{r['compress.rank']:>5}{r['compress.bits']:>5}{r['gate_compression']:>8.1f}"
-              f"{r['model_compression']:>9.2f}{r['val_metric']:>11.2f}{r['test_metric']:>11.2f}")
+              f"{r['model_compression']:>9.2f}{r[VAL_METRIC]:>11.2f}{r[TEST_METRIC]:>11.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:
