@@ -122,8 +122,8 @@ def compare_with_paper(
         df: the results frame (study.results.load).
         task: "lm" (compared with PTB) or "nmt" (compared with IWSLT14).
         metric: the column to average; the paper reports test figures.
-        eval_gate: keep only g2 rows evaluated with these gates (the paper's, and the authors' code's, is "soft");
-            None keeps all. Other gate modes ignore eval_gate.
+        eval_gate: keep only g2 and sharpened rows evaluated with these gates (the paper's, and the authors' code's,
+            is "soft"; "hard": binary i/f gates, scored by the sweep); None keeps all. lstm rows ignore eval_gate.
     Returns:
         Columns task, gate_mode, setting, paper, ours, ours_std, n (rows averaged), paper_rank, rank (ours), delta
         (ours - paper), metric. Every paper row is present; `ours` is NaN where the study has no such rows.
@@ -136,7 +136,7 @@ def compare_with_paper(
     ours = ok_rows(df)
     ours = ours[matches(ours["task"], task)]
     if eval_gate is not None and "g2.eval_gate" in ours.columns:
-        ours = ours[~matches(ours["g2.gate_mode"], "g2") | matches(ours["g2.eval_gate"], eval_gate)]
+        ours = ours[matches(ours["g2.gate_mode"], "lstm") | matches(ours["g2.eval_gate"], eval_gate)]
     rows = []
     for setting, (sub, rank) in _setting_rows(ours, task).items():
         values = sub[metric].to_numpy(dtype=float, na_value=np.nan)

@@ -7,20 +7,37 @@ runs, so their names cannot drift. It is pickled with the experiment (Tune saves
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 from ray import tune
 
 from study.config import StudyConfig
+from study.convergence import ConvergenceLog
 from study.failures import error_message, is_error_report
+from study.paths import StudyPaths
+from study.progress import (
+    TRAINS,
+    Console,
+    StudyProgress,
+    TrialProgress,
+    describe_trial,
+    epoch_progress,
+    finished_line,
+    study_eta,
+    total_epochs,
+    training_plan,
+    trial_config,
+)
 from study.report import study_front
 from study.results import ResultsWriter
 from study.tracking import StudyTracker, open_tracker
-from trainables.report import ERROR, OK
+from trainables.report import ERROR, FAILED, OK, RUNNING
 
 log = logging.getLogger(__name__)
 
@@ -32,26 +49,40 @@ def trial_error_text(trial) -> str:
     return str(trial.get_error() or "the trial failed without an error message")
 
 
-def describe_trial(config: dict[str, Any]) -> str:
-    mode = config.get("g2.gate_mode", "?")
-    knobs = f" τ={config['g2.tau']:.2f} p={config['g2.p']:.2f}" if mode == "g2" else ""
-    return f"{mode}{knobs} rank {config.get('compress.rank')} bits {config.get('compress.bits')}"
-
-
 class StudyCallback(tune.Callback):
-    """Records reports and trial ends; prints one progress line per finished trial."""
+    """Records reports and trial ends (results, MLflow, `<study>/progress/`); shows them on the console
+    (`study.progress.Console`: trial starts, epochs and ends, or, `quiet`, the ends only)."""
 
-    def __init__(self, cfg: StudyConfig, root: str, *, total: int, printer: Callable[[str], None] = print):
-        self.cfg, self.root, self.total, self.printer = cfg, root, total, printer
+    def __init__(self, cfg: StudyConfig, root: str, *, total: int, printer: Callable[[str], None] = print,
+                 quiet: bool = False):
+        self.cfg, self.root, self.total, self.printer, self.quiet = cfg, root, total, printer, quiet
         self._writer: ResultsWriter | None = None
         self._tracker: StudyTracker | None = None
+        self._console: Console | None = None
+        self._front = 0
+        self._progress: dict[str, TrialProgress] = {}   # trial id -> what the console and `g2-study status` show
+        self._keys: dict[str, str] = {}   # trial id -> training key, of the trials this driver saw start training
+        self._started: float | None = None   # this driver's first trial start
+        self._ended_earlier = 0   # trials an earlier driver finished: no measure of this driver's pace
         self._statuses: Counter = Counter()
         self._ok_rows: list[dict] = []   # the results rows of the ok trials finished so far
         self._earlier: dict[str, list[dict] | None] = {}   # trial id -> rows recorded by an earlier driver
         self._measured: dict[str, dict] = {}   # trial id -> its last report that was a measurement, not an error
+        self.convergence = ConvergenceLog(cfg, root)   # the study's curves and front on the MLflow parent run
 
     def __getstate__(self):
-        return {**self.__dict__, "_writer": None, "_tracker": None, "_earlier": {}, "_measured": {}}
+        return {**self.__dict__, "_writer": None, "_tracker": None, "_earlier": {}, "_measured": {},
+                "_console": None, "_progress": {}, "_keys": {}, "_started": None}
+
+    @property
+    def console(self) -> Console:
+        if self._console is None:
+            self._console = Console(self.total, quiet=self.quiet, printer=self.printer)
+        return self._console
+
+    @property
+    def progress_dir(self) -> Path:
+        return StudyPaths(Path(self.root)).progress
 
     @property
     def writer(self) -> ResultsWriter:
@@ -76,9 +107,47 @@ class StudyCallback(tune.Callback):
         return self._earlier[trial.trial_id]
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        self._started = self._started or time.time()
         if self._finished_before(trial) is None:
             self.tracker.trial_run_id(trial.trial_id, params={k: v for k, v in trial.config.items()
                                                               if not k.startswith("_")})
+            self._start_progress(trial, trials)
+
+    def _start_progress(self, trial, trials) -> None:
+        """What the trial does with its training knobs, on the console and in its progress file."""
+        cfg = trial_config(trial.config)
+        key = cfg.training_key() if cfg is not None else None
+        running = {t.trial_id for t in trials if t.status == "RUNNING"}
+        training_now = {t: k for t, k in self._keys.items() if t in running and t != trial.trial_id}
+        plan, waits_for = training_plan(key, trial.config.get("_model_store"), training_now)
+        if plan == TRAINS and key is not None:
+            self._keys[trial.trial_id] = key
+        earlier = TrialProgress.read(self.progress_dir / f"{trial.trial_id}.json")   # a driver before a restart
+        progress = TrialProgress(trial.trial_id, describe_trial(trial.config), plan, waits_for,
+                                 epoch=earlier.epoch if earlier else 0, epochs=total_epochs(cfg),
+                                 started=time.time(), updated=time.time(), host=socket.gethostname(),
+                                 driver_pid=os.getpid())
+        self._progress[trial.trial_id] = progress
+        self._write_progress(progress)
+        self.console.trial_started(trial.trial_id, progress.knobs, plan, waits_for)
+        self._show(trials)
+
+    def _write_progress(self, progress: TrialProgress) -> None:
+        try:
+            progress.write(self.progress_dir)
+        except OSError as err:   # a full disk must not end the study; `status` then shows less
+            log.warning("could not write the progress of trial %s: %s", progress.trial_id, err)
+
+    def _show(self, trials) -> None:
+        """The study-wide bar (on a terminal): counts, front, elapsed and ETA at this driver's pace."""
+        elapsed = time.time() - (self._started or time.time())
+        done = sum(self._statuses.values())
+        eta = study_eta(elapsed, self.total - self._ended_earlier, done - self._ended_earlier,
+                        [p.fraction() for p in self._progress.values()])
+        self.console.update(StudyProgress(total=self.total, done=done,
+                                          running=sum(1 for t in trials if t.status == "RUNNING"),
+                                          failed=sum(self._statuses[s] for s in FAILED), front=self._front,
+                                          elapsed_s=elapsed, eta_s=eta))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if self._finished_before(trial) is not None:   # what it says again was recorded already
@@ -88,6 +157,11 @@ class StudyCallback(tune.Callback):
         self._measured[trial.trial_id] = result
         self.writer.record_report(trial.trial_id, trial.config, result)
         self.tracker.log_epoch(trial.trial_id, result, step=int(result.get("epoch") or result["training_iteration"]))
+        if (progress := self._progress.get(trial.trial_id)) is not None:
+            self._write_progress(epoch_progress(progress, result, time.time()))
+            if result.get("status") == RUNNING:   # an end has its own line
+                self.console.epoch(progress)
+            self._show(trials)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         if (rows := self._finished_before(trial)) is not None:
@@ -113,7 +187,7 @@ class StudyCallback(tune.Callback):
     def on_trial_recover(self, iteration, trials, trial, **info):
         """Its worker process or node was lost (the trial's own exceptions are reports, `study.failures`)."""
         failures = trial.run_metadata.num_failures
-        self.printer(f"[  -/{self.total}] {trial.trial_id} lost its worker ({error_message(trial_error_text(trial))});"
+        self.console.notice(f"[  -/{self.total}] {trial.trial_id} lost its worker ({error_message(trial_error_text(trial))});"
                      f" retrying from its last checkpoint (failure {failures} of {self.cfg.max_failures} allowed)")
 
     def _record_error(self, trial, message: str, trials) -> None:
@@ -131,26 +205,30 @@ class StudyCallback(tune.Callback):
                                    metrics_logged=True)
         self._finished(trial, status, rows, trials, earlier=True)
 
+    def _chart(self) -> None:
+        """The parent run's convergence metrics and front; charting must never stop the study."""
+        try:
+            self.convergence.update(self.tracker)
+        except Exception as err:   # MLflow down, a plot failing: the trial's own records are written already
+            log.warning("could not chart the study's progress on MLflow: %s", err)
+
     def on_experiment_end(self, trials, **info):
+        self.console.close()
         self.tracker.mark_stale_runs()
 
     def _finished(self, trial, status: str, rows: list[dict], trials, *, earlier: bool = False) -> None:
         self._statuses[status] += 1
+        if not earlier:
+            self._chart()
+        self._ended_earlier += earlier
         if status == OK:
             self._ok_rows.extend(rows)
-        front = len(study_front(pd.DataFrame(self._ok_rows), self.cfg))   # the front `close_study` will print
-        running = sum(1 for t in trials if t.status == "RUNNING")
-        done = sum(self._statuses.values())
-        last = trial.last_result or {}
-        name = last.get("metric_name", "metric")
-        if earlier:
-            outcome = "recorded before the restart"
-        elif status == OK:
-            outcome = (f"val {name} {last['val_metric']:.2f}, compressed {last['compressed_val_metric']:.2f} "
-                       f"at gate ×{last['gate_compression']:.1f}"
-                       + (" (reused model)" if last.get("reused_checkpoint") else ""))
-        else:
-            outcome = rows[0].get("error") or status
-        counts = ", ".join(f"{k} {v}" for k, v in sorted(self._statuses.items()))
-        self.printer(f"[{done:>3}/{self.total}] {trial.trial_id} {status:<8} {describe_trial(trial.config)} -> "
-                     f"{outcome} | {counts}, running {running} | front: {front} point(s)")
+            self._front = len(study_front(pd.DataFrame(self._ok_rows), self.cfg))   # what `close_study` prints
+        if (progress := self._progress.pop(trial.trial_id, None)) is not None:
+            progress.state, progress.updated = status, time.time()
+            self._write_progress(progress)
+        self.console.trial_finished(finished_line(
+            trial, status, rows[0].get("error"), earlier=earlier, done=sum(self._statuses.values()),
+            total=self.total, statuses=self._statuses, running=sum(1 for t in trials if t.status == "RUNNING"),
+            front=self._front))
+        self._show(trials)

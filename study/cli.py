@@ -1,14 +1,16 @@
 """`g2-study`: launch, resume and inspect G2-LSTM compression studies.
 
-    g2-study run [CONFIG.toml] [--set key=value ...]     (no config: study/configs/quickstart.toml)
-    g2-study resume NAME                                (after Ctrl-C, a killed driver, a crash)
-    g2-study results NAME [--front] [--where EXPR] [--format table|csv|parquet]
+    g2-study run [CONFIG.toml] [--set key=value ...] [--quiet]   (no config: study/configs/quickstart.toml)
+    g2-study resume NAME [--quiet]                      (after Ctrl-C, a killed driver, a crash)
+    g2-study status NAME [--format table|json]          (while it runs, after it finished or crashed)
+    g2-study results NAME [--front] [--where EXPR] [--columns a,b] [--format table|csv|json|parquet]
     g2-study ui NAME                                    (the MLflow UI on 127.0.0.1)
     g2-study check CONFIG.toml                          (validate only)
 """
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import os
@@ -16,12 +18,17 @@ import sys
 from pathlib import Path
 
 import optuna
+import pyarrow as pa
 
+from analysis import fidelity
 from study import results
 from study.claim import StudyBusyError
 from study.config import DEFAULT_STORAGE, StudyConfig, load_study_config
+from study.filters import FilterError
 from study.paths import StudyPaths, StudyStateError, read_state
 from study.report import format_front, metric_name_of, study_front
+from study.status import readable_floats, study_status
+from study.tracking import find_experiment_id, runs_view_url
 from trainables.config import SMOKE
 
 QUICKSTART = Path(__file__).resolve().parent / "configs" / "quickstart.toml"
@@ -44,15 +51,28 @@ def _config_args(parser: argparse.ArgumentParser, config_required: bool) -> None
     parser.add_argument("--smoke", action="store_true", help="4 trials of 2 short epochs and a small sweep (CI)")
 
 
+def _quiet_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true",
+                        help="one line per finished trial only (no start and epoch lines, no progress bar)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="g2-study", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    _config_args(sub.add_parser("run", help="run a study (or extend a finished one)"), config_required=False)
+    run = sub.add_parser("run", help="run a study (or extend a finished one)")
+    _config_args(run, config_required=False)
+    _quiet_arg(run)
     _config_args(sub.add_parser("check", help="validate a study config and print it"), config_required=False)
     resume = sub.add_parser("resume", help="continue an interrupted study")
     resume.add_argument("name")
     resume.add_argument("--storage", default=DEFAULT_STORAGE)
+    _quiet_arg(resume)
+    status = sub.add_parser("status", help="every trial's state, the front so far, time used and ETA")
+    status.add_argument("name")
+    status.add_argument("--storage", default=DEFAULT_STORAGE)
+    status.add_argument("--format", choices=["table", "json"], default="table")
     res = sub.add_parser("results", help="print or export a study's results")
     res.add_argument("name")
     res.add_argument("--storage", default=DEFAULT_STORAGE)
@@ -61,13 +81,48 @@ def build_parser() -> argparse.ArgumentParser:
                      help="rows to keep: comparisons of columns with values, and/or/not, in [...], == None "
                           "(no code runs; see study/filters.py), e.g. \"status == 'ok' and 0.5 < g2.tau <= 2\" or "
                           "\"method in ['svd', 'quant'] and `compress.rank` >= 8\"")
-    res.add_argument("--format", choices=["table", "csv", "parquet"], default="table")
+    res.add_argument("--columns", metavar="A,B,...", type=_column_list,
+                     help="only these columns, in this order (`g2-study results NAME --format json` lists them all)")
+    res.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table",
+                     help="json: a list of records, one per row")
     res.add_argument("--output", type=Path, help="file to write (required for parquet)")
+    compare = sub.add_parser("compare", help="the paper's compression tables and gate saturation beside a study's "
+                                             "(markdown; docs/fidelity.md)")
+    compare.add_argument("names", nargs="+", metavar="NAME")
+    compare.add_argument("--storage", default=DEFAULT_STORAGE)
     ui = sub.add_parser("ui", help="serve the study's MLflow runs on 127.0.0.1")
     ui.add_argument("name")
     ui.add_argument("--storage", default=DEFAULT_STORAGE)
     ui.add_argument("--port", type=int, default=5000)
     return parser
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("g2-study")
+    except importlib.metadata.PackageNotFoundError:   # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
+def _column_list(text: str) -> list[str]:
+    columns = [c.strip() for c in text.split(",") if c.strip()]
+    if not columns:
+        raise argparse.ArgumentTypeError("expected column names separated by commas")
+    return columns
+
+
+def toml_value(value) -> str:
+    """`value` as TOML writes it: "strings" in double quotes, true/false, [1, 2] for lists and tuples."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)   # a JSON string is a TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, float):
+        return repr(value) if value == value and abs(value) != float("inf") else \
+            ("nan" if value != value else "inf" if value > 0 else "-inf")
+    return str(value)
 
 
 def runner():
@@ -90,31 +145,69 @@ def saved_config(name: str, storage: str):
 
 def cmd_results(args: argparse.Namespace) -> int:
     cfg = saved_config(args.name, args.storage)
-    df = results.load(str(StudyPaths.named(args.storage, args.name).root), filters=args.where)
+    try:
+        df = results.load(str(StudyPaths.named(args.storage, args.name).root), filters=args.where)
+    except pa.ArrowException as err:   # a filter the language accepts but Arrow cannot evaluate on these columns
+        raise FilterError(f"invalid filter {args.where!r}: {err}") from None
+    metric = metric_name_of(df)
     if args.front:
         df = study_front(df, cfg)
+    if args.columns:
+        unknown = [c for c in args.columns if c not in df.columns]
+        if unknown:
+            raise ValueError(f"unknown column(s) {', '.join(map(repr, unknown))} in --columns; "
+                             f"columns are {', '.join(df.columns)}")
+        df = df[args.columns]
     if args.format == "parquet":
         if args.output is None:
             raise ValueError("--format parquet needs --output FILE")
         df.to_parquet(args.output, index=False)
-    elif args.format == "csv":
-        text = df.to_csv(index=False)
-        args.output.write_text(text) if args.output else sys.stdout.write(text)
+        return 0
+    if args.format in ("csv", "json"):
+        text = df.to_csv(index=False) if args.format == "csv" else \
+            df.to_json(orient="records", date_format="iso", force_ascii=False, indent=1) + "\n"
+    elif args.front and not args.columns:
+        text = format_front(readable_floats(df), metric) + "\n"
     else:
-        print(format_front(df, metric_name_of(df)) if args.front else df.to_string(index=False, max_cols=30))
+        text = readable_floats(df).to_string(index=False, max_cols=None if args.columns else 30) + "\n"
+    args.output.write_text(text) if args.output else sys.stdout.write(text)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    for name in args.names:
+        saved_config(name, args.storage)   # an unknown study is an error that names it
+        df = results.load(str(StudyPaths.named(args.storage, name).root))
+        if df.empty:
+            raise ValueError(f"study {name} has no finished trial yet: nothing to compare")
+        sys.stdout.write(fidelity.report(df, name) + "\n")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = study_status(args.storage, args.name)
+    print(json.dumps(status.to_json(), indent=1) if args.format == "json" else status.to_table())
     return 0
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
+    """Serve the study's MLflow store on 127.0.0.1 and print the link to its training-runs view.
+
+    MLflow 3 opens on its GenAI traces page; the printed link goes straight to the study's runs (STACK.md).
+    """
     cfg = saved_config(args.name, args.storage)
     uri = StudyPaths.named(args.storage, args.name).tracking_uri(cfg)
-    if uri.startswith(("http://", "https://")):
-        print(f"study {args.name} is tracked by an MLflow server: open {uri}")
+    server = uri if uri.startswith(("http://", "https://")) else f"http://127.0.0.1:{args.port}"
+    experiment = find_experiment_id(uri, cfg.name)
+    link = runs_view_url(server, experiment) if experiment is not None else server
+    charts = f"\n  the study converging: {runs_view_url(server, experiment, charts=True)}" if experiment else ""
+    if server == uri:
+        print(f"study {args.name} is tracked by an MLflow server: open {link}{charts}")
         return 0
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(args.port),
                "--backend-store-uri", uri, "--workers", "1"]
-    print(f"MLflow UI for study {args.name}: http://127.0.0.1:{args.port}  (Ctrl-C stops it)", flush=True)
+    print(f"MLflow UI for study {args.name}: {link}  (Ctrl-C stops it){charts}", flush=True)
     os.execve(sys.executable, command, env)   # become the server, so Ctrl-C and SIGTERM reach it directly
 
 
@@ -124,26 +217,28 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
-    # it looks for Tune's result.json files, which a study does not write (its callback records every report)
-    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
 
     try:
         if args.command in ("run", "check"):
             cfg = load_from_args(args)          # every field is validated before anything is created
             if args.command == "check":
                 for key, value in cfg.to_flat().items():
-                    print(f"{key} = {value!r}")
+                    print(f"{key} = {toml_value(value)}")
                 print(f"\nconfig OK: {cfg.total_samples()} trial(s); trial fields:")
                 for key, value in cfg.base_trial().to_flat().items():
-                    print(f"  {key} = {value!r}")
+                    print(f"  {key} = {toml_value(value)}")
                 return 0
-            return _exit_code(runner().run_study(cfg))
+            return _exit_code(runner().run_study(cfg, quiet=args.quiet))
         if args.command == "resume":
-            return _exit_code(runner().resume_study(args.name, args.storage))
+            return _exit_code(runner().resume_study(args.name, args.storage, quiet=args.quiet))
         if args.command == "results":
             return cmd_results(args)
+        if args.command == "status":
+            return cmd_status(args)
+        if args.command == "compare":
+            return cmd_compare(args)
         return cmd_ui(args)
-    except (ValueError, StudyStateError, StudyBusyError) as err:
+    except (ValueError, FilterError, StudyStateError, StudyBusyError) as err:
         print(f"g2-study {args.command}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:   # a second Ctrl-C, or one before Ray Tune took over the signal

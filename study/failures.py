@@ -52,7 +52,7 @@ def is_error_report(result: Mapping[str, Any] | None) -> bool:
     return bool(result) and result.get("status") == ERROR
 
 
-def guarded(name: str, config: dict[str, Any]) -> None:
+def guarded(name: str, config: dict[str, Any], model_store: str | None = None) -> None:
     """Run the Tune function trainable `trainables.trainable.<name>`; an `Exception` of its own becomes its report.
 
     The import is guarded too: code that cannot be imported fails the same way on every retry. `BaseException`s
@@ -63,16 +63,16 @@ def guarded(name: str, config: dict[str, Any]) -> None:
     try:
         from trainables import trainable
 
-        getattr(trainable, name)(config)
+        getattr(trainable, name)(config, model_store=model_store)
     except Exception as err:
         tune.report(error_report(err))
 
 
-def train_lm(config: dict[str, Any]) -> None:
+def train_lm(config: dict[str, Any], model_store: str | None = None) -> None:
     """`trainables.trainable.train_lm`, its own exceptions reported as data."""
-    guarded("train_lm", config)
+    guarded("train_lm", config, model_store)
 
 
-def train_nmt(config: dict[str, Any]) -> None:
+def train_nmt(config: dict[str, Any], model_store: str | None = None) -> None:
     """`trainables.trainable.train_nmt`, its own exceptions reported as data."""
-    guarded("train_nmt", config)
+    guarded("train_nmt", config, model_store)

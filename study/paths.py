@@ -5,6 +5,7 @@
                      mlflow.db    the default MLflow store, artifacts in mlartifacts/
                      results/ curves/ gates/   the Parquet datasets (study.results)
                      models/      the best weights of every trained configuration, keyed by its training knobs
+                     progress/    one small JSON file per started trial: its plan and last epoch (g2-study status)
                      ray/<experiment>/         Tune's experiment directories (trial checkpoints)
 """
 from __future__ import annotations
@@ -50,6 +51,11 @@ class StudyPaths:
     @property
     def models(self) -> Path:
         return self.root / "models"
+
+    @property
+    def progress(self) -> Path:
+        """One JSON file per trial that a driver started: what it does and its last epoch (`study.progress`)."""
+        return self.root / "progress"
 
     def optuna_url(self, cfg: StudyConfig) -> str:
         return cfg.optuna_storage or f"sqlite:///{self.root / 'optuna.db'}"

@@ -93,15 +93,17 @@ def trial_rows(study: str, trial_id: str, config: Mapping[str, Any], last_report
     if status == OK:
         if not (report and report.sweep):
             raise ValueError(f"trial {trial_id}: an ok trial's last report must carry its `sweep`")
-        plain = report.uncompressed()
-        uncompressed = {UNCOMPRESSED_VAL_METRIC: plain.val_metric, UNCOMPRESSED_TEST_METRIC: plain.test_metric}
-        return [{**base, **uncompressed, **_pick(r.to_dict(), (*SETTING_KNOBS, *SWEEP_COLUMNS))} for r in report.sweep]
+        plain = {r.eval_gate: r for r in report.sweep if r.method == "none"}   # each row's, with the row's gates
+        return [{**base, UNCOMPRESSED_VAL_METRIC: plain[r.eval_gate].val_metric,
+                 UNCOMPRESSED_TEST_METRIC: plain[r.eval_gate].test_metric,
+                 **_pick(r.to_dict(), (*SETTING_KNOBS, *SWEEP_COLUMNS))} for r in report.sweep]
 
     # One row at the trial's own setting. Its metrics are the last epoch's where known (a failure has none):
     # the report's compressed metric is this row's metric, its plain val metric the uncompressed one.
     row = {**base, "is_trial_setting": True}
     try:
-        row["method"] = CompressConfig(**{k.split(".")[1]: knobs[k] for k in SETTING_KNOBS if k in knobs}).method
+        row["method"] = CompressConfig(**{k.split(".")[1]: knobs[k] for k in SETTING_KNOBS
+                                          if k in knobs and k.startswith("compress.")}).method
     except (TypeError, ValueError):   # the very setting may be what made the trial fail
         row["method"] = None
     if status != ERROR and report is not None:

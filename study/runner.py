@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import optuna
 import ray
 from optuna.trial import TrialState
 from ray import tune
+from ray.tune.logger import JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
@@ -33,7 +35,7 @@ from study.paths import StudyPaths, StudyState, StudyStateError, read_state
 from study.report import close_study
 from study.rows import trial_status
 from study.space import DefineByRun
-from study.tracking import open_tracker
+from study.tracking import REUSED_CHECKPOINT, TRAINING_KEY, open_tracker
 from trainables.report import ERROR, FAILED, OK
 
 log = logging.getLogger(__name__)
@@ -126,6 +128,10 @@ def open_optuna_study(cfg: StudyConfig, url: str, seed: int):
     if stored != cfg.directions():
         raise ValueError(f"the Optuna study {cfg.name!r} in {url} has directions {stored}, but study.objectives "
                          f"{list(cfg.objectives)} need {cfg.directions()}; use another study.name")
+    if study.metric_names != list(cfg.objectives):   # what optuna-dashboard labels the axes and columns with
+        with warnings.catch_warnings():   # "experimental" since Optuna 3.2, and unchanged since
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(cfg.objectives))
     return study
 
 
@@ -148,16 +154,62 @@ def fail_orphaned_trials(cfg: StudyConfig, url: str) -> int:
     return len(orphans)
 
 
+# User attributes on every Optuna trial, so that optuna-dashboard leads to the trial's other records.
+RAY_TRIAL_ATTR, MLFLOW_RUN_ATTR = "g2.ray_trial_id", "g2.mlflow_run_id"
+TRAINING_KEY_ATTR, MODEL_ATTR = "g2.training_key", "g2.model"   # the trained model's key; "trained" | "reused"
+
+
 class StudySearch(OptunaSearch):
     """Tells Optuna the truth about unfinished trials: a diverged or errored trial FAILED, one stopped
-    early (ASHA) was PRUNED. Neither is a real point of the front."""
+    early (ASHA) was PRUNED. Neither is a real point of the front.
+
+    It also labels each Optuna trial (`_ot_trials`: Ray trial id -> the Optuna trial it asked for) with the Ray
+    trial id, the trial's MLflow run and its model: what a user of optuna-dashboard needs to find the rest.
+    """
+
+    def __init__(self, *args, cfg: StudyConfig, root: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.study_cfg, self.root = cfg, root   # plain settings: the searcher is pickled with the experiment
+
+    def suggest(self, trial_id):
+        config = super().suggest(trial_id)
+        self._set_attrs(trial_id, {RAY_TRIAL_ATTR: trial_id})
+        return config
+
+    def _set_attrs(self, trial_id: str, attrs: dict[str, Any]) -> None:
+        """Optuna refuses attributes on a finished trial: one a killed driver finished (and labelled) before
+        Tune saved this searcher comes back from `Tuner.restore` still open here, and is left as it is."""
+        if trial_id not in self._ot_trials:
+            return
+        try:
+            for key, value in attrs.items():
+                self._ot_trials[trial_id].set_user_attr(key, value)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass
 
     def on_trial_complete(self, trial_id, result=None, error=False):
+        if trial_id in self._ot_trials and trial_id not in self._completed_trials:
+            self._label(trial_id, result)
         # Tune marks a scheduler-stopped result `done` too: only the final report carries the sweep
         status = ERROR if error or is_error_report(result) else trial_status(result)
         if status != OK:
             result, error = None, status in FAILED
         super().on_trial_complete(trial_id, result=result, error=error)
+
+    def _label(self, trial_id: str, result: dict | None) -> None:
+        """The trial's user attributes, set before Optuna closes it (a finished trial takes none)."""
+        attrs: dict[str, Any] = {RAY_TRIAL_ATTR: trial_id}
+        if result and result.get(TRAINING_KEY):
+            attrs[TRAINING_KEY_ATTR] = result[TRAINING_KEY]
+            attrs[MODEL_ATTR] = "reused" if result.get(REUSED_CHECKPOINT) else "trained"
+        try:
+            tracker = open_tracker(self.study_cfg, self.root)
+            tracker.attach()
+            if (run_id := tracker.find_trial_run_id(trial_id)) is not None:
+                attrs[MLFLOW_RUN_ATTR] = run_id
+        except Exception as err:   # MLflow unreachable: the Optuna trial is told its result all the same
+            log.warning("could not find the MLflow run of trial %s: %s", trial_id, err)
+        self._set_attrs(trial_id, attrs)
 
 
 def make_searcher(cfg: StudyConfig, paths: StudyPaths, seed: int):
@@ -165,34 +217,63 @@ def make_searcher(cfg: StudyConfig, paths: StudyPaths, seed: int):
     url = paths.optuna_url(cfg)
     open_optuna_study(cfg, url, seed)
     constants = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.base_trial().to_flat().items()}
-    constants["_model_store"] = str(paths.models)
     searcher = StudySearch(space=DefineByRun(cfg.search_space(), constants), metric=list(cfg.objectives),
                            mode=cfg.modes(), sampler=make_sampler(cfg, seed),
-                           storage=optuna.storages.RDBStorage(url), study_name=cfg.name)
+                           storage=optuna.storages.RDBStorage(url), study_name=cfg.name,
+                           cfg=cfg, root=str(paths.root))
     return ConcurrencyLimiter(searcher, max_concurrent=cfg.max_concurrent)
 
 
 # --------------------------------------------------------------------------- the Tune run
 
-def make_trainable(cfg: StudyConfig):
-    """The task's trainable, guarded so that only a lost worker is a Tune failure (and retried, `max_failures`)."""
-    return tune.with_resources(train_lm if cfg.task == "lm" else train_nmt,
-                               {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
+def make_trainable(cfg: StudyConfig, paths: StudyPaths):
+    """The task's trainable, guarded so that only a lost worker is a Tune failure (and retried, `max_failures`).
+
+    The model store is a parameter of the trainable, not a key of the trial config: it is no knob (no MLflow
+    param, results column or trial name), and `Tuner.restore` is given it again with the trainable.
+    """
+    trainable = tune.with_parameters(train_lm if cfg.task == "lm" else train_nmt, model_store=str(paths.models))
+    return tune.with_resources(trainable, {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
 
 
-def make_tuner(cfg: StudyConfig, paths: StudyPaths, experiment: str, num_samples: int, seed: int, printer: Printer):
-    trainable = make_trainable(cfg)
+def trial_dirname(trial) -> str:
+    """A trial's name and directory: its id, then its knobs (`1a2b3_00004-g2-tau0.63-p0.59-r16-b4`).
+
+    Ray's default names a trial after every config value it resolved, which here are the fixed fields (the model
+    store path, `compress.clip`, ...) rather than the searched knobs.
+    """
+    return f"{trial.trial_id}-{_SLUG_CHARS.sub('-', _slug(trial.config)).strip('-')}"[:120]
+
+
+_SLUG_CHARS = re.compile(r"[^A-Za-z0-9.=+]+")
+
+
+def _slug(config: dict[str, Any]) -> str:
+    mode = config.get("g2.gate_mode", "")
+    knobs = f" tau{config['g2.tau']:.2f} p{config['g2.p']:.2f}" if mode == "g2" else ""
+    paper = config.get("compress.paper", "none")
+    return (f"{mode}{knobs} r{config.get('compress.rank')} b{config.get('compress.bits')}"
+            + (f" {paper}" if paper != "none" else ""))
+
+
+def make_tuner(cfg: StudyConfig, paths: StudyPaths, experiment: str, num_samples: int, seed: int, printer: Printer,
+               quiet: bool = False):
+    trainable = make_trainable(cfg, paths)
     scheduler = None
     if cfg.scheduler == "asha":
         base = cfg.base_trial()
         scheduler = ASHAScheduler(metric=cfg.objectives[0], mode=cfg.modes()[0], time_attr="training_iteration",
                                   max_t=base.train.epochs + base.train.finetune_epochs, grace_period=1)
-    callback = StudyCallback(cfg, str(paths.root), total=num_samples, printer=printer)
+    callback = StudyCallback(cfg, str(paths.root), total=num_samples, printer=printer, quiet=quiet)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=make_searcher(cfg, paths, seed), num_samples=num_samples,
-                                    scheduler=scheduler, reuse_actors=False),
-        run_config=tune.RunConfig(name=experiment, storage_path=str(paths.ray), callbacks=[callback],
+                                    scheduler=scheduler, reuse_actors=False, trial_name_creator=trial_dirname,
+                                    trial_dirname_creator=trial_dirname),
+        # Tune's JSON logger is the one of its auto loggers kept (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS): the
+        # experiment analysis `fit()` returns reads its result.json, and warns for every trial without one
+        run_config=tune.RunConfig(name=experiment, storage_path=str(paths.ray),
+                                  callbacks=[callback, JsonLoggerCallback()],
                                   failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=0))
 
@@ -274,6 +355,14 @@ def bridge_checkpoint_rotation(exp_dir: Path) -> list[Path]:
     return made
 
 
+def show_on_this_console(tuner, printer: Printer, quiet: bool) -> None:
+    """A restored experiment brings back the callback pickled with it: this driver's console settings replace
+    the first driver's (Tuner.restore takes no run config; the Tuner keeps it on its local tuner)."""
+    for callback in tuner._local_tuner.get_run_config().callbacks or ():
+        if isinstance(callback, StudyCallback):
+            callback.printer, callback.quiet = printer, quiet
+
+
 def _start_ray(cfg: StudyConfig, claim: DriverClaim) -> None:
     """Ray up, this driver's local Ray recorded in its claim, and the trials known to fit on some node."""
     session = start_ray(cfg)
@@ -282,7 +371,7 @@ def _start_ray(cfg: StudyConfig, claim: DriverClaim) -> None:
     check_resources(cfg)
 
 
-def run_study(cfg: StudyConfig, *, printer: Printer = print) -> StudyOutcome:
+def run_study(cfg: StudyConfig, *, printer: Printer = print, quiet: bool = False) -> StudyOutcome:
     """Start a new study, or extend a finished one by `cfg.total_samples()` trials."""
     paths = StudyPaths.of(cfg)
     with DriverClaim(paths.root, cfg.name, printer) as claim:
@@ -306,13 +395,14 @@ def run_study(cfg: StudyConfig, *, printer: Printer = print) -> StudyOutcome:
         printer(f"study {cfg.name}: {num_samples} trial(s) of {cfg.task}/{cfg.preset_name}, sampler {cfg.sampler}, "
                 f"objectives {', '.join(f'{o} ({m})' for o, m in zip(cfg.objectives, cfg.modes()))}")
         printer(f"  study directory {paths.root}\n  MLflow {paths.tracking_uri(cfg)}")
-        tuner = make_tuner(cfg, paths, experiment, num_samples, cfg.sampler_seed + k, printer)
+        tuner = make_tuner(cfg, paths, experiment, num_samples, cfg.sampler_seed + k, printer, quiet)
         if (ended := _fit(tuner)) < num_samples:
             return _interrupted(cfg, paths, ended, num_samples, started, printer)
         return _finish(cfg, paths, state, experiment, started, printer)
 
 
-def resume_study(name: str, storage: str = DEFAULT_STORAGE, *, printer: Printer = print) -> StudyOutcome:
+def resume_study(name: str, storage: str = DEFAULT_STORAGE, *, printer: Printer = print, quiet: bool = False
+                 ) -> StudyOutcome:
     """Continue an interrupted study: finished trials stay, interrupted ones continue from their checkpoints."""
     paths = StudyPaths.named(storage, name)
     read_state(paths)   # a clear error, and no directory made, for a study that does not exist
@@ -331,12 +421,13 @@ def resume_study(name: str, storage: str = DEFAULT_STORAGE, *, printer: Printer 
         if not tune.Tuner.can_restore(str(exp_dir)):
             # the driver died before Tune saved anything: nothing ran, so start this experiment afresh
             printer(f"nothing to restore in {exp_dir}; starting its {num_samples} trial(s) again")
-            tuner = make_tuner(cfg, paths, experiment, num_samples, cfg.sampler_seed, printer)
+            tuner = make_tuner(cfg, paths, experiment, num_samples, cfg.sampler_seed, printer, quiet)
         else:
             printer(f"resuming study {name} from {exp_dir}")
             bridges = bridge_checkpoint_rotation(exp_dir)
-            tuner = tune.Tuner.restore(str(exp_dir), trainable=make_trainable(cfg), resume_unfinished=True,
+            tuner = tune.Tuner.restore(str(exp_dir), trainable=make_trainable(cfg, paths), resume_unfinished=True,
                                        resume_errored=False, restart_errored=False)
+            show_on_this_console(tuner, printer, quiet)
         if (ended := _fit(tuner)) < num_samples:
             return _interrupted(cfg, paths, ended, num_samples, started, printer)   # a next resume may need them
         for copy in bridges:   # those Tune restored from it rotated away; the others it never named

@@ -17,6 +17,7 @@ from trainables.config import TrialConfig
 from trainables.report import (
     ACCOUNTING,
     CURVE_FIELDS,
+    EVAL_GATE,
     GATE_COMPRESSION,
     TEST_LOSS,
     TEST_METRIC,
@@ -31,7 +32,7 @@ from trainables.report import (
     is_gate_column,
 )
 
-SETTING_KNOBS = ("compress.rank", "compress.bits", "compress.paper")   # per row: the sweep point, not the trial's
+SETTING_KNOBS = ("compress.rank", "compress.bits", "compress.paper", EVAL_GATE)   # per row: the sweep point, not the trial's
 
 def _arrow_type(name: str, hint: Any) -> pa.DataType:
     """The Arrow type of one dataclass annotation; a new kind of knob must be mapped here, not guessed."""

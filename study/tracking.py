@@ -39,6 +39,12 @@ from trainables.report import FAILED, STATUSES
 log = logging.getLogger(__name__)
 
 PARENT_ID_TAG = "mlflow.parentRunId"
+# The 3.x UI opens an experiment as GenAI (traces) or model training by this tag; ours train models.
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+# Report keys trainables/report.py has no constant for yet (EpochReport fields).
+TRAINING_KEY, REUSED_CHECKPOINT = "training_key", "reused_checkpoint"
+MODEL_TAG, TRAINING_KEY_TAG = "g2.model", "g2.training_key"   # "trained" | "reused"; the trained model's key
+REUSED_SUFFIX = " · reused"
 STUDY_TAG, ROLE_TAG, TRIAL_TAG, STATUS_TAG = "g2.study", "g2.role", "g2.trial_id", "g2.status"
 TRIAL_RUN_STATUS = {status: "FAILED" if status in FAILED else "FINISHED" for status in STATUSES}   # MLflow's
 STUDY_RUN_STATUS = {"ok": "FINISHED", "finished": "FINISHED", "error": "FAILED", "failed": "FAILED",
@@ -123,6 +129,36 @@ def _quoted(value: str) -> str:
     return f"'{value}'"
 
 
+def runs_view_url(server: str, experiment_id: str, *, charts: bool = False) -> str:
+    """The UI's training-runs view of an experiment (parent runs, children folded under them), or its charts.
+
+    MLflow 3.x opens an experiment on its GenAI "Overview / Traces" page whatever its kind (STACK.md): this URL
+    goes straight to the runs table; with `charts`, to the metric charts (the parent's `study/*` curves).
+    """
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs" + ("?compareRunsMode=CHART" if charts else "")
+
+
+def find_experiment_id(tracking_uri: str, experiment: str) -> str | None:
+    """The id of an existing experiment, None if there is none (nothing is created)."""
+    found = MlflowClient(tracking_uri=tracking_uri).get_experiment_by_name(experiment)
+    return None if found is None else found.experiment_id
+
+
+def trial_run_name(config: Mapping[str, Any]) -> str:
+    """A child run's name, what was trained and how it is compressed: `g2 τ=0.63 p=0.59 · r16 b4`.
+
+    `r` is the SVD rank (0: full rank), `b` the bits per weight (32: float); the paper's rounding is named.
+    """
+    mode = config.get("g2.gate_mode", "?")
+    if mode == "g2":
+        mode += f" τ={config['g2.tau']:.2f} p={config['g2.p']:.2f}"
+    elif mode == "sharpened" and "g2.sharpen_tau" in config:
+        mode += f" τs={config['g2.sharpen_tau']:.2f}"
+    paper = config.get("compress.paper", "none")
+    setting = f"r{config.get('compress.rank', '?')} b{config.get('compress.bits', '?')}"
+    return f"{mode} · {setting}" + (f" {paper}" if paper not in ("none", None) else "")
+
+
 def _chunks(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
         yield items[start: start + size]
@@ -144,16 +180,23 @@ class StudyTracker:
         """The experiment's id, creating it (artifacts where asked) if it is new; two drivers may race to create it."""
         found = self.client.get_experiment_by_name(name)
         if found is not None:
+            if found.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING:   # made by an older version
+                self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
             return found.experiment_id
         if artifact_location is not None and "://" not in artifact_location:
             artifact_location = Path(artifact_location).expanduser().resolve().as_uri()
         try:
-            return self.client.create_experiment(name, artifact_location=artifact_location)
+            return self.client.create_experiment(name, artifact_location=artifact_location,
+                                                 tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
         except MlflowException:
             found = self.client.get_experiment_by_name(name)
             if found is None:
                 raise
             return found.experiment_id
+
+    def runs_url(self, server: str) -> str:
+        """This study's runs view on the MLflow UI at `server` (http://host:port)."""
+        return runs_view_url(server, self.experiment_id)
 
     def _search(self, filter_string: str) -> Iterator[Any]:
         token = None
@@ -226,12 +269,29 @@ class StudyTracker:
         run_status = STUDY_RUN_STATUS.get(status.lower(), status.upper())
         if run_status not in ("FINISHED", "FAILED", "KILLED"):
             raise ValueError(f"study status must be one of {', '.join(STUDY_RUN_STATUS)}, got {status!r}")
+        self.log_front(front, figure_path)
+        self._log(parent, tags={STATUS_TAG: status.lower()})
+        self.client.set_terminated(parent, status=run_status)
+
+    def log_front(self, front: pd.DataFrame | None, figure_path: Path | None = None) -> None:
+        """(Re)place the front's table and picture on the parent run; called as trials finish and at the end."""
+        parent = self._require_parent()
         if front is not None:
             self.client.log_text(parent, front.to_csv(index=False), "pareto_front.csv")
         if figure_path is not None:
             self.client.log_artifact(parent, str(figure_path))
-        self._log(parent, tags={STATUS_TAG: status.lower()})
-        self.client.set_terminated(parent, status=run_status)
+
+    def log_progress(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Metrics of the whole study on the parent run at `step` (the number of finished trials)."""
+        now = int(time.time() * 1000)
+        self._log(self._require_parent(), metrics=[Metric(metric_name(k), float(v), now, int(step))
+                                                   for k, v in metrics.items()])
+
+    def parent_tags(self) -> dict[str, str]:
+        return dict(self.client.get_run(self._require_parent()).data.tags)
+
+    def set_parent_tags(self, tags: Mapping[str, Any]) -> None:
+        self._log(self._require_parent(), tags=tags)
 
     def mark_stale_runs(self, active_trials: Iterable[str] = ()) -> list[str]:
         """Close as KILLED every RUNNING child whose trial is neither in `active_trials` nor open in this process.
@@ -256,6 +316,13 @@ class StudyTracker:
         query = f"tags.`{PARENT_ID_TAG}` = {_quoted(parent)} AND tags.`{TRIAL_TAG}` = {_quoted(trial_id)}"
         return next(self._search(query), None)
 
+    def find_trial_run_id(self, trial_id: str) -> str | None:
+        """The id of the trial's child run, None if it has none (yet)."""
+        if trial_id in self._runs:
+            return self._runs[trial_id]
+        found = self._trial_run(trial_id)
+        return None if found is None else found.info.run_id
+
     def is_trial_closed(self, trial_id: str) -> bool:
         """Whether `end_trial` closed the trial's run (perhaps under a driver that has since died)."""
         found = self._trial_run(trial_id)
@@ -272,7 +339,8 @@ class StudyTracker:
             if found.info.status != "RUNNING":   # resumed after a crash (KILLED) or retried after an error
                 self.client.update_run(run_id, status="RUNNING")
         else:
-            run = self.client.create_run(self.experiment_id, run_name=trial_id, tags={
+            name = trial_run_name(params) if params and "g2.gate_mode" in params else trial_id
+            run = self.client.create_run(self.experiment_id, run_name=name, tags={
                 PARENT_ID_TAG: parent, TRIAL_TAG: trial_id, STUDY_TAG: self.study_name, ROLE_TAG: "trial"})
             run_id = run.info.run_id
             self._log(run_id, params=_params(params or {}))
@@ -315,6 +383,12 @@ class StudyTracker:
             self.client.log_text(run_id, json.dumps(_json_safe(report["gate_histograms"])), "gate_histograms.json")
         message = error if error is not None else report.get("error")
         tags: dict[str, Any] = {STATUS_TAG: status}
+        if report.get(TRAINING_KEY):
+            reused = bool(report.get(REUSED_CHECKPOINT))
+            tags |= {TRAINING_KEY_TAG: report[TRAINING_KEY], MODEL_TAG: "reused" if reused else "trained"}
+            name = self.client.get_run(run_id).info.run_name or trial_id
+            if reused and not name.endswith(REUSED_SUFFIX):   # it re-scored a stored model: say so in its name
+                self.client.update_run(run_id, name=name + REUSED_SUFFIX)
         if message:
             tags["g2.error"] = message
             self.client.log_text(run_id, str(message), "error.txt")   # the tag is cut at 8000 characters

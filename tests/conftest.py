@@ -119,14 +119,20 @@ def trial_reports(cfg, work_dir: Path, model_store: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="session")
-def trial(tmp_path_factory):
+def trial_store(tmp_path_factory) -> Path:
+    """The model store the `trial` fixture's trial stored its model in: a trial with its knobs re-scores it."""
+    return tmp_path_factory.mktemp("store")
+
+
+@pytest.fixture(scope="session")
+def trial(tmp_path_factory, trial_store):
     """A real tiny LM trial (2 epochs, a 2-rank x 2-bit sweep plus round_clip): its flat config and every report."""
     from trainables.config import SMOKE, TrialConfig
 
-    fast = {"train.max_batches": 2, "train.max_eval_batches": 2}   # the rows' shape is what matters, not the model
+    # the rows' shape is what matters, not the model; binary-gate rows have a test of their own
+    fast = {"train.max_batches": 2, "train.max_eval_batches": 2, "sweep.hard_gates": False}
     cfg = TrialConfig.from_flat(SMOKE | fast, base=TrialConfig.preset("lm", "tiny"))
-    store = tmp_path_factory.mktemp("store")
-    return {**cfg.to_flat(), "_model_store": str(store)}, trial_reports(cfg, tmp_path_factory.mktemp("trial"), store)
+    return cfg.to_flat(), trial_reports(cfg, tmp_path_factory.mktemp("trial"), trial_store)
 
 
 def rerun_compiled(test_file: str, test_name: str) -> bool:
@@ -188,6 +194,7 @@ max_concurrent = {concurrent}
 "sweep.ranks" = [0, 8]
 "sweep.bits" = [32, 4]
 "sweep.paper" = ["round_clip"]
+"sweep.hard_gates" = false              # binary-gate rows are tested on their own; here they would double the sweep
 {space}
 """
 

@@ -38,7 +38,7 @@ def test_a_restarted_driver_keeps_what_an_earlier_one_recorded(trial, tmp_path, 
     cfg = StudyConfig(name="s", preset="tiny")
     open_tracker(cfg, str(tmp_path)).start(cfg.to_flat())   # as the driver does before Tune starts
     lines: list[str] = []
-    first = StudyCallback(cfg, str(tmp_path), total=4, printer=lines.append)
+    first = StudyCallback(cfg, str(tmp_path), total=4, printer=lines.append, quiet=True)   # the end lines only
     saved = pickle.dumps(first)   # Tune saves the callbacks with the experiment, before any trial runs
     for trial_id in ("t1", "t3"):
         run(first, tune_trial(trial_id, config), reports)

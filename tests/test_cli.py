@@ -2,6 +2,7 @@
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -111,3 +112,57 @@ def test_ui_serves_the_study_runs(real_study, tmp_path):
     finally:
         os.killpg(ui.pid, signal.SIGTERM)      # the server and its workers
         ui.wait(30)
+
+
+def test_results_as_json_records_and_chosen_columns(real_study, tmp_path):
+    storage = str(real_study["storage"])
+    proc = cli("results", "real", "--storage", storage, "--format", "json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    records, df = json.loads(proc.stdout), results.load(str(real_study["dir"]))
+    assert isinstance(records, list) and len(records) == len(df) and set(records[0]) == set(df.columns)
+    assert sorted({r["trial_id"] for r in records}) == sorted(set(df["trial_id"]))
+    proc = cli("results", "real", "--storage", storage, "--columns", "trial_id,status,val_metric", "--format", "csv",
+               cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.splitlines()[0] == "trial_id,status,val_metric"
+    proc = cli("results", "real", "--storage", storage, "--columns", "trial_id,g2.nope", cwd=tmp_path)
+    assert proc.returncode == 2 and "'g2.nope'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_front_table_tells_its_rows_apart(real_study, tmp_path):
+    proc = cli("results", "real", "--storage", str(real_study["storage"]), "--front", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert not re.search(r"\de[+-]\d", proc.stdout)   # fixed-point, never 1.57e+03
+    end = lines[0].index("val ppl") + len("val ppl")    # the table right-aligns its columns
+    shown = [line[:end].split()[-1] for line in lines[1:]]
+    cfg = StudyConfig.from_json(StudyState.read(real_study["dir"] / STATE_FILE).config)
+    front = study_front(results.load(str(real_study["dir"])), cfg)
+    assert len(shown) == len(front) > 0
+    assert len(set(shown)) == front["val_metric"].nunique()   # distinct values print distinctly
+    for text, value in zip(shown, front["val_metric"]):   # rounded, not truncated, to its printed decimals
+        assert abs(float(text) - value) <= 0.5 * 10.0 ** -len(text.partition(".")[2]) + 1e-9
+
+
+def test_filters_arrow_cannot_evaluate_exit_2_without_a_traceback(real_study, tmp_path):
+    for where in ("epoch == 1.5", "g2.tau == 1e999", "`compress.rank` > 2.5"):
+        proc = cli("results", "real", "--storage", str(real_study["storage"]), "--where", where, cwd=tmp_path)
+        assert proc.returncode in (0, 2) and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_check_prints_values_as_toml(tmp_path):
+    import tomllib
+
+    proc = cli("check", "--smoke", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    pairs = [line.strip().split(" = ", 1) for line in proc.stdout.splitlines() if " = " in line]
+    parsed = {key: tomllib.loads(f"v = {value}")["v"] for key, value in pairs}   # every value is TOML
+    assert parsed["study.name"] == "quickstart" and parsed["sweep.ranks"] == [0, 8]
+    assert parsed["lm.tie_weights"] is True and parsed["study.objectives"] == ["compressed_val_metric", "gate_bits"]
+    assert 'study.name = "quickstart"' in proc.stdout and "'" not in proc.stdout.split("space.")[0]
+
+
+def test_version(tmp_path):
+    import importlib.metadata
+
+    proc = cli("--version", cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"g2-study {importlib.metadata.version('g2-study')}"

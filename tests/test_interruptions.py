@@ -87,7 +87,7 @@ def study_counts(study_dir: Path, name: str) -> dict:
     runs = client.search_runs([experiment.experiment_id], "tags.`g2.role` = 'trial'")
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{study_dir / 'optuna.db'}")
     return {"trials": df["trial_id"].nunique(), "rows": len(df),
-            "duplicate_rows": int(df.duplicated(["trial_id", "method", "compress.rank", "compress.bits"]).sum()),
+            "duplicate_rows": int(df.duplicated(["trial_id", "method", "compress.rank", "compress.bits", "g2.eval_gate"]).sum()),
             "statuses": dict(Counter(df.drop_duplicates("trial_id")["status"])),
             "mlflow_runs": dict(Counter(r.info.status for r in runs)),
             "mlflow_trials": len({r.data.tags["g2.trial_id"] for r in runs}),
@@ -174,9 +174,9 @@ def test_a_killed_driver_is_taken_over_its_leftovers_ended_and_the_study_complet
     # The worst moment to die: Tune has rotated an unfinished trial's checkpoint (num_to_keep=1) but not yet saved
     # the experiment state naming the new one. Made certain here by moving each newest checkpoint one index on.
     rotated = 0
-    for trial_dir in (storage / name / "ray" / name).glob("train_lm_*"):
+    for trial_dir in (p for p in (storage / name / "ray" / name).iterdir() if p.is_dir()):   # <trial id>-<knobs>
         checkpoints = sorted(trial_dir.glob("checkpoint_[0-9]*"))
-        if checkpoints and trial_dir.name.split("_")[2] not in finished:
+        if checkpoints and trial_dir.name.split("-")[0] not in finished:
             index = int(checkpoints[-1].name.rpartition("_")[2])
             checkpoints[-1].rename(trial_dir / f"checkpoint_{index + 1:06d}")
             rotated += 1

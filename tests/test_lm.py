@@ -151,7 +151,7 @@ def test_nt_asgd_switch_and_averaged_evaluation_model(tmp_path):
     task = LMTask(tiny_cfg(**{"train.nonmono": 1, "train.max_batches": 3}), torch.device("cpu"), tmp_path)
     assert task.evaluation_model() is task.model
     for v in (3.0, 2.0, 3.5):       # 3.5 is worse than the best before the last check
-        task.end_epoch({"loss": v})
+        task.end_epoch(v)
     assert isinstance(task.optimizer, torch.optim.ASGD)
     task.train_epoch(1)
     averaged = task.evaluation_model()

@@ -3,7 +3,6 @@
 import time
 from dataclasses import replace
 from datetime import UTC, datetime
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -278,13 +277,12 @@ def test_hypervolume_over_time_matches_prefix_fronts():
     assert np.all(np.diff(curve["hypervolume"]) >= 0)
 
 
-def test_front_over_seeds_counts_each_model_and_each_seed_once(trial, tmp_path):
+def test_front_over_seeds_counts_each_model_and_each_seed_once(trial, trial_store, tmp_path):
     # Issue 15: three trials score seed 1's model (one trains it, two re-score it from the store), one trial trains
     # seed 2. Averaging rows would give ppl 62.5 ± 5.0; each seed counted once gives 65 ± sqrt(50).
     config, reports = trial
-    store = Path(config["_model_store"])
-    cfg = TrialConfig.from_flat({k: v for k, v in config.items() if not k.startswith("_")})
-    reused = trial_reports(cfg, tmp_path / "reused", store)[-1]
+    cfg = TrialConfig.from_flat(config)
+    reused = trial_reports(cfg, tmp_path / "reused", trial_store)[-1]
     assert reused["reused_checkpoint"] and reused["training_key"] == reports[-1]["training_key"]
     seed2 = replace(cfg, seed=cfg.seed + 1)
     other = {**reports[-1], "training_key": seed2.training_key()}   # as if trained: its own key, its own seed

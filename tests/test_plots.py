@@ -71,7 +71,7 @@ def _sweep(cfg: TrialConfig, seed: int) -> list[dict]:
         metric = ppl if cfg.task == "lm" else max(0.0, 30.0 - (ppl - 50.0))
         scores = {"val_loss": math.log(ppl), "val_metric": metric, "test_loss": math.log(ppl) + 0.01,
                   "test_metric": metric + (0.5 if cfg.task == "lm" else -0.5)}
-        rows.append(SweepRow(rank=setting.rank, bits=setting.bits, paper=setting.paper, method=setting.method,
+        rows.append(SweepRow(rank=setting.rank, bits=setting.bits, paper=setting.paper, method=setting.method, eval_gate="soft",
                              is_trial_setting=setting == cfg.compress, accounting=acc, scores=scores).to_dict())
     return rows
 

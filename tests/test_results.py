@@ -24,11 +24,10 @@ from conftest import REPO_ROOT, trial_reports
 
 FINISHED = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 @pytest.fixture(scope="module")
-def reused(trial, tmp_path_factory):
+def reused(trial, trial_store, tmp_path_factory):
     """The reports of a second trial with the same training knobs: it reuses the first one's model."""
     config, _ = trial
-    cfg = TrialConfig.from_flat({k: v for k, v in config.items() if not k.startswith("_")})
-    return trial_reports(cfg, tmp_path_factory.mktemp("reused"), Path(config["_model_store"]))
+    return trial_reports(TrialConfig.from_flat(config), tmp_path_factory.mktemp("reused"), trial_store)
 
 
 def flat_config(**overrides) -> dict:
@@ -73,7 +72,22 @@ def test_ok_trial_gives_one_row_per_sweep_point(trial):
         assert row["wall_time_s"] == last["train_time_s"]
         assert row["gate_l1_f_gt09"] == last["gate_l1_f_gt09"]
         assert row["status"] == "ok" and row["error"] is None and row["metric_name"] == "ppl"
-        assert "_model_store" not in row
+
+
+def test_binary_gate_rows_are_compared_with_the_uncompressed_model_under_binary_gates(tmp_path):
+    cfg = TrialConfig.from_flat({**SMOKE, "train.epochs": 1, "train.max_batches": 2, "train.max_eval_batches": 2,
+                                 "sweep.ranks": (0,), "sweep.bits": (32, 4), "sweep.paper": (),
+                                 "data.cache_dir": str(tmp_path / "cache")}, base=TrialConfig.preset("lm", "tiny"))
+    last = trial_reports(cfg, tmp_path / "trial", tmp_path / "store")[-1]
+    rows = trial_rows("s", "t1", cfg.to_flat(), last, status="ok", error=None, finished_at=FINISHED)
+
+    by = {(r["g2.eval_gate"], r["method"]): r for r in rows}
+    assert set(by) == {(gate, method) for gate in ("soft", "hard") for method in ("none", "quant")}
+    for gate in ("soft", "hard"):
+        assert by[(gate, "quant")]["uncompressed_val_metric"] == by[(gate, "none")]["val_metric"]
+    assert by[("hard", "none")]["val_metric"] != by[("soft", "none")]["val_metric"]   # binary gates change the model
+    assert [r["is_trial_setting"] for r in rows].count(True) == 1 and by[("soft", "none")]["is_trial_setting"]
+    assert by[("hard", "quant")]["gate_bits"] == by[("soft", "quant")]["gate_bits"]   # same storage, other gates
 
 
 def test_ok_without_sweep_is_refused(trial):

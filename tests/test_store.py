@@ -123,6 +123,17 @@ def test_publishing_hands_the_key_on_at_once(tmp_path):
         assert not waiter.is_alive() and out["meta"]["epoch"] == LOOP["epoch"]
 
 
+def test_is_training_sees_another_process_training_the_key(tmp_path):
+    store = ModelStore(tmp_path)
+    assert not store.is_training("k")                        # no lock file yet
+    holder = start_holder(tmp_path)
+    assert store.is_training("k") and not store.is_training("other-key")
+    holder.communicate("publish\n", timeout=60)
+    assert not store.is_training("k") and store.meta("k") is not None
+    with store.training("k"):                                # probing takes nothing from a trainer that waits
+        assert store.is_training("k")
+
+
 def test_a_trainer_that_dies_hands_the_key_on(tmp_path):
     store = ModelStore(tmp_path)
     holder = start_holder(tmp_path)

@@ -17,6 +17,7 @@ import optuna
 import psutil
 import pytest
 from mlflow.tracking import MlflowClient
+from ray import tune
 
 from study import results
 
@@ -89,6 +90,7 @@ def test_study_on_a_cluster_with_a_failing_trial(cluster, mlflow_server, tmp_pat
                      "--tracking-uri", mlflow_server], cluster, tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Pareto front" in proc.stdout and "error 3, ok 3" in proc.stdout
+    assert "Failed to fetch metrics" not in proc.stdout + proc.stderr   # Tune's analysis finds every result.json
 
     df = results.load(str(storage / "grid"))
     trials = df.drop_duplicates("trial_id").set_index("trial_id")
@@ -98,7 +100,7 @@ def test_study_on_a_cluster_with_a_failing_trial(cluster, mlflow_server, tmp_pat
     assert failed["error"].str.contains("no-such-corpus").all() and failed["val_metric"].isna().all()
     ok = df[df["status"] == "ok"]
     # each ok trial: the 5 sweep settings, plus its own rank 4 when that is not one of them
-    assert ok.groupby("trial_id").size().sort_values().tolist() == [5, 5, 6]
+    assert ok[ok["g2.eval_gate"] == "soft"].groupby("trial_id").size().sort_values().tolist() == [5, 5, 6]
     assert set(ok["method"]) == {"none", "quant", "svd", "svd+quant", "round_clip"}
     assert (ok.groupby("trial_id")["is_trial_setting"].sum() == 1).all()
 
@@ -112,21 +114,60 @@ def test_study_on_a_cluster_with_a_failing_trial(cluster, mlflow_server, tmp_pat
 
     client = MlflowClient(tracking_uri=mlflow_server)
     experiment = client.get_experiment_by_name("grid")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     (parent,) = client.search_runs([experiment.experiment_id], "tags.`g2.role` = 'parent'")
     assert parent.info.status == "FINISHED"
-    assert "pareto_front.csv" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+    assert {"pareto_front.csv", "pareto_front.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    # the study converging, one point per finished trial (3 of them errors, in whatever order the grid ran)
+    history = {name: [(m.step, m.value) for m in client.get_metric_history(parent.info.run_id, name)]
+               for name in ("study/trials_done", "study/trials_failed", "study/front_size", "study/hypervolume")}
+    assert history["study/trials_done"] == [(k, k) for k in range(1, 7)]
+    assert [step for step, _ in history["study/trials_failed"]] == list(range(1, 7))
+    assert history["study/trials_failed"][-1][1] == 3
+    # charted from the first ok trial on, whose uncompressed model fixes the reference point
+    assert [step for step, _ in history["study/hypervolume"]] == [s for s, n in history["study/front_size"] if n > 0]
+    volumes = [v for _, v in history["study/hypervolume"]]
+    assert volumes[-1] > 0 and volumes == sorted(volumes)   # a fixed reference: it never shrinks
+    assert {"best_val_metric/32bit", "best_val_metric/4bit"} <= set(parent.data.metrics)
+    assert parent.data.tags["g2.hypervolume_reference"]
     children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     by_trial = {run.data.tags["g2.trial_id"]: run for run in children}
+    own_rank = df[df["is_trial_setting"].astype(bool)].set_index("trial_id")["compress.rank"]
     assert len(children) == 6 and set(by_trial) == set(trials.index)
     for trial_id, row in trials.iterrows():
         run = by_trial[trial_id]
         assert run.info.status == ("FINISHED" if row["status"] == "ok" else "FAILED")
+        # named by what it is: gate mode, the searched rank, full precision, whether it re-scored a stored model
+        reused = " · reused" if row["status"] == "ok" and row["reused_checkpoint"] else ""
+        assert run.info.run_name == f"g2 τ=0.90 p=0.20 · r{own_rank[trial_id]} b32{reused}"
         if row["status"] == "ok":   # MLflow and Parquet hold the same numbers
             own = ok[(ok["trial_id"] == trial_id) & ok["is_trial_setting"]].iloc[0]
             assert run.data.metrics["compressed_val_metric"] == pytest.approx(own["val_metric"])
             assert "compression_table.csv" in [a.path for a in client.list_artifacts(run.info.run_id)]
     history = client.get_metric_history(by_trial[trained].info.run_id, "val_metric")
     assert sorted(m.step for m in history) == [1, 2, 3]
+
+    proc = g2_study(["ui", "grid", "--storage", str(storage)], cluster, tmp_path, timeout=120)
+    assert proc.returncode == 0 and f"{mlflow_server}/#/experiments/{experiment.experiment_id}/runs" in proc.stdout
+
+    # Optuna (what optuna-dashboard shows): objective names, and each trial leads to its Ray trial and MLflow run
+    study = optuna.load_study(study_name="grid", storage=f"sqlite:///{storage / 'grid' / 'optuna.db'}")
+    assert study.metric_names == ["compressed_val_metric", "gate_bits"]
+    attrs = {t.user_attrs["g2.ray_trial_id"]: t.user_attrs for t in study.trials}
+    assert set(attrs) == set(trials.index)
+    for trial_id, row in trials.iterrows():
+        assert attrs[trial_id]["g2.mlflow_run_id"] == by_trial[trial_id].info.run_id
+        if row["status"] == "ok":
+            assert attrs[trial_id]["g2.training_key"] == row["training_key"]
+            assert attrs[trial_id]["g2.model"] == ("reused" if row["reused_checkpoint"] else "trained")
+
+    # Ray's side: trial directories named by their knobs, and Tune's own analysis reads every trial
+    experiment_dir = storage / "grid" / "ray" / "grid"
+    names = sorted(p.name for p in experiment_dir.iterdir() if p.is_dir())
+    assert len(names) == 6 and all(n.endswith(f"-g2-tau0.90-p0.20-r{own_rank[n.split('-')[0]]}-b32") for n in names), names
+    assert not any("model" in n or "store" in n or "clip" in n for n in names)
+    frame = tune.ExperimentAnalysis(str(experiment_dir)).dataframe()
+    assert sorted(frame["trial_id"]) == sorted(trials.index)
 
 
 def descendants(pid: int) -> list[psutil.Process]:

@@ -88,7 +88,7 @@ def test_parent_children_metrics_and_artifacts(store, tmp_path):
     assert len(run.data.params["space.g2.tau"]) == 6000 and run.data.params["space.g2.tau"].endswith("[truncated]")
     assert run.info.artifact_uri.startswith((store["dir"] / "mlartifacts").as_uri())
 
-    ok = t.trial_run_id("trial_00000", {"g2.tau": 0.5, "sweep.ranks": (0, 8), "_model_store": "/x"})
+    ok = t.trial_run_id("trial_00000", {"g2.tau": 0.5, "sweep.ranks": (0, 8), "_driver_only": "/x"})
     for epoch in (1, 2):
         report = epoch_report(epoch) if epoch == 1 else final_report(2)
         t.log_epoch("trial_00000", report, step=epoch)
@@ -187,3 +187,36 @@ def test_metric_names_and_values_are_made_valid():
     metrics = tracking.numeric_metrics({"val ppl": 1, "a/b": 2.0, "bad*name": 3, "flag": True, "text": "x",
                                         "nan": math.nan, "rows": [1], "none": None, "epoch": 4})
     assert set(metrics) == {"val ppl", "a/b", "bad_name", "nan"} and math.isnan(metrics["nan"])
+
+
+def test_the_experiment_is_model_training_and_runs_are_named_by_what_they_are(store):
+    t = tracker(store, "study-e")
+    client = store["client"]
+    experiment = client.get_experiment(t.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert t.runs_url("http://127.0.0.1:5000/") == f"http://127.0.0.1:5000/#/experiments/{t.experiment_id}/runs"
+    t.start({}, tags={})
+    g2 = {"g2.gate_mode": "g2", "g2.tau": 0.6312, "g2.p": 0.587, "compress.rank": 16, "compress.bits": 4,
+          "compress.paper": "none"}
+    trained = t.trial_run_id("trial_00000", g2)
+    reused = t.trial_run_id("trial_00001", {**g2, "g2.gate_mode": "lstm", "compress.rank": 0, "compress.bits": 32,
+                                            "compress.paper": "round_clip"})
+    unnamed = t.trial_run_id("trial_00002", {})
+    t.end_trial("trial_00000", "ok", final_report(2))
+    t.end_trial("trial_00001", "ok", {**final_report(2), "reused_checkpoint": True})
+    t.end_trial("trial_00001", "ok", {**final_report(2), "reused_checkpoint": True})   # said twice: named once
+
+    assert client.get_run(trained).info.run_name == "g2 τ=0.63 p=0.59 · r16 b4"
+    assert client.get_run(trained).data.tags["g2.model"] == "trained"
+    assert client.get_run(reused).info.run_name == "lstm · r0 b32 round_clip · reused"
+    assert client.get_run(reused).data.tags["g2.model"] == "reused"
+    assert client.get_run(reused).data.tags["g2.training_key"] == "abc"
+    assert client.get_run(unnamed).info.run_name == "trial_00002"
+    assert tracking.find_experiment_id(store["uri"], "no-such-experiment") is None
+    assert t.find_trial_run_id("trial_00001") == reused and t.find_trial_run_id("trial_00009") is None
+
+
+def test_an_experiment_made_before_the_kind_tag_gets_it(store):
+    store["client"].create_experiment("old-experiment")
+    t = StudyTracker(store["uri"], "old-experiment", "old", store["artifacts"])
+    assert store["client"].get_experiment(t.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"

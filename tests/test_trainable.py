@@ -54,17 +54,19 @@ def test_every_report_carries_every_objective(uninterrupted):
 def test_final_report_has_the_sweep_with_accounting(uninterrupted):
     _, final = uninterrupted
     rows = final["sweep"]
-    # SMOKE sweep: ranks [0, 8] x bits [32, 4] + round_clip, plus the trial's own rank 4
-    assert sorted((r["compress.rank"], r["compress.bits"], r["method"]) for r in rows) == sorted(
-        [(0, 32, "none"), (0, 4, "quant"), (8, 32, "svd"), (8, 4, "svd+quant"), (0, 32, "round_clip"),
-         (4, 32, "svd")])
+    # SMOKE sweep: ranks [0, 8] x bits [32, 4] + round_clip, plus the trial's own rank 4, each with the trial's own
+    # (soft) gates and with binary ones (a g2 model)
+    settings = [(0, 32, "none"), (0, 4, "quant"), (8, 32, "svd"), (8, 4, "svd+quant"), (0, 32, "round_clip"),
+                (4, 32, "svd")]
+    assert sorted((r["compress.rank"], r["compress.bits"], r["method"], r["g2.eval_gate"]) for r in rows) == sorted(
+        (*setting, gate) for setting in settings for gate in ("soft", "hard"))
     for r in rows:
         assert ACCOUNTING <= set(r) and {"val_metric", "test_metric", "val_ppl", "test_loss"} <= set(r)
         assert math.isfinite(r["val_metric"]) and math.isfinite(r["test_metric"])
-    plain = next(r for r in rows if r["method"] == "none")
+    plain = next(r for r in rows if r["method"] == "none" and r["g2.eval_gate"] == "soft")
     assert plain["gate_compression"] == 1.0 and plain["relative_error"] == 0.0
     own = [r for r in rows if r["is_trial_setting"]]
-    assert len(own) == 1 and own[0]["compress.rank"] == 4
+    assert len(own) == 1 and own[0]["compress.rank"] == 4 and own[0]["g2.eval_gate"] == "soft"
     assert final["compressed_val_metric"] == own[0]["val_metric"] and final["val_metric"] == plain["val_metric"]
 
 
@@ -155,7 +157,7 @@ def test_command_line_runs_one_trial(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "round_clip" in printed and "status ok" in printed
     final = json.loads((tmp_path / "final.json").read_text())
-    assert final["status"] == "ok" and len(final["sweep"]) == 5
+    assert final["status"] == "ok" and len(final["sweep"]) == 10   # 5 settings, soft and binary gates
     assert load_checkpoint(out / "checkpoint")["config"]["g2.tau"] == 0.5
 
 
@@ -184,7 +186,7 @@ def test_translation_trial_reports_bleu_and_its_sweep(tmp_path):
     assert {"val_bleu", "val_tok_bleu", "compressed_val_metric", "gate_l0_i_lt01"} <= set(rec.reports[0])
     # 4 recurrent G2LSTM modules (encoder forward/backward, decoder) all have statistics
     assert {f"gate_l{k}_f_gt09" for k in range(3)} <= set(rec.reports[0])
-    assert len(final["sweep"]) == 5 and all(ACCOUNTING <= set(r) for r in final["sweep"])
+    assert len(final["sweep"]) == 10 and all(ACCOUNTING <= set(r) for r in final["sweep"])   # soft and binary
     assert all(0.0 <= r["test_metric"] <= 100.0 for r in final["sweep"])
 
 
@@ -249,3 +251,27 @@ def test_each_epoch_reports_the_compressed_models_metric(tmp_path):
         assert metrics["val_metric"] == pytest.approx(plain, rel=1e-9)
         assert metrics["compressed_val_metric"] == pytest.approx(compressed, rel=1e-9)
         assert metrics["compressed_val_metric"] != pytest.approx(metrics["val_metric"], rel=1e-5)   # 2-bit gates
+
+
+EVALUATION_ONLY = {"lm.cache_window": 20, "lm.cache_lambda": 0.9, "lm.cache_theta": 0.2}
+
+
+@pytest.mark.parametrize("scoring", [EVALUATION_ONLY, {**EVALUATION_ONLY, "g2.eval_gate": "hard",
+                                                       "lm.eval_batch_size": 3, "train.max_eval_batches": 1}],
+                         ids=["cache", "every-evaluation-knob"])
+def test_evaluation_only_knobs_do_not_change_what_is_trained(tmp_path, scoring):
+    """A trial's best epoch and NT-ASGD's switch read a loss no scoring knob changes, so a model re-scored with other
+    scoring knobs is the one a fresh trial with them keeps: the same weights, the same best epoch, the same switch."""
+    knobs = {"train.epochs": 6, "train.max_batches": 6, "train.max_eval_batches": 0, "train.nonmono": 1,
+             "train.lr": 60.0, "sweep.ranks": (0,), "sweep.bits": (32,), "sweep.paper": (), "sweep.hard_gates": False}
+    kept = {}
+    for name, extra in (("plain", {}), ("scored", scoring)):
+        cfg = smoke_cfg(tmp_path, **{**knobs, **extra})
+        final = run_trial(cfg, tmp_path / name)
+        saved = load_checkpoint(tmp_path / name / "checkpoint")
+        kept[name] = (final["best_epoch"], saved["task"]["asgd"], saved["model"])
+    (plain_best, plain_asgd, plain_weights), (best, asgd, weights) = kept["plain"], kept["scored"]
+    assert (best, asgd) == (plain_best, plain_asgd)
+    assert plain_weights.keys() == weights.keys()
+    for key in weights:
+        assert torch.equal(weights[key], plain_weights[key]), key

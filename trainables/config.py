@@ -24,6 +24,11 @@ TARGETS = ("both", "recurrent", "input", "recurrent+context")
 FULL_PRECISION_BITS = 32
 
 
+# Bumped when the training loop changes what one set of knobs trains, so stored models of the old loop are not
+# reused as if the new one had trained them. 2: the best epoch and NT-ASGD read the plain validation loss.
+TRAINING_RECIPE = 2
+
+
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         allowed = ", ".join(repr(c) for c in choices)
@@ -60,6 +65,7 @@ class G2Config:
     p: float = 0.2              # probability that an i/f element gets logistic noise (authors' README: 0.2)
     sharpen_tau: float = 0.2    # fixed temperature of the paper's `sharpened` ablation, train and eval
     eval_gate: Literal["soft", "tempered", "hard"] = "soft"   # g2 gates at evaluation: σ(a), σ(a/τ), 1[a≥0]
+                                                              # (hard also binarises a sharpened model's gates)
 
     def __post_init__(self):
         check_choice("g2.gate_mode", self.gate_mode, GATE_MODES)
@@ -124,6 +130,7 @@ class SweepConfig:
     ranks: tuple[int, ...] = (0, 16, 32, 64, 128)
     bits: tuple[int, ...] = (32, 8, 4, 2, 1)
     paper: tuple[str, ...] = ("round", "round_clip")
+    hard_gates: bool = True    # also score g2 and sharpened models with binary i/f gates (g2.eval_gate = hard)
 
     def __post_init__(self):
         for r in self.ranks:
@@ -345,7 +352,7 @@ class TrialConfig:
         Compression, the sweep and evaluation-only fields are left out, so a trial that differs from an
         earlier one only in those re-scores the earlier model instead of training again.
         """
-        knobs = {"task": self.task, "seed": self.seed}
+        knobs = {"task": self.task, "seed": self.seed, "recipe": TRAINING_RECIPE}
         for section in ("g2", "lm" if self.task == "lm" else "nmt", "train", "data"):
             for f in fields(SECTIONS[section]):
                 if not f.metadata.get("eval_only") and not (section == "g2" and f.name == "eval_gate"):

@@ -13,8 +13,10 @@ or the fused Triton path (`trainables/g2lstm_kernels.py`). The i/f gate maths al
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -198,6 +200,21 @@ class G2LSTM(nn.Module):
         return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, g2={self.g2}, "
                 f"dropout={self.dropout}, weight_drop={self.weight_drop}, impl={self.impl!r}, "
                 f"precision={self.precision!r}")
+
+
+@contextlib.contextmanager
+def evaluation_gates(model: nn.Module, eval_gate: str) -> Iterator[nn.Module]:
+    """`model` with every G2LSTM's `g2.eval_gate` set to `eval_gate` inside the block: the sweep scores binary gates
+    of a model trained with soft ones, and training decisions read soft gates whatever the trial evaluates with."""
+    layers = [m for m in model.modules() if isinstance(m, G2LSTM)]
+    saved = [m.g2 for m in layers]
+    for m in layers:
+        m.g2 = replace(m.g2, eval_gate=eval_gate)
+    try:
+        yield model
+    finally:
+        for m, g2 in zip(layers, saved):
+            m.g2 = g2
 
 
 class GateStatistics:

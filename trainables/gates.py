@@ -38,6 +38,8 @@ class GateMath:
     def of(cls, g2: G2Config, training: bool) -> GateMath:
         if g2.gate_mode == "lstm":
             return cls()
+        if not training and g2.eval_gate == "hard":   # binary gates at inference, for g2 and sharpened models
+            return cls(hard=True)
         if g2.gate_mode == "sharpened":
             return cls(scale=1.0 / g2.sharpen_tau)
         if training:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from trainables.config import G2Config, LMConfig, TrialConfig
 from trainables.corpora import find_corpus
-from trainables.g2lstm import G2LSTM, GateStatistics
+from trainables.g2lstm import G2LSTM, GateStatistics, evaluation_gates
 from trainables.graphs import WindowGraphs
 from trainables.lm_data import batchify, lm_batch, load_lm_corpus
 from trainables.regularize import (
@@ -37,6 +37,7 @@ from trainables.toy import generate_once, toy_grammar_corpus
 log = logging.getLogger(__name__)
 State = list[tuple[Tensor, Tensor]]     # per layer (h, c), each (1, B, H_k)
 GATE_BATCHES = 8                        # validation windows scored for gate statistics
+SELECTION_BATCH_SIZE = 10               # columns of the validation stream training decisions read (AWD's eval size)
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,7 @@ class LMTask(Task):
                      "test": batchify(corpus.test, cfg.lm.test_batch_size).to(device)}
         self.model = RNNLM(cfg.lm, cfg.g2, self.vocab_size, impl=cfg.train.impl,
                            precision=cfg.train.precision).to(device)
+        self.corpus_valid, self.selection_data = corpus.valid, None   # batchified for `selection_loss` if needed
         self.graphs = self._window_graphs()
         self.trigger = NonMonotoneTrigger(cfg.train.nonmono)
         self.optimizer = self._make_optimizer(asgd=False)
@@ -258,10 +260,10 @@ class LMTask(Task):
                     q.copy_(ax)
         return averaged
 
-    def end_epoch(self, val: dict[str, float]) -> None:
-        """NT-ASGD: switch to averaged SGD when validation stops improving."""
+    def end_epoch(self, selection_loss: float) -> None:
+        """NT-ASGD: switch to averaged SGD when the validation loss stops improving."""
         t = self.cfg.train
-        if t.optimizer == "sgd" and t.nt_asgd and self.trigger.update(val["loss"]) and not self.averaging:
+        if t.optimizer == "sgd" and t.nt_asgd and self.trigger.update(selection_loss) and not self.averaging:
             log.info("non-monotone trigger: switching to ASGD")
             self.optimizer = self._make_optimizer(asgd=True)
 
@@ -269,12 +271,26 @@ class LMTask(Task):
         """AWD's fine-tune stage restarts averaged SGD from the best weights."""
         self.optimizer = self._make_optimizer(asgd=True)
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
         """Perplexity on a split (with the cache pointer when `lm.cache_window` > 0)."""
+        loss = self._nll(model, self.data[split], self.cfg.lm.cache_window, self.cfg.train.max_eval_batches)
+        return {"loss": loss, "ppl": math.exp(min(loss, 50))}
+
+    def selection_loss(self, model: nn.Module, val: dict[str, float]) -> float:
+        cfg = self.cfg
+        if (cfg.g2.eval_gate, cfg.lm.cache_window, cfg.train.max_eval_batches, cfg.lm.eval_batch_size) == \
+                ("soft", 0, 0, SELECTION_BATCH_SIZE):
+            return val["loss"]
+        if self.selection_data is None:
+            self.selection_data = batchify(self.corpus_valid, SELECTION_BATCH_SIZE).to(self.device)
+        with evaluation_gates(model, "soft"):
+            return self._nll(model, self.selection_data, cache_window=0, max_batches=0)
+
+    @torch.no_grad()
+    def _nll(self, model: nn.Module, source: Tensor, cache_window: int, max_batches: int) -> float:
+        """Mean next-token NLL over `source` (T, B) in eval mode, mixed with the cache pointer if `cache_window`."""
         cfg = self.cfg
         model.eval()
-        source = self.data[split]
         state = model.init_state(source.shape[1])
         memory = None
         total_nll, total_tokens, batches = 0.0, 0, 0
@@ -282,8 +298,8 @@ class LMTask(Task):
             x, y = lm_batch(source, i, cfg.lm.bptt)
             out = model(x, state)
             state = out.state
-            if cfg.lm.cache_window:
-                logp, memory = cache_pointer_logprobs(out.logits, out.raw_output, y, memory, cfg.lm.cache_window,
+            if cache_window:
+                logp, memory = cache_pointer_logprobs(out.logits, out.raw_output, y, memory, cache_window,
                                                       cfg.lm.cache_theta, cfg.lm.cache_lambda)
                 nll = -logp.sum()
             else:
@@ -291,10 +307,9 @@ class LMTask(Task):
             total_nll += nll.item()
             total_tokens += y.numel()
             batches += 1
-            if cfg.train.max_eval_batches and batches >= cfg.train.max_eval_batches:
+            if max_batches and batches >= max_batches:
                 break
-        loss = total_nll / total_tokens
-        return {"loss": loss, "ppl": math.exp(min(loss, 50))}
+        return total_nll / total_tokens
 
     @torch.no_grad()
     def gate_statistics(self, model: nn.Module) -> GateStatistics:

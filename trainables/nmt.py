@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from trainables.config import TrialConfig
 from trainables.corpora import cache_root, find_corpus
 from trainables.decoding import evaluating, translate
-from trainables.g2lstm import GateStatistics
+from trainables.g2lstm import GateStatistics, evaluation_gates
 from trainables.parallel_data import ParallelData, Seq2SeqBatch, load_parallel_data, make_batches, spread
 from trainables.seq2seq import Seq2Seq
 from trainables.task import Task, make_optimizer
@@ -46,6 +46,17 @@ def bleu_scores(hypotheses: list[str], references: list[str]) -> dict:
     tok = sacrebleu.metrics.BLEU(lowercase=True, tokenize="13a")
     return {"bleu": bleu.corpus_score(hypotheses, [references]).score, "bleu_signature": str(bleu.get_signature()),
             "tok_bleu": tok.corpus_score(hypotheses, [references]).score}
+
+
+def teacher_forced_loss(model: nn.Module, batches: list[Seq2SeqBatch]) -> float:
+    """Mean token NLL of the references given the previous reference tokens, in eval mode."""
+    nll_sum, tokens = 0.0, 0
+    with evaluating(model):
+        for batch in batches:
+            logits = model(batch.src, batch.src_mask, batch.tgt_in)
+            nll_sum += sequence_loss(logits, batch.tgt_out, batch.tgt_mask)[1].item()
+            tokens += batch.num_tgt_tokens
+    return nll_sum / max(tokens, 1)
 
 
 class NMTTask(Task):
@@ -103,20 +114,23 @@ class NMTTask(Task):
         if split not in self.eval_batches:
             raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
         batches = spread(self.eval_batches[split], self.cfg.train.max_eval_batches)
-        nll_sum, tokens = 0.0, 0
-        with evaluating(model):
-            for batch in batches:
-                logits = model(batch.src, batch.src_mask, batch.tgt_in)
-                nll_sum += sequence_loss(logits, batch.tgt_out, batch.tgt_mask)[1].item()
-                tokens += batch.num_tgt_tokens
+        loss = teacher_forced_loss(model, batches)
         nmt = self.cfg.nmt
         hyps = translate(model, batches, self.data.sp, nmt.beam_size, length_penalty=nmt.length_penalty,
                          max_len_ratio=nmt.max_decode_ratio)
         covered = sorted(i for batch in batches for i in batch.index.tolist())
         refs = [self.data.text[split][i][1] for i in covered]
         scores = bleu_scores(hyps, refs)
-        log.info("%s: loss %.4f, %s", split, nll_sum / max(tokens, 1), scores["bleu_signature"])
-        return {"loss": nll_sum / max(tokens, 1), "bleu": scores["bleu"], "tok_bleu": scores["tok_bleu"]}
+        log.info("%s: loss %.4f, %s", split, loss, scores["bleu_signature"])
+        return {"loss": loss, "bleu": scores["bleu"], "tok_bleu": scores["tok_bleu"]}
+
+    def selection_loss(self, model: nn.Module, val: dict[str, float]) -> float:
+        """Teacher-forced token NLL, not BLEU: beam size and length penalty are scoring knobs (fairseq too keeps the
+        checkpoint of the best validation loss)."""
+        if self.cfg.train.max_eval_batches == 0 and self.cfg.g2.eval_gate == "soft":
+            return val["loss"]
+        with evaluation_gates(model, "soft"):
+            return teacher_forced_loss(model, self.eval_batches["valid"])
 
     def gate_statistics(self, model: nn.Module) -> GateStatistics:
         """i/f gates of every recurrent layer (`recurrent_layer_names` order), teacher-forced, eval mode,

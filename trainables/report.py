@@ -120,6 +120,7 @@ class Accounting:
 
 
 ACCOUNTING = tuple(f.name for f in fields(Accounting))
+EVAL_GATE = "g2.eval_gate"   # a knob, set per sweep row like compress.*: the row's gates at inference
 GATE_BITS, MODEL_BITS, GATE_COMPRESSION, MODEL_COMPRESSION = "gate_bits", "model_bits", "gate_compression", \
     "model_compression"   # the size objectives, the axes of fronts
 assert {GATE_BITS, MODEL_BITS, GATE_COMPRESSION, MODEL_COMPRESSION} <= set(ACCOUNTING)
@@ -138,7 +139,8 @@ class SweepRow:
     bits: int
     paper: str
     method: str                # none, svd, quant, svd+quant, round, round_clip
-    is_trial_setting: bool     # the trial's own `compress.*`, the setting its objectives name
+    eval_gate: str             # the g2.eval_gate it was scored with: the trial's own, or hard (binary i/f gates)
+    is_trial_setting: bool     # the trial's own `compress.*` and `g2.eval_gate`, the setting its objectives name
     accounting: Accounting
     scores: dict[str, float]   # val_loss, val_metric, test_metric, ... (task-specific names besides)
 
@@ -152,14 +154,15 @@ class SweepRow:
 
     def to_dict(self) -> dict[str, Any]:
         return {"compress.rank": self.rank, "compress.bits": self.bits, "compress.paper": self.paper,
-                "method": self.method, "is_trial_setting": self.is_trial_setting, **asdict(self.accounting),
+                EVAL_GATE: self.eval_gate, "method": self.method, "is_trial_setting": self.is_trial_setting,
+                **asdict(self.accounting),
                 **self.scores}
 
     @classmethod
     def from_dict(cls, row: Mapping[str, Any]) -> SweepRow:
-        setting = ("compress.rank", "compress.bits", "compress.paper", "method", "is_trial_setting")
+        setting = ("compress.rank", "compress.bits", "compress.paper", EVAL_GATE, "method", "is_trial_setting")
         return cls(rank=row["compress.rank"], bits=row["compress.bits"], paper=row["compress.paper"],
-                   method=row["method"], is_trial_setting=row["is_trial_setting"],
+                   eval_gate=row.get(EVAL_GATE, "soft"), method=row["method"], is_trial_setting=row["is_trial_setting"],
                    accounting=Accounting(**{k: row[k] for k in ACCOUNTING}),
                    scores={k: v for k, v in row.items() if k not in setting and k not in ACCOUNTING})
 
@@ -233,7 +236,9 @@ class EpochReport:
         return next(row for row in self.sweep or () if row.is_trial_setting)
 
     def uncompressed(self) -> SweepRow:
-        return next(row for row in self.sweep or () if row.method == "none")
+        """The uncompressed model's row, with the trial's own evaluation gates."""
+        own_gate = self.own_setting().eval_gate
+        return next(row for row in self.sweep or () if row.method == "none" and row.eval_gate == own_gate)
 
 
 CURVE_FIELDS = ("epoch", VAL_METRIC, COMPRESSED_VAL_METRIC, "epoch_time_s", "train_time_s")   # per-epoch curves keep

@@ -84,6 +84,25 @@ class ModelStore:
         (self.root / key / DIVERGED_FILE).unlink(missing_ok=True)   # another run of these knobs diverged: not this one
         self._release(key)
 
+    def is_training(self, key: str) -> bool:
+        """Whether some process holds `key`'s lock now, i.e. trains those knobs (a probe for the study's console).
+
+        A shared lock taken and dropped at once: a trainer that asks for the lock in that instant waits for it
+        (`training` blocks), it is not refused. False where the filesystem has no locks.
+        """
+        path = self.root / f"{key}.lock"
+        if not path.exists():
+            return False
+        with open(path, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            return False
+
     @contextmanager
     def training(self, key: str) -> Iterator[dict[str, Any] | None]:
         """Hold `key`'s lock for the body (or until `publish`); yields the stored meta, if there is a model by the

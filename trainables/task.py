@@ -49,7 +49,17 @@ class Task:
         """The weights to score after an epoch (AWD's averaged SGD scores the running average)."""
         return self.model
 
-    def end_epoch(self, val: dict[str, float]) -> None:
+    def selection_loss(self, model: nn.Module, val: dict[str, float]) -> float:
+        """The validation loss training decisions read (the best epoch, NT-ASGD's switch): `model` uncompressed,
+        teacher-forced on the whole validation split with soft gates, no cache pointer, at a fixed batch size.
+
+        No evaluation-only knob (`lm.cache_*`, `g2.eval_gate`, `lm.eval_batch_size`, `train.max_eval_batches`,
+        `nmt.beam_size`, ...) changes it, so a model re-scored under other such knobs is the one a fresh trial with
+        them would have kept. `val` is `evaluate(model, "valid")`, reused where it measured exactly this.
+        """
+        raise NotImplementedError
+
+    def end_epoch(self, selection_loss: float) -> None:
         """Hook after validation (the LM's non-monotone ASGD switch)."""
 
     def start_finetune(self) -> None:
@@ -61,7 +71,3 @@ class Task:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore `state_dict()`; called before the optimiser state is loaded."""
-
-    def better(self, a: float, b: float | None) -> bool:
-        """Is validation metric `a` better than `b` (None: nothing yet)?"""
-        return b is None or (a > b if self.higher_is_better else a < b)

@@ -31,12 +31,14 @@ from trainables.compress import compress_model
 from trainables.config import SMOKE, TrialConfig, parse_override
 from trainables.corpora import cache_root
 from trainables.device import rng_state, set_rng_state, trial_device, use_ieee_fp32
+from trainables.g2lstm import evaluation_gates
 from trainables.lm import LMTask
 from trainables.nmt import NMTTask
 from trainables.presets import DEFAULT_PRESETS
 from trainables.report import (
     COMPRESSED_VAL_METRIC,
     DIVERGED,
+    EVAL_GATE,
     OK,
     TEST_METRIC,
     VAL_METRIC,
@@ -56,18 +58,28 @@ def make_task(cfg: TrialConfig, device: torch.device) -> Task:
     return task(cfg, device, cache_root(cfg.data.cache_dir))
 
 
+def sweep_gates(cfg: TrialConfig) -> list[str]:
+    """The evaluation gates the sweep scores: the trial's own, and binary ones for g2 and sharpened models."""
+    hard = cfg.sweep.hard_gates and cfg.g2.gate_mode != "lstm"
+    return list(dict.fromkeys([cfg.g2.eval_gate, *(["hard"] if hard else [])]))
+
+
 def sweep_rows(task: Task, model: torch.nn.Module, cfg: TrialConfig) -> list[SweepRow]:
-    """Score compressed copies of `model` on validation and test for every setting of the sweep."""
+    """Score compressed copies of `model` on validation and test for every setting of the sweep, under every
+    evaluation gate of `sweep_gates` (hard 0/1 i/f gates show how far "binary-valued" carries)."""
     settings = cfg.sweep.settings(cfg.compress)
     if cfg.compress not in settings:
         settings.append(cfg.compress)
     rows = []
     for setting in settings:
         compressed, accounting = compress_model(model, setting)
-        scores = {k: v for split, prefix in (("valid", "val"), ("test", "test"))
-                  for k, v in scored(prefix, task.evaluate(compressed, split), task.metric).items()}
-        rows.append(SweepRow(rank=setting.rank, bits=setting.bits, paper=setting.paper, method=setting.method,
-                             is_trial_setting=setting == cfg.compress, accounting=accounting, scores=scores))
+        for eval_gate in sweep_gates(cfg):
+            with evaluation_gates(compressed, eval_gate):
+                scores = {k: v for split, prefix in (("valid", "val"), ("test", "test"))
+                          for k, v in scored(prefix, task.evaluate(compressed, split), task.metric).items()}
+            own = setting == cfg.compress and eval_gate == cfg.g2.eval_gate
+            rows.append(SweepRow(rank=setting.rank, bits=setting.bits, paper=setting.paper, method=setting.method,
+                                 eval_gate=eval_gate, is_trial_setting=own, accounting=accounting, scores=scores))
     return rows
 
 
@@ -87,7 +99,7 @@ class LoopState:
 
     epoch: int = 0
     best_epoch: int = 0
-    best_metric: float | None = None
+    best_loss: float | None = None          # the best epoch's `Task.selection_loss`
     train_time_s: float = 0.0
     final: dict[str, Any] | None = None     # the last report, once made: a re-entered trial says it again
 
@@ -194,10 +206,11 @@ def _train_epoch(cfg: TrialConfig, task: Task, ckpt_dir: Path, base: EpochReport
     compressed, accounting = compress_model(model, cfg.compress)
     compressed_val = val if cfg.compress.is_identity else task.evaluate(compressed, "valid")
     gate_stats = task.gate_statistics(model)
-    task.end_epoch(val)
-    if task.better(val[task.metric], loop.best_metric):
+    selection_loss = task.selection_loss(model, val)   # not `val`: evaluation-only knobs must not steer training
+    task.end_epoch(selection_loss)
+    if loop.best_loss is None or selection_loss < loop.best_loss:
         save_model(ckpt_dir / BEST_MODEL_FILE, model, cfg.to_flat())
-        loop.best_metric, loop.best_epoch = val[task.metric], epoch
+        loop.best_loss, loop.best_epoch = selection_loss, epoch
     loop.epoch = epoch
     loop.train_time_s += time.perf_counter() - start
     val_scores = scored("val", val, task.metric)
@@ -275,9 +288,10 @@ def print_progress(bar) -> Reporter:
 
 def print_sweep(metrics: dict[str, Any]) -> None:
     name = metrics["metric_name"]
-    print(f"\n{'method':<11}{'rank':>5}{'bits':>5}{'gate ×':>8}{'model ×':>9}{'val ' + name:>11}{'test ' + name:>11}")
+    print(f"\n{'method':<11}{'gates':<6}{'rank':>5}{'bits':>5}{'gate ×':>8}{'model ×':>9}{'val ' + name:>11}"
+          f"{'test ' + name:>11}")
     for r in metrics["sweep"]:
-        print(f"{r['method']:<11}{r['compress.rank']:>5}{r['compress.bits']:>5}{r['gate_compression']:>8.1f}"
+        print(f"{r['method']:<11}{r[EVAL_GATE]:<6}{r['compress.rank']:>5}{r['compress.bits']:>5}{r['gate_compression']:>8.1f}"
               f"{r['model_compression']:>9.2f}{r[VAL_METRIC]:>11.2f}{r[TEST_METRIC]:>11.2f}")
 
 

@@ -1,0 +1,257 @@
+"""`g2-study status NAME`: where a study stands, read from its directory alone (no Ray, no MLflow).
+
+It works while a driver runs the study, after it finished and after a driver was killed, from what the study
+directory (`study.paths`) holds:
+
+    study.json   the experiments run for the study and how many trials each asked for (the total)
+    results/     the finished trials (`study.results`): ok (reused when it re-scored a stored model), pruned,
+                 diverged, error, and the front so far
+    progress/    what the driver last heard of each trial it started (`study.progress`): its plan, epoch k/N,
+                 last validation metric and pace
+    driver.json  the driver running it, if any (`study.claim`): a trial still `running` in its progress file
+                 with no live driver was stopped there (`g2-study resume` continues it from its last checkpoint)
+
+A trial not yet asked for has no id: those are counted as pending.
+"""
+from __future__ import annotations
+
+import json
+import math
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from study import results
+from study.claim import CLAIM_FILE, DriverInfo
+from study.config import StudyConfig
+from study.paths import StudyPaths, read_state
+from study.progress import (
+    RESCORES,
+    WAITS,
+    TrialProgress,
+    describe_plan,
+    describe_trial,
+    format_duration,
+    read_progress,
+    study_eta,
+)
+from study.report import SHOWN, format_front, study_front
+from trainables.report import OK, RUNNING, VAL_METRIC
+
+PENDING, STOPPED, REUSED = "pending", "stopped", "reused"   # states a results row does not name
+
+
+@dataclass
+class TrialStatus:
+    """One trial as `status` shows it."""
+
+    trial_id: str
+    state: str                   # running, stopped, ok, reused, pruned, diverged, error
+    knobs: str
+    epoch: int | None = None
+    epochs: int | None = None
+    plan: str | None = None      # trains, re-scores, waits (study.progress)
+    waits_for: str | None = None
+    metric_name: str = ""
+    val_metric: float | None = None   # running: the last epoch's (uncompressed); ended: its own setting's row
+    eta_s: float | None = None
+    error: str | None = None
+
+    def detail(self) -> str:
+        said = []
+        if self.state in (RUNNING, STOPPED):
+            said.append(f"epoch {self.epoch or 0}/{self.epochs or '?'}")
+            if self.plan in (RESCORES, WAITS):
+                said.append(describe_plan(self.plan, self.waits_for))
+        if self.val_metric is not None:
+            said.append(f"val {self.metric_name or 'metric'} {self.val_metric:.2f}")
+        if self.state == RUNNING and self.eta_s is not None:
+            said.append(f"ETA {format_duration(self.eta_s)}")
+        if self.error:
+            said.append(self.error)
+        return ", ".join(said)
+
+
+@dataclass
+class StudyStatus:
+    name: str
+    root: Path
+    state: str                   # running, finished, stopped (resume it), or pending (nothing started yet)
+    driver: str | None           # "pid P on host H since T" of the driver running it
+    total: int
+    pending: int
+    trials: list[TrialStatus] = field(default_factory=list)
+    front: pd.DataFrame = field(default_factory=pd.DataFrame)
+    metric_name: str = "metric"
+    elapsed_s: float | None = None
+    eta_s: float | None = None
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for trial in self.trials:
+            out[trial.state] = out.get(trial.state, 0) + 1
+        return dict(sorted(out.items())) | ({PENDING: self.pending} if self.pending else {})
+
+    def to_json(self) -> dict[str, Any]:
+        front = json.loads(self.front.to_json(orient="records", date_format="iso")) if len(self.front) else []
+        return {"study": self.name, "directory": str(self.root), "state": self.state, "driver": self.driver,
+                "total": self.total, "counts": self.counts(), "pending": self.pending,
+                "elapsed_s": self.elapsed_s, "eta_s": self.eta_s, "metric_name": self.metric_name,
+                "trials": [_plain(asdict(t)) for t in self.trials], "front": front}
+
+    def to_table(self) -> str:
+        counts = ", ".join(f"{k} {v}" for k, v in self.counts().items()) or "no trial yet"
+        lines = [f"study {self.name} ({self.root}): {self.state}"
+                 + (f", driver {self.driver}" if self.driver else ""),
+                 f"{self.total} trial(s): {counts} | time used {format_duration(self.elapsed_s)}"
+                 + (f", ETA {format_duration(self.eta_s)}" if self.state == RUNNING else "")]
+        if self.state == STOPPED:
+            lines.append(f"  no driver runs it: continue with `g2-study resume {self.name} --storage "
+                         f"{self.root.parent}`")
+        if self.trials:
+            rows = [("trial", "state", "knobs", "detail")] + [(t.trial_id, t.state, t.knobs, t.detail())
+                                                               for t in self.trials]
+            widths = [max(len(row[i]) for row in rows) for i in range(3)]
+            lines += [""] + ["  ".join([*(cell.ljust(w) for cell, w in zip(row, widths)), row[3]]).rstrip()
+                             for row in rows]
+        if self.pending:
+            lines.append(f"  … and {self.pending} pending trial(s), not asked for yet")
+        lines += ["", f"Pareto front so far ({len(self.front)} point(s)):"]
+        lines.append(format_front(readable_floats(self.front), self.metric_name))
+        return "\n".join(lines)
+
+
+def _plain(values: dict[str, Any]) -> dict[str, Any]:
+    """JSON has no NaN: None instead."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in values.items()}
+
+
+def driver_alive(info: DriverInfo) -> bool:
+    """Whether the driver named in driver.json still runs: on this host by its pid and start time; a driver on
+    another host cannot be checked from here and counts as alive (its claim stands until a takeover)."""
+    if info.host != socket.gethostname():
+        return True
+    import psutil
+
+    try:
+        created = psutil.Process(info.pid).create_time()
+    except psutil.Error:
+        return False
+    try:
+        started = datetime.fromisoformat(info.started).timestamp()
+    except ValueError:
+        return True
+    return created <= started + 2.0   # a pid reused by a later process started after the driver did
+
+
+def study_status(storage: str, name: str, *, now: float | None = None) -> StudyStatus:
+    """Where study `name` in `storage` stands (raises StudyStateError when there is no study there)."""
+    paths = StudyPaths.named(storage, name)
+    state = read_state(paths)
+    cfg = StudyConfig.from_json(state.config)
+    now = time.time() if now is None else now
+    info = DriverInfo.read(paths.root / CLAIM_FILE)
+    alive = info is not None and driver_alive(info)
+    df = results.load(str(paths.root))
+    progress = read_progress(paths.root)
+
+    trials = _finished_trials(df, progress)
+    done = {t.trial_id for t in trials}
+    for p in progress.values():
+        if p.trial_id in done or p.state != RUNNING:
+            continue   # an end without a results file: the driver died between the two; resume records it
+        trials.append(TrialStatus(p.trial_id, RUNNING if alive else STOPPED, p.knobs, p.epoch, p.epochs, p.plan,
+                                  p.waits_for, p.metric_name, p.val_metric, p.eta_s() if alive else None))
+    trials.sort(key=lambda t: t.trial_id)
+    total = sum(int(e["num_samples"]) for e in state.experiments)
+    pending = max(total - len(trials), 0)
+    finished = bool(state.experiments) and all(e["finished"] for e in state.experiments)
+    state_word = RUNNING if alive else "finished" if finished else STOPPED if trials else PENDING
+
+    starts = [p.started for p in progress.values() if p.started] + _started_from_results(df)
+    last = max([p.updated for p in progress.values()] + _ended_from_results(df), default=None)
+    first = min(starts, default=None)
+    elapsed = None if first is None else (now if alive else (last or first)) - first
+    running = [p.fraction() for t in trials if t.state == RUNNING for p in [progress[t.trial_id]]]
+    eta = study_eta(elapsed, total, len(done), running) if alive and elapsed else None
+    front = study_front(df, cfg)
+    front = front[[c for c in SHOWN if c in front.columns]] if len(front) else front
+    metric = str(df["metric_name"].dropna().iloc[0]) if len(df) and df["metric_name"].notna().any() else "metric"
+    return StudyStatus(name, paths.root, state_word, info.describe() if alive else None, total, pending, trials,
+                       front.reset_index(drop=True), metric, elapsed, eta)
+
+
+def _finished_trials(df: pd.DataFrame, progress: dict[str, TrialProgress]) -> list[TrialStatus]:
+    """One TrialStatus per trial in the results, at its own compression setting's row."""
+    if df.empty:
+        return []
+    own = df[df["is_trial_setting"].fillna(True).astype(bool)].drop_duplicates("trial_id")
+    out = []
+    for row in own.to_dict("records"):
+        status = str(row["status"])
+        reused = status == OK and row.get("reused_checkpoint") is True
+        said = progress.get(row["trial_id"])
+        metric = row.get(VAL_METRIC)
+        out.append(TrialStatus(
+            row["trial_id"], REUSED if reused else status, describe_trial(_plain_row(row)),
+            epoch=_int(row.get("epoch")), epochs=said.epochs if said else None, plan=said.plan if said else None,
+            metric_name=str(row.get("metric_name") or ""), error=_str(row.get("error")),
+            val_metric=float(metric) if metric is not None and not pd.isna(metric) else None))
+    return out
+
+
+def _plain_row(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: None if v is pd.NA else v for k, v in row.items()}
+
+
+def _int(value: Any) -> int | None:
+    return None if value is None or pd.isna(value) else int(value)
+
+
+def _str(value: Any) -> str | None:
+    return None if value is None or pd.isna(value) else str(value)
+
+
+def _ended_from_results(df: pd.DataFrame) -> list[float]:
+    return [t.timestamp() for t in df["finished_at"].dropna()] if len(df) else []
+
+
+def _started_from_results(df: pd.DataFrame) -> list[float]:
+    """When finished trials started, where no progress file says: their end less their training time."""
+    if df.empty:
+        return []
+    rows = df.drop_duplicates("trial_id")
+    wall = rows["wall_time_s"].astype("float64").fillna(0.0)
+    return [end.timestamp() - w for end, w in zip(rows["finished_at"], wall) if not pd.isna(end)]
+
+
+# --------------------------------------------------------------------------- tables people read
+
+def readable_floats(df: pd.DataFrame, *, significant: int = 3, most: int = 8) -> pd.DataFrame:
+    """A copy with every float column as fixed-point text, with the fewest decimals that keep `significant`
+    digits of its smallest value and tell its distinct values apart (1567.81 and 1568.24 are not both "1568")."""
+    out = df.copy()
+    for name in out.columns:
+        if not pd.api.types.is_float_dtype(out[name]):
+            continue
+        values = out[name].to_numpy(dtype="float64", na_value=np.nan)
+        finite = np.unique(values[np.isfinite(values)])
+        decimals = _decimals(finite, significant, most)
+        out[name] = ["" if np.isnan(v) else f"{v:.{decimals}f}" if np.isfinite(v) else str(v) for v in values]
+    return out
+
+
+def _decimals(values: np.ndarray, significant: int, most: int) -> int:
+    nonzero = np.abs(values[values != 0])
+    if len(nonzero) == 0:
+        return 0
+    decimals = min(max(significant - 1 - int(np.floor(np.log10(nonzero.min()))), 0), most)
+    while decimals < most and len(np.unique(np.round(values, decimals))) < len(values):
+        decimals += 1
+    return decimals
