@@ -17,7 +17,7 @@ import pandas as pd
 
 from analysis.paper import GATE_MODES, METRIC_NAME, SETTINGS, compare_saturation, compare_with_paper
 from analysis.pareto import SAME_MODEL, matches, ok_rows
-from trainables.report import EVAL_GATE, GATES, HIGH, LOW, TEST_METRIC, gate_column
+from trainables.report import EVAL_GATE, GATES, HIGH, LOW, METHOD, STATUS, TEST_METRIC, TRIAL_ID, gate_column
 
 BITS = (4, 2)   # the columns beyond the paper's: uniform quantisation of the full-rank i/f blocks
 COLUMN_TITLES = {"original": "original", "round": "round", "round_clip": "round & clip", "svd_big": "SVD {rank}",
@@ -38,7 +38,7 @@ def _gates(df: pd.DataFrame, eval_gate: str) -> pd.DataFrame:
 def bits_table(df: pd.DataFrame, eval_gate: str = "soft", metric: str = TEST_METRIC) -> pd.DataFrame:
     """Mean and spread over seeds of `metric` at full rank and `BITS` bits, per gate mode."""
     ours = _gates(_models(df), eval_gate)
-    quant = ours[matches(ours["method"], "quant")]
+    quant = ours[matches(ours[METHOD], "quant")]
     rows = []
     for (mode, bits), group in quant.groupby([quant["g2.gate_mode"].astype(object), quant["compress.bits"]]):
         if bits in BITS:
@@ -104,7 +104,7 @@ def loss_markdown(df: pd.DataFrame, task: str, eval_gate: str = "soft") -> str:
 def saturation_markdown(df: pd.DataFrame, task: str) -> str:
     """Percent of i/f gate values < 0.1 and > 0.9 per gate mode and layer (mean over trials); NMT with the paper's
     Fig. 3 (decoder layer 1) beside ours."""
-    ours = ok_rows(df).drop_duplicates("trial_id")
+    ours = ok_rows(df).drop_duplicates(TRIAL_ID)
     if task == "nmt":
         table = compare_saturation(ours)
         lines = ["| gate mode | gate | < 0.1 ours (paper) | > 0.9 ours (paper) | trials |", "|---|---|---|---|---|"]
@@ -130,7 +130,7 @@ def _percent(fraction: float) -> str:
 def report(df: pd.DataFrame, title: str) -> str:
     """The markdown of one study's results (`study.results.load`): its task's tables under `title`."""
     task = str(df["task"].dropna().iloc[0])
-    statuses = df.drop_duplicates("trial_id")["status"].value_counts().to_dict()
+    statuses = df.drop_duplicates(TRIAL_ID)[STATUS].value_counts().to_dict()
     parts = [f"## {title} ({task}; trials: {', '.join(f'{n} {s}' for s, n in statuses.items())})",
              "### Compression, the paper's layout (soft gates, as the paper)", compression_markdown(df, task),
              "### The same with binary i/f gates at inference (g2 and sharpened; lstm as above)",

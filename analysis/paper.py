@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.pareto import matches, ok_rows
-from trainables.report import HIGH, LOW, TEST_METRIC, gate_column
+from trainables.report import HIGH, LOW, METHOD, TEST_METRIC, TRIAL_ID, gate_column
 
 GATE_MODES = ("lstm", "sharpened", "g2")  # lstm = the paper's baseline
 SETTINGS = ("original", "round", "round_clip", "svd_big", "svd_small")
@@ -96,7 +96,7 @@ def _svd_ranks(svd: pd.DataFrame, paper_ranks: tuple[int, int]) -> tuple[int | N
 
 def _setting_rows(df: pd.DataFrame, task: str) -> dict[str, tuple[pd.DataFrame, int]]:
     """Our rows for each of the paper's settings, with the SVD rank used (0 where none)."""
-    method = df["method"]
+    method = df[METHOD]
     full_precision = matches(df["compress.bits"], FULL_PRECISION_BITS) if "compress.bits" in df else True
     svd = df[matches(method, "svd") & full_precision]
     big, small = _svd_ranks(svd, _COMPRESSION[task]["ranks"])
@@ -130,7 +130,7 @@ def compare_with_paper(
     """
     if task not in _COMPRESSION:
         raise ValueError(f"task must be one of {sorted(_COMPRESSION)}, got {task!r}")
-    for col in ("task", "g2.gate_mode", "method", "compress.rank", metric):
+    for col in ("task", "g2.gate_mode", METHOD, "compress.rank", metric):
         if col not in df.columns:
             raise ValueError(f"column {col!r} is not in the results")
     ours = ok_rows(df)
@@ -182,8 +182,8 @@ def compare_saturation(df: pd.DataFrame, layer: int | None = None) -> pd.DataFra
     """
     ours = ok_rows(df)
     ours = ours[matches(ours["task"], "nmt")] if "task" in ours.columns else ours
-    if "trial_id" in ours.columns:
-        ours = ours.drop_duplicates("trial_id")
+    if TRIAL_ID in ours.columns:
+        ours = ours.drop_duplicates(TRIAL_ID)
     if layer is None and len(ours):
         layer = nmt_layer_names(int(ours["nmt.encoder_layers"].iloc[0]), 1).index("dec 0")
     rows = []

@@ -15,11 +15,13 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from trainables.report import FINISHED_AT, STATUS, TRAINING_KEY
+
 Direction = Literal["min", "max"]
 
 # The columns that name one scored model: its trained weights (the training key digests every knob that changes them)
 # and how they were evaluated and compressed. Trials that re-score a stored model repeat its rows under the same key.
-SAME_MODEL = ["training_key", "g2.eval_gate", "compress.rank", "compress.bits", "compress.paper", "compress.step",
+SAME_MODEL = [TRAINING_KEY, "g2.eval_gate", "compress.rank", "compress.bits", "compress.paper", "compress.step",
               "compress.clip", "compress.targets"]
 
 # Rows per block in the k >= 3 filter: a (block, front) boolean matrix stays a few MB, and numpy still gets long loops.
@@ -137,7 +139,7 @@ def matches(column: pd.Series, value: object) -> np.ndarray:
     return (column == value).to_numpy(dtype=bool, na_value=False)
 
 
-def ok_rows(df: pd.DataFrame, status_col: str = "status") -> pd.DataFrame:
+def ok_rows(df: pd.DataFrame, status_col: str = STATUS) -> pd.DataFrame:
     """Rows of finished trials (status "ok"), or all rows if there is no status column: only they have figures that
     can be compared (pruned, diverged and failed trials are truncated or meaningless points)."""
     return df[matches(df[status_col], "ok")] if status_col in df.columns else df
@@ -148,7 +150,7 @@ def _values(df: pd.DataFrame, cols: list[str]) -> np.ndarray:
     return df[cols].to_numpy(dtype=float, na_value=np.nan)
 
 
-def pareto_front(df: pd.DataFrame, objectives: Mapping[str, Direction], *, status_col: str = "status") -> pd.DataFrame:
+def pareto_front(df: pd.DataFrame, objectives: Mapping[str, Direction], *, status_col: str = STATUS) -> pd.DataFrame:
     """Rows of df on the Pareto front of the objectives, e.g. {"val_metric": "min", "gate_bits": "min"}.
 
     Only rows with status "ok" are candidates (pruned, diverged and failed trials are truncated or meaningless points).
@@ -261,7 +263,7 @@ def fronts_by(
     objectives: Mapping[str, Direction],
     by: Sequence[str] = ("task", "g2.gate_mode"),
     *,
-    status_col: str = "status",
+    status_col: str = STATUS,
 ) -> pd.DataFrame:
     """One Pareto front per group (by default per task and gate mode), concatenated with the group columns kept.
 
@@ -285,11 +287,11 @@ def model_ids(df: pd.DataFrame, extra_cols: Sequence[str] = ()) -> np.ndarray:
     A row without a training key (or a table without the column) cannot be matched to another, so it is its own model.
     """
     n = len(df)
-    if "training_key" not in df.columns or n == 0:
+    if TRAINING_KEY not in df.columns or n == 0:
         return np.arange(n)
     key_cols = list(dict.fromkeys([c for c in SAME_MODEL if c in df.columns] + list(extra_cols)))
     ids = df.groupby(key_cols, sort=False, dropna=False).ngroup().to_numpy().copy()
-    unknown = df["training_key"].isna().to_numpy()
+    unknown = df[TRAINING_KEY].isna().to_numpy()
     ids[unknown] = ids.max() + 1 + np.arange(unknown.sum())
     return ids
 
@@ -300,7 +302,7 @@ def front_over_seeds(
     config_cols: Sequence[str],
     seed_col: str = "seed",
     *,
-    status_col: str = "status",
+    status_col: str = STATUS,
     min_seeds: int = 1,
 ) -> pd.DataFrame:
     """Pareto front of configurations scored by their mean over seeds, with the spread beside it.
@@ -352,9 +354,9 @@ def hypervolume_over_time(
     df: pd.DataFrame,
     objectives: Mapping[str, Direction],
     reference: Sequence[float],
-    time_col: str = "finished_at",
+    time_col: str = FINISHED_AT,
     *,
-    status_col: str = "status",
+    status_col: str = STATUS,
 ) -> pd.DataFrame:
     """Hypervolume of the front of all ok trials finished up to each time: the study's progress curve.
 

@@ -21,12 +21,15 @@ from matplotlib.ticker import MaxNLocator
 from analysis import pareto
 from analysis.paper import GATE_MODES, METRIC_NAME, SETTINGS, compare_with_paper, paper_compression
 from trainables.report import (
+    FINISHED_AT,
     GATE_BITS,
     GATE_COMPRESSION,
     LOW,
+    METHOD,
     MODEL_BITS,
     MODEL_COMPRESSION,
     TEST_METRIC,
+    TRIAL_ID,
     UNCOMPRESSED_TEST_METRIC,
     UNCOMPRESSED_VAL_METRIC,
     VAL_METRIC,
@@ -93,7 +96,7 @@ def ok_finite(df: pd.DataFrame, cols: Sequence[str]) -> pd.DataFrame:
 
 def per_trial(df: pd.DataFrame) -> pd.DataFrame:
     """One row per trial: training-time figures (saturation) repeat on every compression row of a trial."""
-    return df.drop_duplicates("trial_id") if "trial_id" in df.columns else df
+    return df.drop_duplicates(TRIAL_ID) if TRIAL_ID in df.columns else df
 
 
 def mode_groups(df: pd.DataFrame, by: str | None) -> Iterator[tuple[str, pd.DataFrame, str]]:
@@ -191,7 +194,7 @@ def plot_front(df: pd.DataFrame, x: str = GATE_COMPRESSION, y: str = VAL_METRIC,
     # Between two front points, the best metric reachable at a given compression or better is the next point's.
     where = "pre" if objectives[x] == "max" else "post"
     for mode, group, color in mode_groups(rows, by):
-        n = group["trial_id"].nunique() if "trial_id" in group.columns else len(group)
+        n = group[TRIAL_ID].nunique() if TRIAL_ID in group.columns else len(group)
         ax.scatter(floats(group[x]), floats(group[y]), s=16, alpha=0.4, color=color, linewidths=0,
                    label=f"{mode} ({n} trials)")
         front = pareto.pareto_front(group, objectives)
@@ -221,7 +224,7 @@ def plot_objective_vs(df: pd.DataFrame, knob: str = "g2.tau", y: str = VAL_METRI
     Where knob values repeat (a grid, several seeds) their means are joined by a line.
     """
     fig, ax = _figure(ax)
-    rows = df if method is None or "method" not in df.columns else df[pareto.matches(df["method"], method)]
+    rows = df if method is None or METHOD not in df.columns else df[pareto.matches(df[METHOD], method)]
     rows = ok_finite(rows, [y])
     rows = rows[rows[knob].notna()] if knob in rows.columns else rows.iloc[:0]
     if rows.empty:
@@ -232,7 +235,7 @@ def plot_objective_vs(df: pd.DataFrame, knob: str = "g2.tau", y: str = VAL_METRI
     affected = _KNOB_MODES.get(knob)
     for mode, group, color in mode_groups(rows, by):
         values = floats(group[y])
-        n = group["trial_id"].nunique() if "trial_id" in group.columns else len(group)
+        n = group[TRIAL_ID].nunique() if TRIAL_ID in group.columns else len(group)
         if affected is not None and mode not in affected:
             ax.axhline(values.mean(), color=color, ls="--", lw=1.2, label=f"{mode} (unaffected: mean of {n} trials)")
             continue
@@ -253,7 +256,7 @@ def plot_objective_vs(df: pd.DataFrame, knob: str = "g2.tau", y: str = VAL_METRI
 
 
 def plot_hypervolume_over_time(df: pd.DataFrame, objectives: Mapping[str, str], reference: Sequence[float], *,
-                               by: str | None = None, time_col: str = "finished_at", ax: Axes | None = None) -> Figure:
+                               by: str | None = None, time_col: str = FINISHED_AT, ax: Axes | None = None) -> Figure:
     """Hypervolume of the front of all ok trials finished so far against wall time (pareto.hypervolume_over_time).
 
     One line for all trials, plus one per value of `by` when given (does one gate mode's front grow faster?).

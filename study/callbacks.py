@@ -37,7 +37,7 @@ from study.progress import (
 from study.report import study_front
 from study.results import ResultsWriter
 from study.tracking import StudyTracker, open_tracker
-from trainables.report import ERROR, FAILED, OK, RUNNING
+from trainables.report import ERROR, FAILED, OK, RUNNING, STATUS
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ class StudyCallback(tune.Callback):
         self.tracker.log_epoch(trial.trial_id, result, step=int(result.get("epoch") or result["training_iteration"]))
         if (progress := self._progress.get(trial.trial_id)) is not None:
             self._write_progress(epoch_progress(progress, result, time.time()))
-            if result.get("status") == RUNNING:   # an end has its own line
+            if result.get(STATUS) == RUNNING:   # an end has its own line
                 self.console.epoch(progress)
             self._show(trials)
 
@@ -171,7 +171,7 @@ class StudyCallback(tune.Callback):
             self._record_error(trial, trial.last_result["error"], trials)
             return
         rows = self.writer.record_end(trial.trial_id, trial.config)
-        status = rows[0]["status"]
+        status = rows[0][STATUS]
         self.tracker.end_trial(trial.trial_id, status, trial.last_result, rows[0].get("error"))
         self._finished(trial, status, rows, trials)
 
@@ -199,7 +199,7 @@ class StudyCallback(tune.Callback):
 
     def _close_earlier(self, trial, rows: list[dict], trials) -> None:
         """A trial an earlier driver recorded: its files stay; its MLflow run is closed if that driver died first."""
-        status = rows[0]["status"]
+        status = rows[0][STATUS]
         if not self.tracker.is_trial_closed(trial.trial_id):
             self.tracker.end_trial(trial.trial_id, status, trial.last_result, rows[0].get("error"),
                                    metrics_logged=True)

@@ -43,11 +43,17 @@ from study.tracking import StudyTracker
 from trainables.config import FULL_PRECISION_BITS
 from trainables.report import (
     FAILED,
+    FINISHED_AT,
     GATE_BITS,
     GATE_COMPRESSION,
+    GATE_PARAMS,
+    IS_TRIAL_SETTING,
     MODEL_BITS,
     MODEL_COMPRESSION,
+    MODEL_PARAMS,
     OK,
+    STATUS,
+    TRIAL_ID,
     UNCOMPRESSED_VAL_METRIC,
     VAL_METRIC,
 )
@@ -59,9 +65,7 @@ FRONT_SIZE, HYPERVOLUME = "study/front_size", "study/hypervolume"
 BEST_AT_BITS = f"best_{VAL_METRIC}/{{bits}}bit"
 REFERENCE_TAG = "g2.hypervolume_reference"
 # Results columns trainables/report.py names no constant for (study.rows writes them).
-TRIAL_ID, STATUS, FINISHED_AT = "trial_id", "status", "finished_at"
-BITS, PAPER, GATE_PARAMS, MODEL_PARAMS = "compress.bits", "compress.paper", "gate_params", "model_params"
-OWN_SETTING = "is_trial_setting"   # the row of the trial's own setting (and its own evaluation gates)
+BITS, PAPER = "compress.bits", "compress.paper"
 
 
 def hypervolume_reference(ok: pd.DataFrame, cfg: StudyConfig) -> dict[str, float] | None:
@@ -69,7 +73,7 @@ def hypervolume_reference(ok: pd.DataFrame, cfg: StudyConfig) -> dict[str, float
     if ok.empty:
         return None
     first = ok[ok[TRIAL_ID] == ok.sort_values(FINISHED_AT, kind="stable")[TRIAL_ID].iloc[0]]
-    first = first[first[OWN_SETTING].astype(bool)].iloc[0] if OWN_SETTING in first.columns else first.iloc[0]
+    first = first[first[IS_TRIAL_SETTING].astype(bool)].iloc[0] if IS_TRIAL_SETTING in first.columns else first.iloc[0]
     reference = {}
     for column, mode in front_objectives(cfg).items():
         if column in (VAL_METRIC, UNCOMPRESSED_VAL_METRIC):

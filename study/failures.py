@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Mapping
 from typing import Any
 
-from trainables.report import ERROR
+from trainables.report import ERROR, STATUS
 
 
 def error_message(error: Any) -> str:
@@ -49,7 +49,7 @@ def error_report(err: BaseException) -> dict[str, Any]:
 
 def is_error_report(result: Mapping[str, Any] | None) -> bool:
     """Whether `result` is the report `guarded` made of an exception (not a measurement)."""
-    return bool(result) and result.get("status") == ERROR
+    return bool(result) and result.get(STATUS) == ERROR
 
 
 def guarded(name: str, config: dict[str, Any], model_store: str | None = None) -> None:

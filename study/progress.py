@@ -27,10 +27,18 @@ from typing import Any, TextIO
 
 from study.paths import StudyPaths, write_json
 from trainables.config import TrialConfig
-from trainables.report import COMPRESSED_VAL_METRIC, GATE_COMPRESSION, OK, RUNNING, VAL_METRIC, EpochReport
+from trainables.report import (
+    COMPRESSED_VAL_METRIC,
+    GATE_COMPRESSION,
+    OK,
+    REUSED_CHECKPOINT,
+    RUNNING,
+    TRAIN_TOKENS,
+    VAL_METRIC,
+    EpochReport,
+)
 
 TRAINS, RESCORES, WAITS = "trains", "re-scores", "waits"   # what a starting trial does with its training knobs
-TRAIN_TOKENS = "train_tokens"   # the tokens an epoch trained on, reported by the LM (`trainables/lm.py`)
 
 
 def describe_trial(config: Mapping[str, Any]) -> str:
@@ -110,7 +118,7 @@ def finished_line(trial, status: str, error: str | None, *, earlier: bool, done:
         outcome = "recorded before the restart"
     elif status == OK:
         outcome = (f"val {name} {last[VAL_METRIC]:.2f}, compressed {last[COMPRESSED_VAL_METRIC]:.2f} "
-                   f"at gate ×{last[GATE_COMPRESSION]:.1f}" + (" (reused model)" if last.get("reused_checkpoint")
+                   f"at gate ×{last[GATE_COMPRESSION]:.1f}" + (" (reused model)" if last.get(REUSED_CHECKPOINT)
                                                                else ""))
     else:
         outcome = error or status

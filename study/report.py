@@ -20,12 +20,16 @@ from study.tracking import open_tracker
 from trainables.report import (
     COMPRESSED_VAL_METRIC,
     FAILED,
+    FINISHED_AT,
     GATE_BITS,
     GATE_COMPRESSION,
+    METHOD,
     MODEL_BITS,
     MODEL_COMPRESSION,
     OK,
+    STATUS,
     TEST_METRIC,
+    TRIAL_ID,
     UNCOMPRESSED_VAL_METRIC,
     VAL_METRIC,
 )
@@ -33,7 +37,7 @@ from trainables.report import (
 log = logging.getLogger(__name__)
 ROW_COLUMN = {COMPRESSED_VAL_METRIC: VAL_METRIC, VAL_METRIC: UNCOMPRESSED_VAL_METRIC, GATE_BITS: GATE_BITS,
               MODEL_BITS: MODEL_BITS, GATE_COMPRESSION: GATE_COMPRESSION, MODEL_COMPRESSION: MODEL_COMPRESSION}
-SHOWN = ["trial_id", "g2.gate_mode", "g2.tau", "g2.p", "method", "compress.rank", "compress.bits", GATE_BITS,
+SHOWN = [TRIAL_ID, "g2.gate_mode", "g2.tau", "g2.p", METHOD, "compress.rank", "compress.bits", GATE_BITS,
          GATE_COMPRESSION, MODEL_COMPRESSION, VAL_METRIC, TEST_METRIC]
 
 
@@ -51,7 +55,7 @@ def study_front(df: pd.DataFrame, cfg: StudyConfig) -> pd.DataFrame:
     if df.empty:
         return df
     front = pareto_front(df, front_objectives(cfg))
-    return front.sort_values(["finished_at", "trial_id"], kind="stable").drop_duplicates(SAME_MODEL).sort_values(
+    return front.sort_values([FINISHED_AT, TRIAL_ID], kind="stable").drop_duplicates(SAME_MODEL).sort_values(
         list(front_objectives(cfg)), kind="stable")
 
 
@@ -72,7 +76,7 @@ def format_front(front: pd.DataFrame, metric_name: str) -> str:
 
 def front_plot(df: pd.DataFrame, cfg: StudyConfig, path: Path) -> Path | None:
     """The front as a PNG (Agg backend, no display needed); None when there is nothing to draw."""
-    ok = df[df["status"] == OK] if not df.empty else df
+    ok = df[df[STATUS] == OK] if not df.empty else df
     if ok.empty:
         return None
     direction = "max" if HIGHER_IS_BETTER[cfg.task] else "min"
@@ -83,8 +87,8 @@ def front_plot(df: pd.DataFrame, cfg: StudyConfig, path: Path) -> Path | None:
 def close_study(cfg: StudyConfig, root: str, tracking_uri: str, printer: Callable[[str], None]) -> tuple[int, int]:
     """Print the outcome and the front, attach them to the MLflow parent run; returns (trials, failed)."""
     df = results.load(root)
-    per_trial = df.drop_duplicates("trial_id") if not df.empty else df
-    counts = per_trial["status"].value_counts().to_dict() if not df.empty else {}
+    per_trial = df.drop_duplicates(TRIAL_ID) if not df.empty else df
+    counts = per_trial[STATUS].value_counts().to_dict() if not df.empty else {}
     failed = int(sum(counts.get(status, 0) for status in FAILED))
     front = study_front(df, cfg)
     metric = metric_name_of(df)

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from study.filters import filter_table
 from study.rows import curve_rows, gate_rows, trial_rows, trial_status
 from study.schema import SETTING_KNOBS, curves_schema, gates_schema, results_schema
-from trainables.report import STATUSES, is_gate_column
+from trainables.report import METHOD, STATUS, STATUSES, TRIAL_ID, is_gate_column
 
 log = logging.getLogger(__name__)
 RESULTS_DIR, CURVES_DIR, GATES_DIR = "results", "curves", "gates"
@@ -151,7 +151,7 @@ def _select(df: pd.DataFrame, columns: Sequence[str] | None, status: str | Seque
         bad = sorted(set(wanted) - set(STATUSES))
         if bad:
             raise ValueError(f"status must be among {', '.join(STATUSES)}, got {', '.join(map(repr, bad))}")
-        df = df[df["status"].isin(wanted).fillna(False).astype(bool)]
+        df = df[df[STATUS].isin(wanted).fillna(False).astype(bool)]
     if columns is not None:
         missing = [c for c in columns if c not in df.columns]
         if missing:
@@ -175,7 +175,7 @@ def load(study_dir_or_uri: str | os.PathLike, *, filters: str | None = None, col
     `finished_at` datetime64[us, UTC], list knobs (`sweep.ranks`) tuples.
     """
     df = _to_pandas(filter_table(_read_all(study_dir_or_uri, RESULTS_DIR, results_schema), filters))
-    df = df.sort_values(["trial_id", "method", *SETTING_KNOBS], kind="stable", na_position="first")
+    df = df.sort_values([TRIAL_ID, METHOD, *SETTING_KNOBS], kind="stable", na_position="first")
     return _select(df, columns, status)
 
 
@@ -183,7 +183,7 @@ def load_curves(study_dir_or_uri: str | os.PathLike, *, filters: str | None = No
                 columns: Sequence[str] | None = None) -> pd.DataFrame:
     """All per-epoch rows of a study, sorted by trial_id and epoch; `filters` / `columns` as in `load`."""
     df = _to_pandas(filter_table(_read_all(study_dir_or_uri, CURVES_DIR, curves_schema), filters))
-    return _select(df.sort_values(["trial_id", "epoch"], kind="stable"), columns, None)
+    return _select(df.sort_values([TRIAL_ID, "epoch"], kind="stable"), columns, None)
 
 
 def load_gates(study_dir_or_uri: str | os.PathLike, *, filters: str | None = None) -> pd.DataFrame:
@@ -193,7 +193,7 @@ def load_gates(study_dir_or_uri: str | os.PathLike, *, filters: str | None = Non
     that reused a trained model has none. Join with `load(...)` on trial_id for its status and other knobs.
     """
     df = _to_pandas(filter_table(_read_all(study_dir_or_uri, GATES_DIR, gates_schema), filters))
-    return _select(df.sort_values("trial_id", kind="stable"), None, None)
+    return _select(df.sort_values(TRIAL_ID, kind="stable"), None, None)
 
 
 # --------------------------------------------------------------------------- the driver's recorder

@@ -13,10 +13,17 @@ from trainables.config import CompressConfig
 from trainables.report import (
     DIVERGED,
     ERROR,
+    FINISHED_AT,
     GATES,
+    IS_TRIAL_SETTING,
+    METHOD,
     OK,
     PRUNED,
+    REUSED_CHECKPOINT,
+    STATUS,
     STATUSES,
+    TRAINING_KEY,
+    TRIAL_ID,
     UNCOMPRESSED_TEST_METRIC,
     UNCOMPRESSED_VAL_METRIC,
     VAL_LOSS,
@@ -59,7 +66,7 @@ def trial_status(last_report: Mapping[str, Any] | None, error: str | None = None
     """
     if error is not None:
         return ERROR
-    if last_report and last_report.get("status") == DIVERGED:
+    if last_report and last_report.get(STATUS) == DIVERGED:
         return DIVERGED
     return OK if last_report and last_report.get("sweep") else PRUNED
 
@@ -80,10 +87,10 @@ def trial_rows(study: str, trial_id: str, config: Mapping[str, Any], last_report
     report = EpochReport.from_dict(last_report) if last_report else None
     knobs = _knobs(config)
     said = {k: getattr(report, k) if report else None
-            for k in ("metric_name", "device", "node_id", "training_key", "epoch", "best_epoch")}
-    base = {**knobs, "study": study, "trial_id": trial_id, "status": status, "finished_at": finished_at,
+            for k in ("metric_name", "device", "node_id", TRAINING_KEY, "epoch", "best_epoch")}
+    base = {**knobs, "study": study, TRIAL_ID: trial_id, STATUS: status, FINISHED_AT: finished_at,
             "error": error if error is not None else (report.error if report and status != OK else None), **said,
-            "reused_checkpoint": report.reused_checkpoint if report else None,
+            REUSED_CHECKPOINT: report.reused_checkpoint if report else None,
             "wall_time_s": report.train_time_s if report else None,
             # every gate column of the model, so each trial's file has the same columns whatever it reported
             # (a re-scored model, a divergence, an error): a whole directory reads as one table anywhere
@@ -100,17 +107,17 @@ def trial_rows(study: str, trial_id: str, config: Mapping[str, Any], last_report
 
     # One row at the trial's own setting. Its metrics are the last epoch's where known (a failure has none):
     # the report's compressed metric is this row's metric, its plain val metric the uncompressed one.
-    row = {**base, "is_trial_setting": True}
+    row = {**base, IS_TRIAL_SETTING: True}
     try:
-        row["method"] = CompressConfig(**{k.split(".")[1]: knobs[k] for k in SETTING_KNOBS
+        row[METHOD] = CompressConfig(**{k.split(".")[1]: knobs[k] for k in SETTING_KNOBS
                                           if k in knobs and k.startswith("compress.")}).method
     except (TypeError, ValueError):   # the very setting may be what made the trial fail
-        row["method"] = None
+        row[METHOD] = None
     if status != ERROR and report is not None:
         row |= {VAL_METRIC: _measured(report.compressed_val_metric),
                 UNCOMPRESSED_VAL_METRIC: _measured(report.val_metric),
                 **(asdict(report.accounting) if report.accounting else {})}
-        if row["method"] == "none":   # the reported val_loss is the uncompressed model's: only then this row's
+        if row[METHOD] == "none":   # the reported val_loss is the uncompressed model's: only then this row's
             row[VAL_LOSS] = report.val.get(VAL_LOSS)
     else:   # how far it got is known; what it measured is not
         row |= {k: None for k in (report.gate_saturation if report else {})}
@@ -136,10 +143,10 @@ def curve_rows(study: str, trial_id: str, config: Mapping[str, Any], reports: It
     gates = dict.fromkeys(all_gate_columns(gate_layers(config) or 0))
     by_epoch: dict[int, dict[str, Any]] = {}
     for report in reports:
-        if report.get("epoch") is None or report.get("reused_checkpoint"):
+        if report.get("epoch") is None or report.get(REUSED_CHECKPOINT):
             continue
-        row = {k: report.get(k) for k in CURVE_COLUMNS if k not in ("study", "trial_id")}
-        by_epoch[int(report["epoch"])] = {"study": study, "trial_id": trial_id, **row, **gates, **gate_columns(report)}
+        row = {k: report.get(k) for k in CURVE_COLUMNS if k not in ("study", TRIAL_ID)}
+        by_epoch[int(report["epoch"])] = {"study": study, TRIAL_ID: trial_id, **row, **gates, **gate_columns(report)}
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
@@ -157,7 +164,7 @@ def gate_rows(study: str, trial_id: str, config: Mapping[str, Any], report: Mapp
         if not (layer_gate := parse_histogram_key(key)):
             raise ValueError(f"gate histogram key {key!r} is not of the form l<k>_i or l<k>_f")
         keys[key] = (layer_gate[0], GATES.index(layer_gate[1]))
-    base = {"study": study, "trial_id": trial_id, "g2.gate_mode": config.get("g2.gate_mode"),
+    base = {"study": study, TRIAL_ID: trial_id, "g2.gate_mode": config.get("g2.gate_mode"),
             "epoch": report.get("epoch")}
     return [{**base, "layer": keys[key][0], "gate": key[-1], "bin": b, "fraction": float(fraction)}
             for key in sorted(keys, key=keys.get) for b, fraction in enumerate(histograms[key])]

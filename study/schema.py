@@ -18,10 +18,17 @@ from trainables.report import (
     ACCOUNTING,
     CURVE_FIELDS,
     EVAL_GATE,
+    FINISHED_AT,
     GATE_COMPRESSION,
+    IS_TRIAL_SETTING,
+    METHOD,
+    REUSED_CHECKPOINT,
+    STATUS,
     TEST_LOSS,
     TEST_METRIC,
     TRAIN_LOSS,
+    TRAINING_KEY,
+    TRIAL_ID,
     UNCOMPRESSED_TEST_METRIC,
     UNCOMPRESSED_VAL_METRIC,
     VAL_LOSS,
@@ -51,22 +58,22 @@ def _arrow_type(name: str, hint: Any) -> pa.DataType:
     raise TypeError(f"no Arrow type for knob {name!r} annotated {hint!r}")
 
 
-_IDENTITY = {"study": pa.string(), "trial_id": pa.string(), "status": pa.string(), "error": pa.string(),
-             "task": pa.string(), "metric_name": pa.string(), "finished_at": pa.timestamp("us", tz="UTC"),
-             "device": pa.string(), "node_id": pa.string(), "training_key": pa.string(),
-             "reused_checkpoint": pa.bool_()}   # node_id: the Ray node that ran the trial's last report
-_SETTING = {"method": pa.string(), "is_trial_setting": pa.bool_(), "epoch": pa.int64(), "best_epoch": pa.int64(),
+_IDENTITY = {"study": pa.string(), TRIAL_ID: pa.string(), STATUS: pa.string(), "error": pa.string(),
+             "task": pa.string(), "metric_name": pa.string(), FINISHED_AT: pa.timestamp("us", tz="UTC"),
+             "device": pa.string(), "node_id": pa.string(), TRAINING_KEY: pa.string(),
+             REUSED_CHECKPOINT: pa.bool_()}   # node_id: the Ray node that ran the trial's last report
+_SETTING = {"method": pa.string(), IS_TRIAL_SETTING: pa.bool_(), "epoch": pa.int64(), "best_epoch": pa.int64(),
             "wall_time_s": pa.float64()}
 _METRICS = {**dict.fromkeys((VAL_METRIC, TEST_METRIC, VAL_LOSS, TEST_LOSS, UNCOMPRESSED_VAL_METRIC,
                              UNCOMPRESSED_TEST_METRIC), pa.float64()),
             **{name: _arrow_type(name, hint) for name, hint in get_type_hints(Accounting).items()}}
 _REPORT_TYPES = get_type_hints(EpochReport)
-CURVE_COLUMNS = {"study": pa.string(), "trial_id": pa.string(),
+CURVE_COLUMNS = {"study": pa.string(), TRIAL_ID: pa.string(),
                  **{name: _arrow_type(name, _REPORT_TYPES[name]) for name in CURVE_FIELDS},
                  TRAIN_LOSS: pa.float64(), VAL_LOSS: pa.float64(), GATE_COMPRESSION: pa.float64()}
-_GATES = {"study": pa.string(), "trial_id": pa.string(), "g2.gate_mode": pa.string(), "epoch": pa.int64(),
+_GATES = {"study": pa.string(), TRIAL_ID: pa.string(), "g2.gate_mode": pa.string(), "epoch": pa.int64(),
           "layer": pa.int64(), "gate": pa.string(), "bin": pa.int64(), "fraction": pa.float64()}
-SWEEP_COLUMNS = ("method", "is_trial_setting", VAL_METRIC, TEST_METRIC, VAL_LOSS, TEST_LOSS, *ACCOUNTING)
+SWEEP_COLUMNS = (METHOD, IS_TRIAL_SETTING, VAL_METRIC, TEST_METRIC, VAL_LOSS, TEST_LOSS, *ACCOUNTING)
 
 
 # --------------------------------------------------------------------------- schemas

@@ -42,7 +42,16 @@ from study.progress import (
     study_eta,
 )
 from study.report import SHOWN, format_front, study_front
-from trainables.report import OK, RUNNING, VAL_METRIC
+from trainables.report import (
+    FINISHED_AT,
+    IS_TRIAL_SETTING,
+    OK,
+    REUSED_CHECKPOINT,
+    RUNNING,
+    STATUS,
+    TRIAL_ID,
+    VAL_METRIC,
+)
 
 PENDING, STOPPED, REUSED = "pending", "stopped", "reused"   # states a results row does not name
 
@@ -191,15 +200,15 @@ def _finished_trials(df: pd.DataFrame, progress: dict[str, TrialProgress]) -> li
     """One TrialStatus per trial in the results, at its own compression setting's row."""
     if df.empty:
         return []
-    own = df[df["is_trial_setting"].fillna(True).astype(bool)].drop_duplicates("trial_id")
+    own = df[df[IS_TRIAL_SETTING].fillna(True).astype(bool)].drop_duplicates(TRIAL_ID)
     out = []
     for row in own.to_dict("records"):
-        status = str(row["status"])
-        reused = status == OK and row.get("reused_checkpoint") is True
-        said = progress.get(row["trial_id"])
+        status = str(row[STATUS])
+        reused = status == OK and row.get(REUSED_CHECKPOINT) is True
+        said = progress.get(row[TRIAL_ID])
         metric = row.get(VAL_METRIC)
         out.append(TrialStatus(
-            row["trial_id"], REUSED if reused else status, describe_trial(_plain_row(row)),
+            row[TRIAL_ID], REUSED if reused else status, describe_trial(_plain_row(row)),
             epoch=_int(row.get("epoch")), epochs=said.epochs if said else None, plan=said.plan if said else None,
             metric_name=str(row.get("metric_name") or ""), error=_str(row.get("error")),
             val_metric=float(metric) if metric is not None and not pd.isna(metric) else None))
@@ -219,16 +228,16 @@ def _str(value: Any) -> str | None:
 
 
 def _ended_from_results(df: pd.DataFrame) -> list[float]:
-    return [t.timestamp() for t in df["finished_at"].dropna()] if len(df) else []
+    return [t.timestamp() for t in df[FINISHED_AT].dropna()] if len(df) else []
 
 
 def _started_from_results(df: pd.DataFrame) -> list[float]:
     """When finished trials started, where no progress file says: their end less their training time."""
     if df.empty:
         return []
-    rows = df.drop_duplicates("trial_id")
+    rows = df.drop_duplicates(TRIAL_ID)
     wall = rows["wall_time_s"].astype("float64").fillna(0.0)
-    return [end.timestamp() - w for end, w in zip(rows["finished_at"], wall) if not pd.isna(end)]
+    return [end.timestamp() - w for end, w in zip(rows[FINISHED_AT], wall) if not pd.isna(end)]
 
 
 # --------------------------------------------------------------------------- tables people read

@@ -7,14 +7,8 @@ own MLflowLoggerCallback forgets its map on `Tuner.restore` and opens a second r
 """
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import logging
-import math
-import numbers
-import posixpath
-import re
-import subprocess
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -25,16 +19,15 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import (
-    MAX_ENTITY_KEY_LENGTH,
     MAX_METRICS_PER_BATCH,
-    MAX_PARAM_VAL_LENGTH,
     MAX_PARAMS_TAGS_PER_BATCH,
     MAX_TAG_VAL_LENGTH,
 )
 
 from study.config import StudyConfig, flatten
+from study.mlflow_values import code_version, json_safe, metric_name, numeric_metrics, param_values, text_value
 from study.paths import StudyPaths
-from trainables.report import FAILED, STATUSES
+from trainables.report import FAILED, REUSED_CHECKPOINT, STATUSES, TRAINING_KEY
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +35,6 @@ PARENT_ID_TAG = "mlflow.parentRunId"
 # The 3.x UI opens an experiment as GenAI (traces) or model training by this tag; ours train models.
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 # Report keys trainables/report.py has no constant for yet (EpochReport fields).
-TRAINING_KEY, REUSED_CHECKPOINT = "training_key", "reused_checkpoint"
 MODEL_TAG, TRAINING_KEY_TAG = "g2.model", "g2.training_key"   # "trained" | "reused"; the trained model's key
 REUSED_SUFFIX = " · reused"
 STUDY_TAG, ROLE_TAG, TRIAL_TAG, STATUS_TAG = "g2.study", "g2.role", "g2.trial_id", "g2.status"
@@ -50,78 +42,6 @@ TRIAL_RUN_STATUS = {status: "FAILED" if status in FAILED else "FINISHED" for sta
 STUDY_RUN_STATUS = {"ok": "FINISHED", "finished": "FINISHED", "error": "FAILED", "failed": "FAILED",
                     "killed": "KILLED", "interrupted": "KILLED"}
 # Bookkeeping Ray Tune adds to every result, and the epoch (it is the step): not the trial's measurements.
-NOT_METRICS = frozenset({"timestamp", "pid", "time_this_iter_s", "time_total_s", "time_since_restore",
-                             "iterations_since_restore", "training_iteration", "timesteps_total", "episodes_total",
-                             "timesteps_since_restore", "node_ip", "hostname", "date", "trial_id", "experiment_tag",
-                             "config", "checkpoint_dir_name", "should_checkpoint", "done", "epoch"})
-_BAD_NAME_CHARS = re.compile(r"[^/\w.\- :]")
-_TRUNCATED = "…[truncated]"
-
-
-def code_version() -> dict[str, str]:
-    """Tags naming the code that ran: the package version and, in a git checkout, the commit and whether it is dirty."""
-    tags = {}
-    try:
-        tags["g2.package_version"] = importlib.metadata.version("g2-study")
-    except importlib.metadata.PackageNotFoundError:
-        tags["g2.package_version"] = "unknown"
-    repo = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return tags
-    tags |= {"mlflow.source.git.commit": commit, "g2.git_commit": commit, "g2.git_dirty": str(bool(dirty)).lower()}
-    return tags
-
-
-def metric_name(key: str) -> str:
-    """A valid MLflow name: only [/\\w.- :], no path tricks, at most 250 characters."""
-    name = _BAD_NAME_CHARS.sub("_", str(key))[:MAX_ENTITY_KEY_LENGTH]
-    if not name or posixpath.normpath(name) != name or name.startswith(("/", "..")):
-        name = name.replace("/", "_").lstrip(".") or "_"
-    return name
-
-
-def _text(value: Any, limit: int) -> str:
-    """A param or tag value: JSON for lists and dicts, cut to MLflow's length limit."""
-    text = json.dumps(value, default=str) if isinstance(value, (list, tuple, dict)) else str(value)
-    return text if len(text) <= limit else text[: limit - len(_TRUNCATED)] + _TRUNCATED
-
-
-def _params(config: Mapping[str, Any]) -> dict[str, str]:
-    """Flat, valid, unique param names (a sanitised name that collides gets a suffix) and values within the limit."""
-    out: dict[str, str] = {}
-    for key, value in flatten(config).items():
-        if str(key).startswith("_"):
-            continue
-        name, n = metric_name(key), 1
-        while name in out:
-            n += 1
-            name = f"{metric_name(key)[: MAX_ENTITY_KEY_LENGTH - 4]}~{n}"
-        out[name] = _text(value, MAX_PARAM_VAL_LENGTH)
-    return out
-
-
-def numeric_metrics(report: Mapping[str, Any]) -> dict[str, float]:
-    """The report's numbers (NaN and inf included: a diverged loss is a measurement); bools, text, lists skipped."""
-    return {metric_name(k): float(v) for k, v in report.items()
-            if k not in NOT_METRICS and isinstance(v, numbers.Real) and not isinstance(v, bool)}
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN/inf as null: JSON has no NaN, and a diverged compressed setting has one."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def _quoted(value: str) -> str:
     """A value for an MLflow filter string, which has no escape for a quote."""
     if "'" in value:
@@ -215,7 +135,7 @@ class StudyTracker:
             self.client.log_batch(run_id, metrics=chunk)
         for chunk in _chunks([Param(k, v) for k, v in (params or {}).items()], MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(run_id, params=chunk)
-        for chunk in _chunks([RunTag(k, _text(v, MAX_TAG_VAL_LENGTH)) for k, v in (tags or {}).items()],
+        for chunk in _chunks([RunTag(k, text_value(v, MAX_TAG_VAL_LENGTH)) for k, v in (tags or {}).items()],
                              MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(run_id, tags=chunk)
 
@@ -253,13 +173,13 @@ class StudyTracker:
             self.parent_id, existing = found.info.run_id, found.data.params
             if found.info.status != "RUNNING":
                 self.client.update_run(self.parent_id, status="RUNNING")
-        params = _params(config_flat)
+        params = param_values(config_flat)
         for key in sorted(k for k in params if k in existing and existing[k] != params[k]):
             log.warning("study param %s changed on resume (%r -> %r); MLflow keeps the first value",
                         key, existing[key], params[key])
         self._log(self.parent_id, params={k: v for k, v in params.items() if k not in existing},
                   tags={**code_version(), **(tags or {})})
-        self.client.log_text(self.parent_id, json.dumps(_json_safe(flatten(config_flat)), indent=2, default=str),
+        self.client.log_text(self.parent_id, json.dumps(json_safe(flatten(config_flat)), indent=2, default=str),
                              "study_config.json")
         return self.parent_id
 
@@ -343,7 +263,7 @@ class StudyTracker:
             run = self.client.create_run(self.experiment_id, run_name=name, tags={
                 PARENT_ID_TAG: parent, TRIAL_TAG: trial_id, STUDY_TAG: self.study_name, ROLE_TAG: "trial"})
             run_id = run.info.run_id
-            self._log(run_id, params=_params(params or {}))
+            self._log(run_id, params=param_values(params or {}))
         self._runs[trial_id] = run_id
         self._ended.discard(trial_id)
         return run_id
@@ -378,9 +298,9 @@ class StudyTracker:
         if report.get("sweep"):
             table = pd.DataFrame(report["sweep"])
             self.client.log_text(run_id, table.to_csv(index=False), "compression_table.csv")
-            self.client.log_text(run_id, json.dumps(_json_safe(report["sweep"]), indent=1), "compression_table.json")
+            self.client.log_text(run_id, json.dumps(json_safe(report["sweep"]), indent=1), "compression_table.json")
         if report.get("gate_histograms"):
-            self.client.log_text(run_id, json.dumps(_json_safe(report["gate_histograms"])), "gate_histograms.json")
+            self.client.log_text(run_id, json.dumps(json_safe(report["gate_histograms"])), "gate_histograms.json")
         message = error if error is not None else report.get("error")
         tags: dict[str, Any] = {STATUS_TAG: status}
         if report.get(TRAINING_KEY):

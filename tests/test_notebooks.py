@@ -11,9 +11,10 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbclient import NotebookClient
-from test_plots import write_synthetic_study
 
 from study import results
+
+from test_plots import write_synthetic_study
 
 ANALYSIS = Path(__file__).resolve().parents[1] / "analysis"
 NOTEBOOKS = ("pareto_lm", "pareto_nmt", "gates")

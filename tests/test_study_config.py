@@ -159,14 +159,14 @@ def test_cli_check_prints_the_resolved_config(tmp_path):
 @pytest.mark.parametrize("sampler, cls", [("tpe", "TPESampler"), ("nsga2", "NSGAIISampler"), ("gp", "GPSampler"),
                                           ("grid", "GridSampler")])
 def test_every_sampler_is_built(sampler, cls):
-    from study.runner import make_sampler
+    from study.search import make_sampler
 
     cfg = StudyConfig(preset="tiny", sampler=sampler, num_samples=0 if sampler == "grid" else 4)
     assert type(make_sampler(cfg, seed=0)).__name__ == cls
 
 
 def test_optuna_study_keeps_its_directions(tmp_path):
-    from study.runner import open_optuna_study
+    from study.search import open_optuna_study
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     open_optuna_study(StudyConfig(preset="tiny"), url, seed=0)
@@ -194,7 +194,7 @@ def test_shipped_config_loads_and_its_fixed_fields_arrive(path):
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
 def test_shipped_config_space_samples_valid_trials(path):
     """What the study's own seeded sampler suggests, merged as OptunaSearch merges it, is a valid TrialConfig."""
-    from study.runner import make_sampler
+    from study.search import make_sampler
 
     cfg = load_study_config(path, [])
     params = cfg.search_space()

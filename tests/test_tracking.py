@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from study import tracking
+from study import mlflow_values, tracking
 from study.config import StudyConfig
 from study.paths import StudyPaths
 from study.tracking import StudyTracker
@@ -184,7 +184,7 @@ def test_studies_in_one_process_are_separate_and_end_logs_the_front(store, tmp_p
 
 
 def test_metric_names_and_values_are_made_valid():
-    metrics = tracking.numeric_metrics({"val ppl": 1, "a/b": 2.0, "bad*name": 3, "flag": True, "text": "x",
+    metrics = mlflow_values.numeric_metrics({"val ppl": 1, "a/b": 2.0, "bad*name": 3, "flag": True, "text": "x",
                                         "nan": math.nan, "rows": [1], "none": None, "epoch": 4})
     assert set(metrics) == {"val ppl", "a/b", "bad_name", "nan"} and math.isnan(metrics["nan"])
 

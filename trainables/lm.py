@@ -31,6 +31,7 @@ from trainables.regularize import (
     locked_dropout,
     temporal_activation_regularization,
 )
+from trainables.report import TRAIN_TOKENS
 from trainables.task import Task, make_optimizer
 from trainables.toy import generate_once, toy_grammar_corpus
 
@@ -246,7 +247,7 @@ class LMTask(Task):
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.train.lr
         return {"train_loss": total_loss / total_tokens, "train_ppl": math.exp(min(total_loss / total_tokens, 50)),
-                "train_tokens": float(total_tokens)}
+                TRAIN_TOKENS: float(total_tokens)}
 
     def evaluation_model(self) -> nn.Module:
         """The model to score: under ASGD a copy holding the averaged weights (AWD evaluates those)."""

@@ -19,6 +19,7 @@ from trainables.corpora import cache_root, find_corpus
 from trainables.decoding import evaluating, translate
 from trainables.g2lstm import GateStatistics, evaluation_gates
 from trainables.parallel_data import ParallelData, Seq2SeqBatch, load_parallel_data, make_batches, spread
+from trainables.report import TRAIN_TOKENS
 from trainables.seq2seq import Seq2Seq
 from trainables.task import Task, make_optimizer
 from trainables.toy import generate_once, toy_parallel_corpus
@@ -107,7 +108,7 @@ class NMTTask(Task):
             self.optimizer.step()
             nll_sum += nll.item()
             tokens += n
-        return {"train_loss": nll_sum / max(tokens, 1), "train_tokens": float(tokens)}
+        return {"train_loss": nll_sum / max(tokens, 1), TRAIN_TOKENS: float(tokens)}
 
     def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
         """Teacher-forced token NLL and beam-search BLEU on `split`; `model` may be a compressed copy."""

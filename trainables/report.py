@@ -35,6 +35,12 @@ VAL_METRIC, TEST_METRIC = "val_metric", "test_metric"
 COMPRESSED_VAL_METRIC, COMPRESSED_TEST_METRIC = "compressed_val_metric", "compressed_test_metric"
 UNCOMPRESSED_VAL_METRIC, UNCOMPRESSED_TEST_METRIC = "uncompressed_val_metric", "uncompressed_test_metric"
 
+# The other names a trial reports and a results row carries (each row also has every knob, by its dotted name).
+TRIAL_ID, STATUS, FINISHED_AT = "trial_id", "status", "finished_at"   # the study's, on every row
+TRAINING_KEY, REUSED_CHECKPOINT = "training_key", "reused_checkpoint"  # the trained model; re-scored, not trained
+METHOD, IS_TRIAL_SETTING = "method", "is_trial_setting"               # a sweep row's compression; the trial's own
+TRAIN_TOKENS = "train_tokens"                                          # tokens an epoch trained on
+
 # --------------------------------------------------------------------------- gate saturation
 
 HIST_BINS = 10
@@ -121,9 +127,9 @@ class Accounting:
 
 ACCOUNTING = tuple(f.name for f in fields(Accounting))
 EVAL_GATE = "g2.eval_gate"   # a knob, set per sweep row like compress.*: the row's gates at inference
-GATE_BITS, MODEL_BITS, GATE_COMPRESSION, MODEL_COMPRESSION = "gate_bits", "model_bits", "gate_compression", \
-    "model_compression"   # the size objectives, the axes of fronts
-assert {GATE_BITS, MODEL_BITS, GATE_COMPRESSION, MODEL_COMPRESSION} <= set(ACCOUNTING)
+GATE_PARAMS, MODEL_PARAMS, GATE_BITS, MODEL_BITS = "gate_params", "model_params", "gate_bits", "model_bits"
+GATE_COMPRESSION, MODEL_COMPRESSION = "gate_compression", "model_compression"   # with the bits: the size objectives
+assert {GATE_PARAMS, MODEL_PARAMS, GATE_BITS, MODEL_BITS, GATE_COMPRESSION, MODEL_COMPRESSION} <= set(ACCOUNTING)
 
 
 def scored(split: str, scores: Mapping[str, float], metric: str) -> dict[str, float]:
@@ -154,15 +160,15 @@ class SweepRow:
 
     def to_dict(self) -> dict[str, Any]:
         return {"compress.rank": self.rank, "compress.bits": self.bits, "compress.paper": self.paper,
-                EVAL_GATE: self.eval_gate, "method": self.method, "is_trial_setting": self.is_trial_setting,
+                EVAL_GATE: self.eval_gate, METHOD: self.method, IS_TRIAL_SETTING: self.is_trial_setting,
                 **asdict(self.accounting),
                 **self.scores}
 
     @classmethod
     def from_dict(cls, row: Mapping[str, Any]) -> SweepRow:
-        setting = ("compress.rank", "compress.bits", "compress.paper", EVAL_GATE, "method", "is_trial_setting")
+        setting = ("compress.rank", "compress.bits", "compress.paper", EVAL_GATE, METHOD, IS_TRIAL_SETTING)
         return cls(rank=row["compress.rank"], bits=row["compress.bits"], paper=row["compress.paper"],
-                   eval_gate=row.get(EVAL_GATE, "soft"), method=row["method"], is_trial_setting=row["is_trial_setting"],
+                   eval_gate=row.get(EVAL_GATE, "soft"), method=row[METHOD], is_trial_setting=row[IS_TRIAL_SETTING],
                    accounting=Accounting(**{k: row[k] for k in ACCOUNTING}),
                    scores={k: v for k, v in row.items() if k not in setting and k not in ACCOUNTING})
 
@@ -201,10 +207,10 @@ class EpochReport:
 
     def to_dict(self) -> dict[str, Any]:
         """The flat dict for `tune.report`: None fields left out, gate columns and scores at the top level."""
-        out: dict[str, Any] = {"epoch": self.epoch, "status": self.status, "done": self.done,
+        out: dict[str, Any] = {"epoch": self.epoch, STATUS: self.status, "done": self.done,
                                "metric_name": self.metric_name, "device": self.device,
-                               "training_key": self.training_key, "node_id": self.node_id, "error": self.error,
-                               "reused_checkpoint": self.reused_checkpoint, **self.train, **self.val,
+                               TRAINING_KEY: self.training_key, "node_id": self.node_id, "error": self.error,
+                               REUSED_CHECKPOINT: self.reused_checkpoint, **self.train, **self.val,
                                VAL_METRIC: self.val_metric, COMPRESSED_VAL_METRIC: self.compressed_val_metric,
                                **(asdict(self.accounting) if self.accounting else {}), **self.gate_saturation,
                                "gate_histograms": self.gate_histograms or None, "epoch_time_s": self.epoch_time_s,
