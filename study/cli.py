@@ -26,8 +26,8 @@ from study.claim import StudyBusyError
 from study.config import DEFAULT_STORAGE, StudyConfig, load_study_config
 from study.filters import FilterError
 from study.paths import StudyPaths, StudyStateError, read_state
-from study.report import format_front, metric_name_of, study_front
-from study.status import readable_floats, study_status
+from study.report import format_front, metric_name_of, readable_floats, study_front
+from study.status import study_status
 from study.tracking import find_experiment_id, runs_view_url
 from trainables.config import SMOKE
 
@@ -167,7 +167,7 @@ def cmd_results(args: argparse.Namespace) -> int:
         text = df.to_csv(index=False) if args.format == "csv" else \
             df.to_json(orient="records", date_format="iso", force_ascii=False, indent=1) + "\n"
     elif args.front and not args.columns:
-        text = format_front(readable_floats(df), metric) + "\n"
+        text = format_front(df, metric) + "\n"
     else:
         text = readable_floats(df).to_string(index=False, max_cols=None if args.columns else 30) + "\n"
     args.output.write_text(text) if args.output else sys.stdout.write(text)

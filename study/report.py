@@ -10,6 +10,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from analysis import plots
@@ -71,7 +72,31 @@ def format_front(front: pd.DataFrame, metric_name: str) -> str:
     shown = front[[c for c in SHOWN if c in front.columns]].rename(
         columns={VAL_METRIC: f"val {metric_name}", TEST_METRIC: f"test {metric_name}",
                  GATE_COMPRESSION: "gate ×", MODEL_COMPRESSION: "model ×"})
-    return shown.to_string(index=False, float_format=lambda v: f"{v:.3g}")
+    return readable_floats(shown).to_string(index=False)
+
+
+def readable_floats(df: pd.DataFrame, *, significant: int = 3, most: int = 8) -> pd.DataFrame:
+    """A copy with every float column as fixed-point text, with the fewest decimals that keep `significant`
+    digits of its smallest value and tell its distinct values apart (1567.81 and 1568.24 are not both "1568")."""
+    out = df.copy()
+    for name in out.columns:
+        if not pd.api.types.is_float_dtype(out[name]):
+            continue
+        values = out[name].to_numpy(dtype="float64", na_value=np.nan)
+        finite = np.unique(values[np.isfinite(values)])
+        decimals = _decimals(finite, significant, most)
+        out[name] = ["" if np.isnan(v) else f"{v:.{decimals}f}" if np.isfinite(v) else str(v) for v in values]
+    return out
+
+
+def _decimals(values: np.ndarray, significant: int, most: int) -> int:
+    nonzero = np.abs(values[values != 0])
+    if len(nonzero) == 0:
+        return 0
+    decimals = min(max(significant - 1 - int(np.floor(np.log10(nonzero.min()))), 0), most)
+    while decimals < most and len(np.unique(np.round(values, decimals))) < len(values):
+        decimals += 1
+    return decimals
 
 
 def front_plot(df: pd.DataFrame, cfg: StudyConfig, path: Path) -> Path | None:

@@ -24,7 +24,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from study import results
@@ -132,7 +131,7 @@ class StudyStatus:
         if self.pending:
             lines.append(f"  … and {self.pending} pending trial(s), not asked for yet")
         lines += ["", f"Pareto front so far ({len(self.front)} point(s)):"]
-        lines.append(format_front(readable_floats(self.front), self.metric_name))
+        lines.append(format_front(self.front, self.metric_name))
         return "\n".join(lines)
 
 
@@ -241,26 +240,3 @@ def _started_from_results(df: pd.DataFrame) -> list[float]:
 
 
 # --------------------------------------------------------------------------- tables people read
-
-def readable_floats(df: pd.DataFrame, *, significant: int = 3, most: int = 8) -> pd.DataFrame:
-    """A copy with every float column as fixed-point text, with the fewest decimals that keep `significant`
-    digits of its smallest value and tell its distinct values apart (1567.81 and 1568.24 are not both "1568")."""
-    out = df.copy()
-    for name in out.columns:
-        if not pd.api.types.is_float_dtype(out[name]):
-            continue
-        values = out[name].to_numpy(dtype="float64", na_value=np.nan)
-        finite = np.unique(values[np.isfinite(values)])
-        decimals = _decimals(finite, significant, most)
-        out[name] = ["" if np.isnan(v) else f"{v:.{decimals}f}" if np.isfinite(v) else str(v) for v in values]
-    return out
-
-
-def _decimals(values: np.ndarray, significant: int, most: int) -> int:
-    nonzero = np.abs(values[values != 0])
-    if len(nonzero) == 0:
-        return 0
-    decimals = min(max(significant - 1 - int(np.floor(np.log10(nonzero.min()))), 0), most)
-    while decimals < most and len(np.unique(np.round(values, decimals))) < len(values):
-        decimals += 1
-    return decimals

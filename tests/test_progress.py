@@ -24,7 +24,7 @@ from study.progress import (
     study_eta,
     training_plan,
 )
-from study.status import readable_floats
+from study.report import readable_floats
 from study.tracking import open_tracker
 from trainables.config import TrialConfig
 from trainables.store import ModelStore
