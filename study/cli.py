@@ -26,7 +26,7 @@ from study.claim import StudyBusyError
 from study.config import DEFAULT_STORAGE, StudyConfig, load_study_config
 from study.filters import FilterError
 from study.paths import StudyPaths, StudyStateError, read_state
-from study.report import format_front, metric_name_of, readable_floats, study_front
+from study.report import format_front, front_plot, metric_name_of, readable_floats, study_front
 from study.status import study_status
 from study.tracking import find_experiment_id, runs_view_url
 from trainables.config import SMOKE
@@ -83,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "\"method in ['svd', 'quant'] and `compress.rank` >= 8\"")
     res.add_argument("--columns", metavar="A,B,...", type=_column_list,
                      help="only these columns, in this order (`g2-study results NAME --format json` lists them all)")
-    res.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table",
-                     help="json: a list of records, one per row")
+    res.add_argument("--format", choices=["table", "csv", "json", "parquet", "png"], default="table",
+                     help="json: a list of records, one per row; png: the front per gate mode, drawn over the "
+                          "selected rows (needs --output)")
     res.add_argument("--output", type=Path, help="file to write (required for parquet)")
     compare = sub.add_parser("compare", help="the paper's compression tables and gate saturation beside a study's "
                                              "(markdown; docs/fidelity.md)")
@@ -150,6 +151,12 @@ def cmd_results(args: argparse.Namespace) -> int:
     except pa.ArrowException as err:   # a filter the language accepts but Arrow cannot evaluate on these columns
         raise FilterError(f"invalid filter {args.where!r}: {err}") from None
     metric = metric_name_of(df)
+    if args.format == "png":
+        if args.output is None:
+            raise ValueError("--format png needs --output FILE")
+        if front_plot(df, cfg, args.output) is None:
+            raise ValueError(f"study {args.name} has no ok rows to draw")
+        return 0
     if args.front:
         df = study_front(df, cfg)
     if args.columns:

@@ -56,6 +56,16 @@ def test_results_where_and_parquet_export(real_study, tmp_path):
     assert len(df) > 0 and (df["compress.rank"] == 8).all() and (df["status"] == "ok").all()
 
 
+def test_results_front_as_a_png_and_png_needs_an_output(real_study, tmp_path):
+    out = tmp_path / "front.png"
+    proc = cli("results", "real", "--storage", str(real_study["storage"]), "--format", "png", "--output", str(out),
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    proc = cli("results", "real", "--storage", str(real_study["storage"]), "--format", "png", cwd=tmp_path)
+    assert proc.returncode == 2 and "--format png needs --output" in proc.stderr
+
+
 def test_results_where_runs_no_code_and_bad_filters_exit_2(real_study, tmp_path):
     marker = tmp_path / "PWNED"
     storage = str(real_study["storage"])

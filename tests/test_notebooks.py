@@ -5,33 +5,26 @@ uses a real study run by `g2-study run`.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
 
+from analysis import notebooks
+from analysis.notebooks import NOTEBOOKS
 from study import results
 
 from test_plots import write_synthetic_study
 
 ANALYSIS = Path(__file__).resolve().parents[1] / "analysis"
-NOTEBOOKS = ("pareto_lm", "pareto_nmt", "gates")
 
 
 def execute(name: str, study_dir: Path, cwd: Path) -> nbformat.NotebookNode:
-    """Run a notebook with STUDY_DIR injected after its `parameters` cell (papermill's convention)."""
+    """Run a notebook as `analysis.notebooks` does for the docs; each is written to work from any directory."""
     nb = nbformat.read(ANALYSIS / f"{name}.ipynb", as_version=4)
-    params = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
-    assert len(params) == 1 and nb.cells[params[0]].cell_type == "code"
-    assert 'matplotlib.use("Agg")' in nb.cells[params[0]].source
-    injected = nbformat.v4.new_code_cell(f"STUDY_DIR = {os.fspath(study_dir)!r}",
-                                         metadata={"tags": ["injected-parameters"]})
-    nb.cells.insert(params[0] + 1, injected)
-    # The kernel's cwd is an empty directory: the notebooks must not depend on being run from the repository.
-    NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
-    return nb
+    (param,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert 'matplotlib.use("Agg")' in param.source
+    return notebooks.execute(name, study_dir, cwd, timeout=120)
 
 
 def outputs(nb: nbformat.NotebookNode) -> tuple[int, str]:
@@ -98,3 +91,11 @@ def test_notebooks_run_on_a_real_study(real_study, tmp_path):
     assert images == 4 and "No gate histograms" not in text   # LM only: saturation, two curves, histograms
     images, text = outputs(execute("pareto_nmt", real_study["dir"], tmp_path))
     assert "No finished NMT trials" in text
+
+
+@pytest.mark.slow
+def test_the_docs_figures_come_from_the_executed_notebook(full_study, tmp_path):
+    assert notebooks.main(["gates", str(full_study), "--figures", str(tmp_path / "figs")]) == 0
+    written = sorted((tmp_path / "figs").iterdir())
+    assert [p.name for p in written] == [f"gates_{k}.png" for k in range(1, 9)]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
