@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from trainables.report import FINISHED_AT, STATUS, TRAINING_KEY
+from trainables.report import FINISHED_AT, OK, STATUS, TRAINING_KEY
 
 Direction = Literal["min", "max"]
 
@@ -142,7 +142,7 @@ def matches(column: pd.Series, value: object) -> np.ndarray:
 def ok_rows(df: pd.DataFrame, status_col: str = STATUS) -> pd.DataFrame:
     """Rows of finished trials (status "ok"), or all rows if there is no status column: only they have figures that
     can be compared (pruned, diverged and failed trials are truncated or meaningless points)."""
-    return df[matches(df[status_col], "ok")] if status_col in df.columns else df
+    return df[matches(df[status_col], OK)] if status_col in df.columns else df
 
 
 def _values(df: pd.DataFrame, cols: list[str]) -> np.ndarray:

@@ -40,7 +40,9 @@ from trainables.report import (
     DIVERGED,
     EVAL_GATE,
     OK,
+    STATUS,
     TEST_METRIC,
+    TRAINING_KEY,
     VAL_METRIC,
     EpochReport,
     SweepRow,
@@ -225,9 +227,9 @@ def _share_divergence(store: ModelStore | None, diverged: dict[str, Any]) -> Non
     if store is None:
         return
     try:
-        store.publish_diverged(diverged["training_key"], diverged)
+        store.publish_diverged(diverged[TRAINING_KEY], diverged)
     except OSError as err:   # the divergence is the result; failing to share it is not
-        log.warning("could not store the divergence of %s: %s", diverged["training_key"], err)
+        log.warning("could not store the divergence of %s: %s", diverged[TRAINING_KEY], err)
 
 
 # --------------------------------------------------------------------------- Ray Tune entry points
@@ -275,7 +277,7 @@ def _tune_trial(task: str, config: dict[str, Any], model_store: str | None) -> N
 def print_progress(bar) -> Reporter:
     def report(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
         name = metrics.get("metric_name", "metric")
-        if metrics.get("status") == "diverged":
+        if metrics.get(STATUS) == DIVERGED:
             bar.write(f"epoch {metrics['epoch']}: diverged ({metrics['error']})")
             return
         bar.update(1)
@@ -328,13 +330,13 @@ def main(argv: list[str] | None = None) -> int:
         if resume is not None:
             bar.update(load_checkpoint(resume)["epoch"])
         metrics = run_trial(cfg, work_dir, report=print_progress(bar), resume=resume)
-    if metrics.get("status") == "ok":
+    if metrics.get(STATUS) == OK:
         print_sweep(metrics)
     if args.json:
         final_json = json.dumps(metrics, indent=2, default=float)
         args.json.write_text(final_json)
-    print(f"\nstatus {metrics.get('status')}; checkpoint in {work_dir / 'checkpoint'}")
-    return 0 if metrics.get("status") == "ok" else 1
+    print(f"\nstatus {metrics.get(STATUS)}; checkpoint in {work_dir / 'checkpoint'}")
+    return 0 if metrics.get(STATUS) == OK else 1
 
 
 if __name__ == "__main__":
