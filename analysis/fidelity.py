@@ -17,7 +17,18 @@ import pandas as pd
 
 from analysis.paper import GATE_MODES, METRIC_NAME, SETTINGS, compare_saturation, compare_with_paper
 from analysis.pareto import SAME_MODEL, matches, ok_rows
-from trainables.report import EVAL_GATE, GATES, HIGH, LOW, METHOD, STATUS, TEST_METRIC, TRIAL_ID, gate_column
+from trainables.report import (
+    EVAL_GATE,
+    GATES,
+    HIGH,
+    LOW,
+    METHOD,
+    STATUS,
+    TEST_METRIC,
+    TRIAL_ID,
+    GateColumn,
+    gate_column,
+)
 
 BITS = (4, 2)   # the columns beyond the paper's: uniform quantisation of the full-rank i/f blocks
 COLUMN_TITLES = {"original": "original", "round": "round", "round_clip": "round & clip", "svd_big": "SVD {rank}",
@@ -112,15 +123,20 @@ def saturation_markdown(df: pd.DataFrame, task: str) -> str:
             lines.append(f"| {r['gate_mode']} | {r['gate']} | {_percent(r['lt01'])} ({_percent(r['lt01_paper'])}) | "
                          f"{_percent(r['gt09'])} ({_percent(r['gt09_paper'])}) | {r['n_trials']} |")
         return "\n".join(lines) + "\n\nOur first decoder layer, the layer of the paper's Fig. 3."
-    layers = sorted({int(c.split("_")[1][1:]) for c in ours.columns if c.startswith("gate_l")})
+    layers = sorted({col.layer for c in ours.columns if (col := GateColumn.parse(c))})
     lines = ["| gate mode | layer | i < 0.1 | i > 0.9 | f < 0.1 | f > 0.9 | trials |", "|---|---|---|---|---|---|---|"]
     for mode in GATE_MODES:
         group = ours[matches(ours["g2.gate_mode"], mode)]
         for layer in layers:
-            cells = [_percent(np.nanmean(group[gate_column(layer, g, side)].to_numpy(dtype=float, na_value=np.nan)))
-                     if len(group) else "–" for g in GATES for side in (LOW, HIGH)]
+            cells = [_mean_percent(group[gate_column(layer, g, side)]) for g in GATES for side in (LOW, HIGH)]
             lines.append(f"| {mode} | {layer} | " + " | ".join(cells) + f" | {len(group)} |")
     return "\n".join(lines)
+
+
+def _mean_percent(column: pd.Series) -> str:
+    """The mean of the measured values, in percent; "–" where none was measured (no trial, or no such layer)."""
+    values = column.to_numpy(dtype=float, na_value=np.nan)
+    return _percent(values[np.isfinite(values)].mean()) if np.isfinite(values).any() else "–"
 
 
 def _percent(fraction: float) -> str:
