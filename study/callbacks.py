@@ -37,7 +37,7 @@ from study.progress import (
 from study.report import study_front
 from study.results import ResultsWriter
 from study.tracking import StudyTracker, open_tracker
-from trainables.report import ERROR, FAILED, OK, RUNNING, STATUS
+from trainables.report import ERROR, FAILED, OK, REUSED_CHECKPOINT, RUNNING, STATUS
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class StudyCallback(tune.Callback):
         key = cfg.training_key() if cfg is not None else None
         running = {t.trial_id for t in trials if t.status == "RUNNING"}
         training_now = {t: k for t, k in self._keys.items() if t in running and t != trial.trial_id}
-        plan, waits_for = training_plan(key, trial.config.get("_model_store"), training_now)
+        plan, waits_for = training_plan(key, StudyPaths(Path(self.root)).models, training_now)
         if plan == TRAINS and key is not None:
             self._keys[trial.trial_id] = key
         earlier = TrialProgress.read(self.progress_dir / f"{trial.trial_id}.json")   # a driver before a restart
@@ -159,8 +159,8 @@ class StudyCallback(tune.Callback):
         self.tracker.log_epoch(trial.trial_id, result, step=int(result.get("epoch") or result["training_iteration"]))
         if (progress := self._progress.get(trial.trial_id)) is not None:
             self._write_progress(epoch_progress(progress, result, time.time()))
-            if result.get(STATUS) == RUNNING:   # an end has its own line
-                self.console.epoch(progress)
+            if result.get(STATUS) == RUNNING or (result.get(STATUS) == OK and not result.get(REUSED_CHECKPOINT)):
+                self.console.epoch(progress)   # the last epoch too, then its end line; a re-scored model trained none
             self._show(trials)
 
     def on_trial_complete(self, iteration, trials, trial, **info):

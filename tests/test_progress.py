@@ -69,7 +69,8 @@ def test_the_callback_says_when_a_trial_starts_each_epoch_and_its_end(recorded, 
     epochs = config["train.epochs"] + config["train.finetune_epochs"]
     assert lines[0] == "trial t1 starts: g2 τ=0.90 p=0.20 rank 0 bits 32; trains"
     beats = [line for line in lines if " epoch " in line]
-    assert len(beats) == epochs - 1   # the last epoch's report is the trial's end: its own line says it
+    assert len(beats) == epochs   # every epoch, the last one too (its report is also the trial's end)
+    assert beats[-1].startswith(f"trial t1 epoch {epochs}/{epochs}: ") and lines.index(beats[-1]) == len(lines) - 2
     assert re.fullmatch(rf"trial t1 epoch 1/{epochs}: val ppl \d+\.\d\d \| [\d.]+k? tok/s \| ETA \d+:\d\d", beats[0])
     assert lines[-1].startswith("[  1/2] t1 ok") and lines[-1].endswith("point(s)")
     progress = read_progress(tmp_path)["t1"]
@@ -162,4 +163,10 @@ def test_a_study_run_into_a_log_prints_plain_lines(real_study):
     assert re.search(r"^trial \S+ starts: .+; (trains|re-scores the stored model|waits for the model .+)$", out,
                      re.M), out[-3000:]
     assert re.search(r"^trial \S+ epoch 1/2: val ppl \d+\.\d\d \| .* tok/s \| ETA \d+:\d\d$", out, re.M), out[-3000:]
+    # what a start line said the trial would do is what it did: a re-scored model ends "(reused model)"
+    plans = dict(re.findall(r"^trial (\S+) starts: .+; (trains|re-scores|waits)", out, re.M))
+    reused = set(re.findall(r"^\[\s*\d+/5\] (\S+) ok .*\(reused model\)", out, re.M))
+    assert plans and all((plans[t] == "trains") == (t not in reused) for t in plans if plans[t] != "waits"), out[-3000:]
+    trained = [t for t in plans if t not in reused]
+    assert all(re.search(rf"^trial {t} epoch 2/2: ", out, re.M) for t in trained), out[-3000:]   # the last epoch too
     assert len(re.findall(r"^\[\s*\d+/5\] ", out, re.M)) == 5

@@ -225,3 +225,13 @@ def test_cli_check_accepts_every_shipped_config(path, tmp_path, monkeypatch, cap
     out = capsys.readouterr().out
     assert f"config OK: {load_study_config(path, []).total_samples()} trial(s)" in out
     assert list(tmp_path.iterdir()) == []                       # checking creates nothing
+
+
+def test_experiments_saved_before_the_searcher_moved_still_find_it():
+    """Tune pickled the searcher as study.runner.StudySearch until it moved to study.search: resume unpickles it."""
+    import pickle
+
+    from study import runner, search
+
+    assert runner.StudySearch is search.StudySearch
+    assert pickle.loads(pickle.dumps(runner.StudySearch)) is search.StudySearch
