@@ -186,7 +186,9 @@ class LMTask(Task):
                      "test": batchify(corpus.test, cfg.lm.test_batch_size).to(device)}
         self.model = RNNLM(cfg.lm, cfg.g2, self.vocab_size, impl=cfg.train.impl,
                            precision=cfg.train.precision).to(device)
-        self.corpus_valid, self.selection_data = corpus.valid, None   # batchified for `selection_loss` if needed
+        # the validation stream training decisions read (`selection_loss`): the scored one where it is the same
+        self.selection_data = (self.data["valid"] if cfg.lm.eval_batch_size == SELECTION_BATCH_SIZE
+                               else batchify(corpus.valid, SELECTION_BATCH_SIZE).to(device))
         self.graphs = self._window_graphs()
         self.trigger = NonMonotoneTrigger(cfg.train.nonmono)
         self.optimizer = self._make_optimizer(asgd=False)
@@ -282,8 +284,6 @@ class LMTask(Task):
         if (cfg.g2.eval_gate, cfg.lm.cache_window, cfg.train.max_eval_batches, cfg.lm.eval_batch_size) == \
                 ("soft", 0, 0, SELECTION_BATCH_SIZE):
             return val["loss"]
-        if self.selection_data is None:
-            self.selection_data = batchify(self.corpus_valid, SELECTION_BATCH_SIZE).to(self.device)
         with evaluation_gates(model, "soft"):
             return self._nll(model, self.selection_data, cache_window=0, max_batches=0)
 
