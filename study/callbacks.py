@@ -64,6 +64,7 @@ class StudyCallback(tune.Callback):
         self._keys: dict[str, str] = {}   # trial id -> training key, of the trials this driver saw start training
         self._started: float | None = None   # this driver's first trial start
         self._ended_earlier = 0   # trials an earlier driver finished: no measure of this driver's pace
+        self._carried = 0.0   # the epochs (in trials) earlier drivers trained of the trials this one went on with
         self._statuses: Counter = Counter()
         self._ok_rows: list[dict] = []   # the results rows of the ok trials finished so far
         self._earlier: dict[str, list[dict] | None] = {}   # trial id -> rows recorded by an earlier driver
@@ -72,7 +73,10 @@ class StudyCallback(tune.Callback):
 
     def __getstate__(self):
         return {**self.__dict__, "_writer": None, "_tracker": None, "_earlier": {}, "_measured": {},
-                "_console": None, "_progress": {}, "_keys": {}, "_started": None}
+                "_console": None, "_progress": {}, "_keys": {}, "_started": None, "_carried": 0.0}
+
+    def __setstate__(self, state):
+        self.__dict__.update({"_carried": 0.0, **state})   # a callback saved before a field existed resumes too
 
     @property
     def console(self) -> Console:
@@ -124,10 +128,12 @@ class StudyCallback(tune.Callback):
             self._keys[trial.trial_id] = key
         earlier = TrialProgress.read(self.progress_dir / f"{trial.trial_id}.json")   # a driver before a restart
         progress = TrialProgress(trial.trial_id, describe_trial(trial.config), plan, waits_for,
-                                 epoch=earlier.epoch if earlier else 0, epochs=total_epochs(cfg),
+                                 epoch=earlier.epoch if earlier else 0, resumed_at=earlier.epoch if earlier else 0,
+                                 epochs=total_epochs(cfg),
                                  started=time.time(), updated=time.time(), host=socket.gethostname(),
                                  driver_pid=os.getpid())
         self._progress[trial.trial_id] = progress
+        self._carried += progress.carried()
         self._write_progress(progress)
         self.console.trial_started(trial.trial_id, progress.knobs, plan, waits_for)
         self._show(trials)
@@ -143,7 +149,7 @@ class StudyCallback(tune.Callback):
         elapsed = time.time() - (self._started or time.time())
         done = sum(self._statuses.values())
         eta = study_eta(elapsed, self.total - self._ended_earlier, done - self._ended_earlier,
-                        [p.fraction() for p in self._progress.values()])
+                        [p.fraction() for p in self._progress.values()], self._carried)
         self.console.update(StudyProgress(total=self.total, done=done,
                                           running=sum(1 for t in trials if t.status == "RUNNING"),
                                           failed=sum(self._statuses[s] for s in FAILED), front=self._front,

@@ -139,6 +139,7 @@ class TrialProgress:
     waits_for: str | None = None
     state: str = RUNNING                # running, or the status it ended with (trainables.report.STATUSES)
     epoch: int = 0                      # epochs reported so far
+    resumed_at: int = 0                 # the epoch it went on from in this driver (an earlier one's checkpoint)
     epochs: int | None = None           # of how many
     metric_name: str = ""
     val_metric: float | None = None
@@ -159,6 +160,10 @@ class TrialProgress:
     def fraction(self) -> float:
         """How far it is, in epochs (0 for a trial that re-scores or waits: its time is not in epochs)."""
         return min(self.epoch / self.epochs, 1.0) if self.epochs else 0.0
+
+    def carried(self) -> float:
+        """The fraction an earlier driver trained: not this driver's work, so not its pace."""
+        return min(self.resumed_at / self.epochs, 1.0) if self.epochs else 0.0
 
     @classmethod
     def read(cls, path: Path) -> TrialProgress | None:
@@ -185,12 +190,17 @@ def read_progress(study_root: Path) -> dict[str, TrialProgress]:
 
 # --------------------------------------------------------------------------- the study as a whole
 
-def study_eta(elapsed_s: float, total: int, done: int, running: list[float]) -> float | None:
-    """Seconds left at the pace so far: finished trials count whole, running ones by their fraction of epochs."""
-    progress = done + sum(running)
-    if progress <= 0 or elapsed_s <= 0:
+def study_eta(elapsed_s: float, total: int, done: int, running: list[float], carried: float = 0.0) -> float | None:
+    """Seconds left at the pace so far: finished trials count whole, running ones by their fraction of epochs.
+
+    `carried` is what earlier drivers trained of the trials this one went on with: it is left out of the pace
+    (a trial resumed at epoch 3 of 4 did not take this driver three epochs' time).
+    """
+    reached = done + sum(running)
+    made = reached - carried
+    if made <= 0 or elapsed_s <= 0:
         return None
-    return max(total - progress, 0.0) * elapsed_s / progress
+    return max(total - reached, 0.0) * elapsed_s / made
 
 
 @dataclass(frozen=True)

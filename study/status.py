@@ -187,7 +187,7 @@ def study_status(storage: str, name: str, *, now: float | None = None) -> StudyS
     first = min(starts, default=None)
     elapsed = None if first is None else (now if alive else (last or first)) - first
     running = [p.fraction() for t in trials if t.state == RUNNING for p in [progress[t.trial_id]]]
-    eta = study_eta(elapsed, total, len(done), running) if alive and elapsed else None
+    eta = _eta_at_driver_pace(info, df, progress, now, total, len(done), running) if alive else None
     front = study_front(df, cfg)
     front = front[[c for c in SHOWN if c in front.columns]] if len(front) else front
     metric = str(df["metric_name"].dropna().iloc[0]) if len(df) and df["metric_name"].notna().any() else "metric"
@@ -224,6 +224,22 @@ def _int(value: Any) -> int | None:
 
 def _str(value: Any) -> str | None:
     return None if value is None or pd.isna(value) else str(value)
+
+
+def _eta_at_driver_pace(info: DriverInfo, df: pd.DataFrame, progress: dict[str, TrialProgress], now: float,
+                        total: int, done: int, running: list[float]) -> float | None:
+    """Seconds left at the live driver's pace, as its console bar says: what earlier drivers of a resumed study
+    did, and the time nobody ran it, say nothing of how fast this one goes."""
+    since = datetime.fromisoformat(info.started).timestamp()
+    ended_earlier = sum(1 for end in _ended_by_trial(df) if end < since)
+    carried = sum(p.carried() for p in progress.values() if p.started >= since)
+    return study_eta(now - since, total - ended_earlier, done - ended_earlier, running, carried)
+
+
+def _ended_by_trial(df: pd.DataFrame) -> list[float]:
+    if df.empty:
+        return []
+    return [t.timestamp() for t in df.drop_duplicates(TRIAL_ID)[FINISHED_AT].dropna()]
 
 
 def _ended_from_results(df: pd.DataFrame) -> list[float]:

@@ -20,6 +20,7 @@ from study.callbacks import StudyCallback
 from study.claim import CLAIM_FILE, DriverInfo
 from study.config import StudyConfig
 from study.paths import StudyPaths, StudyState
+from study.progress import read_progress, study_eta
 from study.report import study_front
 from study.status import STOPPED, study_status
 from study.tracking import open_tracker
@@ -80,6 +81,22 @@ def test_status_while_the_study_runs(half_done):
     assert f"epoch 1/{epochs}" in table and "val ppl" in table and "ETA" in table and "2 pending" in table
     said = json.loads(json.dumps(status.to_json()))   # plain JSON: no NaN, no timestamps left as objects
     assert said["state"] == "running" and said["pending"] == 2 and len(said["front"]) == len(status.front)
+
+
+def test_status_eta_goes_at_the_live_drivers_pace_after_a_resume(half_done):
+    """A driver that went on with t2 from an earlier driver's epoch-1 checkpoint: neither the earlier driver's
+    finished t1, nor t2's carried epoch, nor the hours nobody ran the study, set the pace."""
+    cfg, paths, epochs = half_done
+    since = datetime.now(UTC).timestamp() + 3600   # resumed an hour after t1 ended
+    DriverInfo(host=socket.gethostname(), pid=os.getpid(), started=datetime.fromtimestamp(since, UTC).isoformat(),
+               command="g2-study resume s").write(paths.root / CLAIM_FILE)
+    t2 = read_progress(paths.root)["t2"]
+    t2.started, t2.resumed_at, t2.epoch, t2.epochs = since + 1, 1, 2, 4
+    t2.write(paths.progress)
+    status = study_status(cfg.storage, "s", now=since + 100)
+    # this driver trained a quarter of a trial in 100 s; left: 3 pending or running trials less t2's half
+    assert status.eta_s == pytest.approx((4 - 1 - 0.5) * 100 / 0.25)
+    assert study_eta(100.0, total=4, done=1, running=[0.5], carried=0.25) == pytest.approx(2.5 * 100 / 1.25)
 
 
 def test_status_after_the_driver_was_killed(half_done):
@@ -159,3 +176,13 @@ def test_status_during_a_quiet_run_and_after_its_driver_is_killed(tmp_path):
     finally:
         for proc in alive(started):
             proc.kill()
+
+
+def test_a_callback_saved_before_it_counted_carried_epochs_resumes(tmp_path):
+    """Ray pickles the callback into the experiment state; one saved by an older version has no `_carried`."""
+    cfg = StudyConfig(name="s", preset="tiny", storage=str(tmp_path))
+    saved = StudyCallback(cfg, str(tmp_path / "s"), total=2, printer=lambda line: None, quiet=True).__getstate__()
+    del saved["_carried"]
+    restored = StudyCallback.__new__(StudyCallback)
+    restored.__setstate__(saved)
+    assert restored._carried == 0.0 and restored.total == 2
