@@ -127,9 +127,9 @@ class StudyCallback(tune.Callback):
         if plan == TRAINS and key is not None:
             self._keys[trial.trial_id] = key
         earlier = TrialProgress.read(self.progress_dir / f"{trial.trial_id}.json")   # a driver before a restart
+        resumed_at = earlier.epoch if earlier else 0
         progress = TrialProgress(trial.trial_id, describe_trial(trial.config), plan, waits_for,
-                                 epoch=earlier.epoch if earlier else 0, resumed_at=earlier.epoch if earlier else 0,
-                                 epochs=total_epochs(cfg),
+                                 epoch=resumed_at, resumed_at=resumed_at, epochs=total_epochs(cfg),
                                  started=time.time(), updated=time.time(), host=socket.gethostname(),
                                  driver_pid=os.getpid())
         self._progress[trial.trial_id] = progress

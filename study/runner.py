@@ -29,12 +29,12 @@ from study.failures import train_lm, train_nmt
 from study.paths import StudyPaths, StudyState, StudyStateError, read_state
 from study.report import close_study
 from study.search import StudySearch, fail_orphaned_trials, make_searcher
+from study.tracking import open_tracker
+from trainables.report import TRIAL_ID
 
 # Tune pickles the searcher with the experiment, under the module it was defined in: experiments saved before
 # StudySearch moved to study.search name it study.runner.StudySearch, and resume must still find it there.
 __all__ = ["StudySearch", "resume_study", "run_study"]
-from study.tracking import open_tracker
-from trainables.report import TRIAL_ID
 
 log = logging.getLogger(__name__)
 Printer = Callable[[str], None]

@@ -183,7 +183,7 @@ def study_status(storage: str, name: str, *, now: float | None = None) -> StudyS
     state_word = RUNNING if alive else "finished" if finished else STOPPED if trials else PENDING
 
     starts = [p.started for p in progress.values() if p.started] + _started_from_results(df)
-    last = max([p.updated for p in progress.values()] + _ended_from_results(df), default=None)
+    last = max([p.updated for p in progress.values()] + _ended_by_trial(df), default=None)
     first = min(starts, default=None)
     elapsed = None if first is None else (now if alive else (last or first)) - first
     running = [p.fraction() for t in trials if t.state == RUNNING for p in [progress[t.trial_id]]]
@@ -240,10 +240,6 @@ def _ended_by_trial(df: pd.DataFrame) -> list[float]:
     if df.empty:
         return []
     return [t.timestamp() for t in df.drop_duplicates(TRIAL_ID)[FINISHED_AT].dropna()]
-
-
-def _ended_from_results(df: pd.DataFrame) -> list[float]:
-    return [t.timestamp() for t in df[FINISHED_AT].dropna()] if len(df) else []
 
 
 def _started_from_results(df: pd.DataFrame) -> list[float]:
