@@ -1,8 +1,8 @@
 """The paper's published numbers (Li et al., ICML 2018, arXiv 1806.02988) as data, and ours beside them.
 
-Two tables come from the paper: compression without retraining (DESIGN §3: PTB test perplexity with the neural cache
-pointer, IWSLT14 De-En BLEU) and the gate saturation of its Fig. 3 (DESIGN §2: IWSLT decoder layer 1, read from the
-figure). `compare_with_paper` puts our study's figures for the same settings beside them. Our models are trained on
+Two tables come from the paper: compression without retraining (docs/design.md §3; PTB test perplexity with the
+neural cache pointer, IWSLT14 De-En BLEU) and the gate saturation of its Fig. 3 (docs/design.md §2; IWSLT decoder
+layer 1, read from the figure). `compare_with_paper` puts our study's figures for the same settings beside them. Our models are trained on
 other data and budgets, so compare the shape (how much each gate mode loses per setting), not the absolute numbers.
 """
 

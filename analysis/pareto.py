@@ -1,8 +1,8 @@
 """Pareto fronts, hypervolume and knee points of a study's results.
 
 Everything here works on plain arrays or on the results DataFrame (one row per trial and compression setting,
-DESIGN §5). Internally every objective is flipped so that lower is better: a maximised column is multiplied by -1 once,
-at the edge, and the algorithms below only ever minimise. A row whose objectives are not all finite (a diverged trial, a
+docs/design.md §5). Internally every objective is flipped so that lower is better: a maximised column is multiplied
+by -1 once, at the edge, and the algorithms below only ever minimise. A row whose objectives are not all finite (a diverged trial, a
 metric that was never computed) is never on a front, and only rows with status "ok" enter a front built from a
 DataFrame, so a truncated, diverged or failed trial can never look like a good trade-off.
 """

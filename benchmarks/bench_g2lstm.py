@@ -94,7 +94,7 @@ def candidates(sizes, input_size, device):
         "g2 reference": lambda: (stack(G2LSTM, sizes, input_size, g2=g2, impl="reference"), False),
         "lstm via G2LSTM(auto)": lambda: (stack(G2LSTM, sizes, input_size, g2=G2Config(gate_mode="lstm")), False),
     }
-    if device.type == "cuda":   # the Triton path (DESIGN §8), graphed and in bf16, next to cuDNN in the same run
+    if device.type == "cuda":   # the Triton path (docs/design.md §8), graphed and in bf16, next to cuDNN in the same run
         for precision in ("fp32", "bf16"):
             for graphed in (False, True):
                 rows[f"g2 fused{'+graph' if graphed else ''} {precision}"] = (

@@ -21,9 +21,9 @@ from trainables.nmt import NMTTask
 
 
 class PlainLSTM(nn.LSTM):
-    """nn.LSTM that accepts (and ignores) G2LSTM's `return_gates` keyword, to stand in for it in RNNLM."""
+    """nn.LSTM standing in for G2LSTM in RNNLM (which calls its layers as `layer(x, state)`)."""
 
-    def forward(self, x, state=None, *, return_gates=False):
+    def forward(self, x, state=None):
         return super().forward(x, state)
 
 
@@ -66,7 +66,7 @@ def main(argv=None) -> None:
     rows = {}
     lm_rows = {"LM nn.LSTM baseline": {"g2.gate_mode": "lstm"}, "LM G2LSTM lstm": {"g2.gate_mode": "lstm"},
                "LM G2LSTM g2": {"g2.gate_mode": "g2"}}
-    if device.type == "cuda":   # the fused path's CUDA graphs and bf16 GEMM operands (DESIGN §8)
+    if device.type == "cuda":   # the fused path's CUDA graphs and bf16 GEMM operands (docs/design.md §8)
         lm_rows["LM G2LSTM g2 graphs"] = {"g2.gate_mode": "g2", "train.cuda_graphs": True}
         lm_rows["LM G2LSTM g2 graphs bf16"] = {"g2.gate_mode": "g2", "train.cuda_graphs": True,
                                                "train.precision": "bf16"}

@@ -90,7 +90,7 @@ def ray_processes(root_pid: int) -> list[list]:
 def end_leftovers(info: DriverInfo) -> list[str]:
     """Kill the recorded local Ray processes of a dead driver that are still the same processes; their names.
 
-    They ignore SIGTERM (STACK.md), hence SIGKILL. A pid now used by another process has another start time,
+    They ignore SIGTERM (docs/design.md §9), hence SIGKILL. A pid now used by another process has another start time,
     and is left alone.
     """
     import psutil

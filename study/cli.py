@@ -24,9 +24,9 @@ from analysis import fidelity
 from study import results
 from study.claim import StudyBusyError
 from study.config import DEFAULT_STORAGE, StudyConfig, load_study_config
-from study.filters import FilterError
+from study.front import format_front, front_plot, metric_name_of, readable_floats, study_front
 from study.paths import StudyPaths, StudyStateError, read_state
-from study.report import format_front, front_plot, metric_name_of, readable_floats, study_front
+from study.results.filters import FilterError
 from study.status import study_status
 from study.tracking import find_experiment_id, runs_view_url
 from trainables.config import SMOKE
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--front", action="store_true", help="only the Pareto front of the study's objectives")
     res.add_argument("--where", metavar="EXPR",
                      help="rows to keep: comparisons of columns with values, and/or/not, in [...], == None "
-                          "(no code runs; see study/filters.py), e.g. \"status == 'ok' and 0.5 < g2.tau <= 2\" or "
+                          "(no code runs; see study/results/filters.py), e.g. \"status == 'ok' and 0.5 < g2.tau <= 2\" or "
                           "\"method in ['svd', 'quant'] and `compress.rank` >= 8\"")
     res.add_argument("--columns", metavar="A,B,...", type=_column_list,
                      help="only these columns, in this order (`g2-study results NAME --format json` lists them all)")
@@ -200,7 +200,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     """Serve the study's MLflow store on 127.0.0.1 and print the link to its training-runs view.
 
-    MLflow 3 opens on its GenAI traces page; the printed link goes straight to the study's runs (STACK.md).
+    MLflow 3 opens on its GenAI traces page; the printed link goes straight to the study's runs.
     """
     cfg = saved_config(args.name, args.storage)
     uri = StudyPaths.named(args.storage, args.name).tracking_uri(cfg)

@@ -38,6 +38,7 @@ from trainables.report import (
     COMPRESSED_VAL_METRIC,
     GATE_BITS,
     GATE_COMPRESSION,
+    HIGHER_IS_BETTER,
     MODEL_BITS,
     MODEL_COMPRESSION,
     VAL_METRIC,
@@ -52,7 +53,6 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # validation metric under the trial's compression (ppl: lower is better, BLEU: higher is better).
 OBJECTIVES = {COMPRESSED_VAL_METRIC: "metric", VAL_METRIC: "metric", GATE_BITS: "min", MODEL_BITS: "min",
               GATE_COMPRESSION: "max", MODEL_COMPRESSION: "max"}
-HIGHER_IS_BETTER = {"lm": False, "nmt": True}
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class StudyConfig:
     max_failures: int = 3                  # retries of a trial whose worker or node was lost, from its last
                                            # checkpoint; a trial whose own code raises is recorded, never retried
     trial: dict[str, Any] = field(default_factory=dict)   # flat, dotted TrialConfig overrides
-    space: tuple[Param, ...] = ()          # () = the default space of DESIGN §5
+    space: tuple[Param, ...] = ()          # () = the default space of docs/design.md §5
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not NAME_PATTERN.match(self.name):

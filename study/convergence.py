@@ -37,8 +37,9 @@ import pandas as pd
 
 from analysis.pareto import hypervolume
 from study import results
-from study.config import HIGHER_IS_BETTER, StudyConfig
-from study.report import front_objectives, front_plot, study_front
+from study.config import StudyConfig
+from study.front import front_objectives, front_plot, study_front
+from study.tags import REFERENCE_TAG
 from study.tracking import StudyTracker
 from trainables.config import FULL_PRECISION_BITS
 from trainables.report import (
@@ -47,6 +48,7 @@ from trainables.report import (
     GATE_BITS,
     GATE_COMPRESSION,
     GATE_PARAMS,
+    HIGHER_IS_BETTER,
     IS_TRIAL_SETTING,
     MODEL_BITS,
     MODEL_COMPRESSION,
@@ -63,8 +65,7 @@ log = logging.getLogger(__name__)
 TRIALS_DONE, TRIALS_FAILED = "study/trials_done", "study/trials_failed"
 FRONT_SIZE, HYPERVOLUME = "study/front_size", "study/hypervolume"
 BEST_AT_BITS = f"best_{VAL_METRIC}/{{bits}}bit"
-REFERENCE_TAG = "g2.hypervolume_reference"
-# Results columns trainables/report.py names no constant for (study.rows writes them).
+# Results columns trainables/report.py names no constant for (study.results.rows writes them).
 BITS, PAPER = "compress.bits", "compress.paper"
 
 

@@ -19,11 +19,8 @@ from typing import Any
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH
 
 from study.config import flatten
+from study.tags import GIT_COMMIT, GIT_COMMIT_TAG, GIT_DIRTY, PACKAGE_VERSION_TAG
 
-NOT_METRICS = frozenset({"timestamp", "pid", "time_this_iter_s", "time_total_s", "time_since_restore",
-                             "iterations_since_restore", "training_iteration", "timesteps_total", "episodes_total",
-                             "timesteps_since_restore", "node_ip", "hostname", "date", "trial_id", "experiment_tag",
-                             "config", "checkpoint_dir_name", "should_checkpoint", "done", "epoch"})
 _BAD_NAME_CHARS = re.compile(r"[^/\w.\- :]")
 _TRUNCATED = "…[truncated]"
 
@@ -32,9 +29,9 @@ def code_version() -> dict[str, str]:
     """Tags naming the code that ran: the package version and, in a git checkout, the commit and whether it is dirty."""
     tags = {}
     try:
-        tags["g2.package_version"] = importlib.metadata.version("g2-study")
+        tags[PACKAGE_VERSION_TAG] = importlib.metadata.version("g2-study")
     except importlib.metadata.PackageNotFoundError:
-        tags["g2.package_version"] = "unknown"
+        tags[PACKAGE_VERSION_TAG] = "unknown"
     repo = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -43,7 +40,7 @@ def code_version() -> dict[str, str]:
                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return tags
-    tags |= {"mlflow.source.git.commit": commit, "g2.git_commit": commit, "g2.git_dirty": str(bool(dirty)).lower()}
+    tags |= {GIT_COMMIT_TAG: commit, GIT_COMMIT: commit, GIT_DIRTY: str(bool(dirty)).lower()}
     return tags
 
 
@@ -75,10 +72,11 @@ def param_values(config: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
-def numeric_metrics(report: Mapping[str, Any]) -> dict[str, float]:
-    """The report's numbers (NaN and inf included: a diverged loss is a measurement); bools, text, lists skipped."""
-    return {metric_name(k): float(v) for k, v in report.items()
-            if k not in NOT_METRICS and isinstance(v, numbers.Real) and not isinstance(v, bool)}
+def valid_metrics(values: Mapping[str, Any]) -> dict[str, float]:
+    """Numbers under valid MLflow names (NaN and inf included: a diverged loss is a measurement); bools, text,
+    lists and None are no metrics."""
+    return {metric_name(k): float(v) for k, v in values.items()
+            if isinstance(v, numbers.Real) and not isinstance(v, bool)}
 
 
 def json_safe(value: Any) -> Any:

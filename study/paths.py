@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,19 +71,48 @@ class StudyPaths:
         return (self.root / "mlartifacts").as_uri()
 
 
-@dataclass
+@dataclass(frozen=True)
+class Experiment:
+    """One Tune experiment run for a study: the first run, or an extension (`<name>-ext<k>`)."""
+
+    name: str
+    num_samples: int             # the trials it asked for
+    finished: bool = False       # every trial ended and the study was closed; else `resume` continues it
+
+
+@dataclass(frozen=True)
 class StudyState:
-    """What has been run for a study: its config (flat) and one entry per Tune experiment."""
+    """What has been run for a study: its config (flat) and its Tune experiments, oldest first."""
 
     config: dict[str, Any]
-    experiments: list[dict[str, Any]] = field(default_factory=list)   # {"name", "num_samples", "finished"}
+    experiments: tuple[Experiment, ...] = ()
 
     @classmethod
     def read(cls, path: Path) -> StudyState | None:
-        return cls(**json.loads(path.read_text())) if path.exists() else None
+        if not path.exists():
+            return None
+        stored = json.loads(path.read_text())
+        return cls(stored["config"], tuple(Experiment(**e) for e in stored.get("experiments", ())))
 
     def write(self, path: Path) -> None:
-        write_json(path, {"config": self.config, "experiments": self.experiments})
+        write_json(path, {"config": self.config, "experiments": [asdict(e) for e in self.experiments]})
+
+    @property
+    def total_samples(self) -> int:
+        return sum(e.num_samples for e in self.experiments)
+
+    @property
+    def finished(self) -> bool:
+        """Something was run and all of it finished."""
+        return bool(self.experiments) and all(e.finished for e in self.experiments)
+
+    def pending(self) -> Experiment | None:
+        """The experiment a driver stopped before it finished (`g2-study resume` continues it), if any."""
+        return next((e for e in reversed(self.experiments) if not e.finished), None)
+
+    def finish(self, name: str) -> StudyState:
+        return replace(self, experiments=tuple(replace(e, finished=True) if e.name == name else e
+                                               for e in self.experiments))
 
 
 class StudyStateError(RuntimeError):

@@ -26,17 +26,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from study.paths import StudyPaths, write_json
+from study.trial_end import TrialEnd
 from trainables.config import TrialConfig
-from trainables.report import (
-    COMPRESSED_VAL_METRIC,
-    GATE_COMPRESSION,
-    OK,
-    REUSED_CHECKPOINT,
-    RUNNING,
-    TRAIN_TOKENS,
-    VAL_METRIC,
-    EpochReport,
-)
+from trainables.report import OK, RUNNING, TRAIN_TOKENS, EpochReport
 
 TRAINS, RESCORES, WAITS = "trains", "re-scores", "waits"   # what a starting trial does with its training knobs
 
@@ -109,21 +101,21 @@ def describe_plan(plan: str, other: str | None) -> str:
     return "trains"
 
 
-def finished_line(trial, status: str, error: str | None, *, earlier: bool, done: int, total: int,
+def finished_line(end: TrialEnd, config: Mapping[str, Any], *, done: int, total: int,
                   statuses: Mapping[str, int], running: int, front: int) -> str:
-    """The line of a finished trial (a Tune Trial: its id, config and last result), with the study's counts."""
-    last = trial.last_result or {}
-    name = last.get("metric_name") or "metric"
-    if earlier:
+    """The line of a finished trial (its end and config), with the study's counts."""
+    last = end.last
+    if end.recorded_before:
         outcome = "recorded before the restart"
-    elif status == OK:
-        outcome = (f"val {name} {last[VAL_METRIC]:.2f}, compressed {last[COMPRESSED_VAL_METRIC]:.2f} "
-                   f"at gate ×{last[GATE_COMPRESSION]:.1f}" + (" (reused model)" if last.get(REUSED_CHECKPOINT)
-                                                               else ""))
+    elif end.status == OK and last is not None:
+        name = last.metric_name or "metric"
+        gate = last.accounting.gate_compression if last.accounting else math.nan
+        outcome = (f"val {name} {last.val_metric:.2f}, compressed {last.compressed_val_metric:.2f} "
+                   f"at gate ×{gate:.1f}" + (" (reused model)" if last.reused_checkpoint else ""))
     else:
-        outcome = error or status
+        outcome = end.error or end.status
     counts = ", ".join(f"{k} {v}" for k, v in sorted(statuses.items()))
-    return (f"[{done:>3}/{total}] {trial.trial_id} {status:<8} {describe_trial(trial.config)} -> {outcome} | "
+    return (f"[{done:>3}/{total}] {end.trial_id} {end.status:<8} {describe_trial(config)} -> {outcome} | "
             f"{counts}, running {running} | front: {front} point(s)")
 
 
@@ -168,11 +160,11 @@ class TrialProgress:
     @classmethod
     def read(cls, path: Path) -> TrialProgress | None:
         try:
-            said = json.loads(path.read_text())
+            stored = json.loads(path.read_text())
         except (FileNotFoundError, ValueError):   # gone (a restart), or written by something else
             return None
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in said.items() if k in known})
+        return cls(**{k: v for k, v in stored.items() if k in known})
 
     def write(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -300,14 +292,13 @@ def _isatty(stream: TextIO) -> bool:
         return False
 
 
-def epoch_progress(progress: TrialProgress, report: Mapping[str, Any], now: float) -> TrialProgress:
-    """`progress` after one epoch report (an `EpochReport.to_dict()`): epoch, metric, timings."""
-    said = EpochReport.from_dict(report)
-    tokens = said.train.get(TRAIN_TOKENS)
-    progress.epoch = said.epoch if said.epoch is not None else progress.epoch
-    progress.metric_name = said.metric_name or progress.metric_name
-    progress.val_metric = said.val_metric if math.isfinite(said.val_metric) else None
-    progress.epoch_time_s = said.epoch_time_s
-    progress.tokens_per_s = tokens / said.epoch_time_s if tokens and said.epoch_time_s else None
+def epoch_progress(progress: TrialProgress, report: EpochReport, now: float) -> TrialProgress:
+    """`progress` after one epoch report: epoch, metric, timings."""
+    tokens = report.train.get(TRAIN_TOKENS)
+    progress.epoch = report.epoch if report.epoch is not None else progress.epoch
+    progress.metric_name = report.metric_name or progress.metric_name
+    progress.val_metric = report.val_metric if math.isfinite(report.val_metric) else None
+    progress.epoch_time_s = report.epoch_time_s
+    progress.tokens_per_s = tokens / report.epoch_time_s if tokens and report.epoch_time_s else None
     progress.updated = now
     return progress

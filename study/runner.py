@@ -5,7 +5,6 @@ A study lives in one directory (`study.paths`); Tune's experiments of it, what `
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -20,15 +19,18 @@ import ray
 from ray import tune
 from ray.tune.logger import JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter
 
 from study import results
+from study.adapters import ray_tune
 from study.callbacks import StudyCallback
 from study.claim import DriverClaim
 from study.config import DEFAULT_STORAGE, StudyConfig
-from study.failures import train_lm, train_nmt
-from study.paths import StudyPaths, StudyState, StudyStateError, read_state
-from study.report import close_study
+from study.entrypoints import train_lm, train_nmt
+from study.front import close_study
+from study.paths import Experiment, StudyPaths, StudyState, StudyStateError, read_state
 from study.search import StudySearch, fail_orphaned_trials, make_searcher
+from study.tags import STORAGE_TAG
 from study.tracking import open_tracker
 from trainables.report import TRIAL_ID
 
@@ -52,7 +54,7 @@ def configure_ray_environment(address: str) -> None:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")   # our callback records; no CSV/TBX copies
-    # a failed or diverged trial's last report has no objectives: it is data (study.failures), not a misspelt metric
+    # a failed or diverged trial's last report has no objectives: it is data (study.entrypoints), not a misspelt metric
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     if not address:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")   # keep a local run on 127.0.0.1
@@ -146,10 +148,12 @@ def make_tuner(cfg: StudyConfig, paths: StudyPaths, experiment: str, num_samples
         base = cfg.base_trial()
         scheduler = ASHAScheduler(metric=cfg.objectives[0], mode=cfg.modes()[0], time_attr="training_iteration",
                                   max_t=base.train.epochs + base.train.finetune_epochs, grace_period=1)
-    callback = StudyCallback(cfg, str(paths.root), total=num_samples, printer=printer, quiet=quiet)
+    searcher = make_searcher(cfg, paths, seed)
+    callback = StudyCallback(cfg, str(paths.root), total=num_samples, printer=printer, quiet=quiet, searcher=searcher)
     return tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=make_searcher(cfg, paths, seed), num_samples=num_samples,
+        tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=cfg.max_concurrent),
+                                    num_samples=num_samples,
                                     scheduler=scheduler, reuse_actors=False, trial_name_creator=trial_dirname,
                                     trial_dirname_creator=trial_dirname),
         # Tune's JSON logger is the one of its auto loggers kept (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS): the
@@ -179,7 +183,7 @@ def _fit(tuner) -> int:
     """Run the experiment; how many of its trials ended (finished, failed or stopped early).
 
     On Ctrl-C `Tuner.fit()` saves the experiment and returns normally, with trials still running, pending or not
-    yet asked for (STACK.md), and then stops the running ones: in memory they end TERMINATED. The experiment state it
+    yet asked for (docs/design.md), and then stops the running ones: in memory they end TERMINATED. The experiment state it
     saved just before says what they were, so only that state tells whether the experiment is over.
     """
     grid = tuner.fit()
@@ -201,10 +205,7 @@ def _interrupted(cfg: StudyConfig, paths: StudyPaths, ended: int, num_samples: i
 
 def _finish(cfg: StudyConfig, paths: StudyPaths, state: StudyState, experiment: str, started: float,
             printer: Printer) -> StudyOutcome:
-    for entry in state.experiments:
-        if entry["name"] == experiment:
-            entry["finished"] = True
-    state.write(paths.state)
+    state.finish(experiment).write(paths.state)
     orphans = fail_orphaned_trials(cfg, paths.optuna_url(cfg))
     if orphans:
         printer(f"{orphans} Optuna trial(s) left RUNNING by the interrupted driver are marked FAIL: they were "
@@ -223,26 +224,23 @@ def bridge_checkpoint_rotation(exp_dir: Path) -> list[Path]:
     copy of it under each name the newest saved state gives that trial resumes it from there. Returns the copies
     made, which the caller removes once the experiment is over.
     """
-    states = sorted(exp_dir.glob("experiment_state-*.json"))
-    if not states:
-        return []
     made = []
-    for trial_json, runtime_json in json.loads(states[-1].read_text())["trial_data"]:
-        trial_dir = exp_dir / json.loads(trial_json)["relative_logdir"]
+    for trial_dir, names in ray_tune.checkpoints_named(exp_dir):
         newest = sorted(trial_dir.glob("checkpoint_[0-9]*"))
-        for name in sorted(set(re.findall(r"checkpoint_\d{6}", runtime_json))):
+        for name in sorted(names):
             if newest and not (trial_dir / name).exists():
                 shutil.copytree(newest[-1], trial_dir / name)
                 made.append(trial_dir / name)
     return made
 
 
-def show_on_this_console(tuner, printer: Printer, quiet: bool) -> None:
-    """A restored experiment brings back the callback pickled with it: this driver's console settings replace
-    the first driver's (Tuner.restore takes no run config; the Tuner keeps it on its local tuner)."""
-    for callback in tuner._local_tuner.get_run_config().callbacks or ():
+def attach_restored(tuner, printer: Printer, quiet: bool) -> None:
+    """A restored experiment brings back the callback and searcher pickled with it: link them again (the callback
+    tells the searcher each end), with this driver's console settings in place of the first driver's."""
+    searcher = ray_tune.restored_searcher(tuner)
+    for callback in ray_tune.restored_callbacks(tuner):
         if isinstance(callback, StudyCallback):
-            callback.printer, callback.quiet = printer, quiet
+            callback.attach(searcher if isinstance(searcher, StudySearch) else None, printer, quiet)
 
 
 def _start_ray(cfg: StudyConfig, claim: DriverClaim) -> None:
@@ -258,7 +256,7 @@ def run_study(cfg: StudyConfig, *, printer: Printer = print, quiet: bool = False
     paths = StudyPaths.of(cfg)
     with DriverClaim(paths.root, cfg.name, printer) as claim:
         state = StudyState.read(paths.state)
-        if state is not None and any(not e["finished"] for e in state.experiments):
+        if state is not None and state.pending() is not None:
             raise StudyStateError(f"study {cfg.name!r} in {paths.root} was interrupted; continue it with "
                                   f"`g2-study resume {cfg.name} --storage {cfg.storage}`")
         if state is not None and StudyConfig.from_json(state.config).task != cfg.task:
@@ -266,14 +264,13 @@ def run_study(cfg: StudyConfig, *, printer: Printer = print, quiet: bool = False
                                   f"{StudyConfig.from_json(state.config).task} study; pick another study.name")
         started = time.time()
         _start_ray(cfg, claim)   # before the study records an experiment that could not start
-        state = state or StudyState(config=cfg.to_json())
-        state.config = cfg.to_json()
-        k = len(state.experiments)
+        k = len(state.experiments) if state is not None else 0
         experiment = cfg.name if k == 0 else f"{cfg.name}-ext{k}"
         num_samples = cfg.total_samples()
-        state.experiments.append({"name": experiment, "num_samples": num_samples, "finished": False})
+        earlier = state.experiments if state is not None else ()
+        state = StudyState(cfg.to_json(), (*earlier, Experiment(experiment, num_samples)))
         state.write(paths.state)
-        open_tracker(cfg, str(paths.root)).start(cfg.to_flat(), tags={"g2.storage": str(paths.root)})
+        open_tracker(cfg, str(paths.root)).start(cfg.to_flat(), tags={STORAGE_TAG: str(paths.root)})
         printer(f"study {cfg.name}: {num_samples} trial(s) of {cfg.task}/{cfg.preset_name}, sampler {cfg.sampler}, "
                 f"objectives {', '.join(f'{o} ({m})' for o, m in zip(cfg.objectives, cfg.modes()))}")
         printer(f"  study directory {paths.root}\n  MLflow {paths.tracking_uri(cfg)}")
@@ -291,10 +288,10 @@ def resume_study(name: str, storage: str = DEFAULT_STORAGE, *, printer: Printer 
     with DriverClaim(paths.root, name, printer) as claim:
         state = read_state(paths)
         cfg = StudyConfig.from_json(state.config)
-        pending = [e for e in state.experiments if not e["finished"]]
-        if not pending:
+        pending = state.pending()
+        if pending is None:
             raise StudyStateError(f"study {name!r} has finished; run it again with --num-samples N to extend it")
-        experiment, num_samples = pending[-1]["name"], pending[-1]["num_samples"]
+        experiment, num_samples = pending.name, pending.num_samples
         exp_dir = paths.ray / experiment
         started = time.time()
         _start_ray(cfg, claim)
@@ -309,7 +306,7 @@ def resume_study(name: str, storage: str = DEFAULT_STORAGE, *, printer: Printer 
             bridges = bridge_checkpoint_rotation(exp_dir)
             tuner = tune.Tuner.restore(str(exp_dir), trainable=make_trainable(cfg, paths), resume_unfinished=True,
                                        resume_errored=False, restart_errored=False)
-            show_on_this_console(tuner, printer, quiet)
+            attach_restored(tuner, printer, quiet)
         if (ended := _fit(tuner)) < num_samples:
             return _interrupted(cfg, paths, ended, num_samples, started, printer)   # a next resume may need them
         for copy in bridges:   # those Tune restored from it rotated away; the others it never named

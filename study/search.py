@@ -11,16 +11,14 @@ from typing import Any
 
 import optuna
 from optuna.trial import TrialState
-from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
+from study.adapters.optuna_tune import asked_trial
 from study.config import StudyConfig
-from study.failures import is_error_report
 from study.paths import StudyPaths
-from study.rows import trial_status
 from study.space import DefineByRun
-from study.tracking import open_tracker
-from trainables.report import ERROR, FAILED, OK, REUSED_CHECKPOINT, TRAINING_KEY
+from study.tags import MLFLOW_RUN_ATTR, MODEL_TAG, ORPHAN_ATTR, RAY_TRIAL_ATTR, REUSED, TRAINED, TRAINING_KEY_TAG
+from study.trial_end import TrialEnd
 
 log = logging.getLogger(__name__)
 
@@ -61,25 +59,26 @@ def fail_orphaned_trials(cfg: StudyConfig, url: str) -> int:
     between is unknown to the restored experiment, which asks again. Once a run is over, every RUNNING trial is
     such an orphan (it was handed out, never run to a report).
     """
-    study = optuna.load_study(study_name=cfg.name, storage=url)
+    storage = optuna.storages.get_storage(url)
+    study = optuna.load_study(study_name=cfg.name, storage=storage)
+    study_id = storage.get_study_id_from_name(cfg.name)
     orphans = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for trial in orphans:
-        study._storage.set_trial_user_attr(trial._trial_id, "g2.orphan", ORPHAN_NOTE)
+        storage.set_trial_user_attr(storage.get_trial_id_from_study_id_trial_number(study_id, trial.number),
+                                    ORPHAN_ATTR, ORPHAN_NOTE)
         study.tell(trial.number, state=TrialState.FAIL)
     return len(orphans)
 
 
-# User attributes on every Optuna trial, so that optuna-dashboard leads to the trial's other records.
-RAY_TRIAL_ATTR, MLFLOW_RUN_ATTR = "g2.ray_trial_id", "g2.mlflow_run_id"
-TRAINING_KEY_ATTR, MODEL_ATTR = "g2.training_key", "g2.model"   # the trained model's key; "trained" | "reused"
-
-
 class StudySearch(OptunaSearch):
-    """Tells Optuna the truth about unfinished trials: a diverged or errored trial FAILED, one stopped
-    early (ASHA) was PRUNED. Neither is a real point of the front.
+    """OptunaSearch told each trial's end by the study's driver callback (`tell`), as a typed `TrialEnd`.
 
-    It also labels each Optuna trial (`_ot_trials`: Ray trial id -> the Optuna trial it asked for) with the Ray
-    trial id, the trial's MLflow run and its model: what a user of optuna-dashboard needs to find the rest.
+    Tune's own `on_trial_complete` reaches it first, with a raw result; it waits for the callback instead, which
+    decides the end once for every consumer (`study.trial_end`). So Optuna hears the truth about unfinished trials:
+    a diverged or errored trial FAILED, one stopped early (ASHA) PRUNED; neither is a point of the front.
+
+    Each Optuna trial is labelled with the Ray trial id, the trial's MLflow run and its model: what a user of
+    optuna-dashboard needs to find the rest.
     """
 
     def __init__(self, *args, cfg: StudyConfig, root: str, **kwargs):
@@ -88,47 +87,39 @@ class StudySearch(OptunaSearch):
 
     def suggest(self, trial_id):
         config = super().suggest(trial_id)
-        self._set_attrs(trial_id, {RAY_TRIAL_ATTR: trial_id})
+        self._label(trial_id, {RAY_TRIAL_ATTR: trial_id})
         return config
 
-    def _set_attrs(self, trial_id: str, attrs: dict[str, Any]) -> None:
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        """Tune's call, before the driver callback's: the callback's `tell` closes the Optuna trial."""
+
+    def tell(self, end: TrialEnd, *, mlflow_run_id: str | None = None) -> None:
+        """Close the trial's Optuna trial: COMPLETE with the objectives at its own setting, else PRUNED or FAIL."""
+        if asked_trial(self, end.trial_id) is None:   # asked by a searcher this one was not restored from
+            return
+        attrs: dict[str, Any] = {RAY_TRIAL_ATTR: end.trial_id}
+        if end.training_key:
+            attrs |= {TRAINING_KEY_TAG: end.training_key, MODEL_TAG: REUSED if end.reused else TRAINED}
+        if mlflow_run_id is not None:
+            attrs[MLFLOW_RUN_ATTR] = mlflow_run_id
+        self._label(end.trial_id, attrs)   # before Optuna closes it: a finished trial takes no attributes
+        super().on_trial_complete(end.trial_id, result=end.objectives(self.study_cfg.objectives), error=end.failed)
+
+    def _label(self, trial_id: str, attrs: dict[str, Any]) -> None:
         """Optuna refuses attributes on a finished trial: one a killed driver finished (and labelled) before
         Tune saved this searcher comes back from `Tuner.restore` still open here, and is left as it is."""
-        if trial_id not in self._ot_trials:
+        trial = asked_trial(self, trial_id)
+        if trial is None:
             return
         try:
             for key, value in attrs.items():
-                self._ot_trials[trial_id].set_user_attr(key, value)
+                trial.set_user_attr(key, value)
         except optuna.exceptions.UpdateFinishedTrialError:
             pass
 
-    def on_trial_complete(self, trial_id, result=None, error=False):
-        if trial_id in self._ot_trials and trial_id not in self._completed_trials:
-            self._label(trial_id, result)
-        # Tune marks a scheduler-stopped result `done` too: only the final report carries the sweep
-        status = ERROR if error or is_error_report(result) else trial_status(result)
-        if status != OK:
-            result, error = None, status in FAILED
-        super().on_trial_complete(trial_id, result=result, error=error)
 
-    def _label(self, trial_id: str, result: dict | None) -> None:
-        """The trial's user attributes, set before Optuna closes it (a finished trial takes none)."""
-        attrs: dict[str, Any] = {RAY_TRIAL_ATTR: trial_id}
-        if result and result.get(TRAINING_KEY):
-            attrs[TRAINING_KEY_ATTR] = result[TRAINING_KEY]
-            attrs[MODEL_ATTR] = "reused" if result.get(REUSED_CHECKPOINT) else "trained"
-        try:
-            tracker = open_tracker(self.study_cfg, self.root)
-            tracker.attach()
-            if (run_id := tracker.find_trial_run_id(trial_id)) is not None:
-                attrs[MLFLOW_RUN_ATTR] = run_id
-        except Exception as err:   # MLflow unreachable: the Optuna trial is told its result all the same
-            log.warning("could not find the MLflow run of trial %s: %s", trial_id, err)
-        self._set_attrs(trial_id, attrs)
-
-
-def make_searcher(cfg: StudyConfig, paths: StudyPaths, seed: int):
-    """OptunaSearch (multi-objective; metric and mode live on the searcher only) behind a ConcurrencyLimiter."""
+def make_searcher(cfg: StudyConfig, paths: StudyPaths, seed: int) -> StudySearch:
+    """The study's OptunaSearch (multi-objective; metric and mode live on the searcher only)."""
     url = paths.optuna_url(cfg)
     open_optuna_study(cfg, url, seed)
     constants = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.base_trial().to_flat().items()}
@@ -136,4 +127,4 @@ def make_searcher(cfg: StudyConfig, paths: StudyPaths, seed: int):
                            mode=cfg.modes(), sampler=make_sampler(cfg, seed),
                            storage=optuna.storages.RDBStorage(url), study_name=cfg.name,
                            cfg=cfg, root=str(paths.root))
-    return ConcurrencyLimiter(searcher, max_concurrent=cfg.max_concurrent)
+    return searcher

@@ -121,7 +121,7 @@ def parse_space(table: dict[str, dict[str, Any]]) -> tuple[Param, ...]:
 
 
 def default_space(base: TrialConfig, sampler: str) -> tuple[Param, ...]:
-    """DESIGN §5: gate_mode, g2.tau, g2.p, compress.rank and compress.bits.
+    """docs/design.md §5: gate_mode, g2.tau, g2.p, compress.rank and compress.bits.
 
     Ranks and bit-widths come from the config's sweep, so every suggestion is also a scored sweep point.
     τ and p only matter for g2 trials. The grid walks the gate modes alone: every trained model is scored on

@@ -29,6 +29,7 @@ import pandas as pd
 from study import results
 from study.claim import CLAIM_FILE, DriverInfo
 from study.config import StudyConfig
+from study.front import SHOWN, format_front, study_front
 from study.paths import StudyPaths, read_state
 from study.progress import (
     RESCORES,
@@ -40,7 +41,6 @@ from study.progress import (
     read_progress,
     study_eta,
 )
-from study.report import SHOWN, format_front, study_front
 from trainables.report import (
     FINISHED_AT,
     IS_TRIAL_SETTING,
@@ -72,18 +72,18 @@ class TrialStatus:
     error: str | None = None
 
     def detail(self) -> str:
-        said = []
+        parts = []
         if self.state in (RUNNING, STOPPED):
-            said.append(f"epoch {self.epoch or 0}/{self.epochs or '?'}")
+            parts.append(f"epoch {self.epoch or 0}/{self.epochs or '?'}")
             if self.plan in (RESCORES, WAITS):
-                said.append(describe_plan(self.plan, self.waits_for))
+                parts.append(describe_plan(self.plan, self.waits_for))
         if self.val_metric is not None:
-            said.append(f"val {self.metric_name or 'metric'} {self.val_metric:.2f}")
+            parts.append(f"val {self.metric_name or 'metric'} {self.val_metric:.2f}")
         if self.state == RUNNING and self.eta_s is not None:
-            said.append(f"ETA {format_duration(self.eta_s)}")
+            parts.append(f"ETA {format_duration(self.eta_s)}")
         if self.error:
-            said.append(self.error)
-        return ", ".join(said)
+            parts.append(self.error)
+        return ", ".join(parts)
 
 
 @dataclass
@@ -177,10 +177,9 @@ def study_status(storage: str, name: str, *, now: float | None = None) -> StudyS
         trials.append(TrialStatus(p.trial_id, RUNNING if alive else STOPPED, p.knobs, p.epoch, p.epochs, p.plan,
                                   p.waits_for, p.metric_name, p.val_metric, p.eta_s() if alive else None))
     trials.sort(key=lambda t: t.trial_id)
-    total = sum(int(e["num_samples"]) for e in state.experiments)
+    total = state.total_samples
     pending = max(total - len(trials), 0)
-    finished = bool(state.experiments) and all(e["finished"] for e in state.experiments)
-    state_word = RUNNING if alive else "finished" if finished else STOPPED if trials else PENDING
+    state_word = RUNNING if alive else "finished" if state.finished else STOPPED if trials else PENDING
 
     starts = [p.started for p in progress.values() if p.started] + _started_from_results(df)
     last = max([p.updated for p in progress.values()] + _ended_by_trial(df), default=None)
@@ -204,11 +203,11 @@ def _finished_trials(df: pd.DataFrame, progress: dict[str, TrialProgress]) -> li
     for row in own.to_dict("records"):
         status = str(row[STATUS])
         reused = status == OK and row.get(REUSED_CHECKPOINT) is True
-        said = progress.get(row[TRIAL_ID])
+        heard = progress.get(row[TRIAL_ID])
         metric = row.get(VAL_METRIC)
         out.append(TrialStatus(
             row[TRIAL_ID], REUSED if reused else status, describe_trial(_plain_row(row)),
-            epoch=_int(row.get("epoch")), epochs=said.epochs if said else None, plan=said.plan if said else None,
+            epoch=_int(row.get("epoch")), epochs=heard.epochs if heard else None, plan=heard.plan if heard else None,
             metric_name=str(row.get("metric_name") or ""), error=_str(row.get("error")),
             val_metric=float(metric) if metric is not None and not pd.isna(metric) else None))
     return out

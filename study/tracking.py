@@ -3,7 +3,8 @@
 Only `MlflowClient` is used, with its own tracking URI: no `mlflow.set_tracking_uri`, no active run, so several
 studies (or tests) in one process cannot write into each other's runs. Runs are found again by tags
 (`g2.study` + `g2.role=parent`, `g2.trial_id` under `mlflow.parentRunId`), never by an in-memory map, because Ray's
-own MLflowLoggerCallback forgets its map on `Tuner.restore` and opens a second run per trial (STACK.md).
+own MLflowLoggerCallback forgets its map on `Tuner.restore` and opens a second run per trial (docs/design.md).
+Every tag name is `study.tags`'.
 """
 from __future__ import annotations
 
@@ -25,23 +26,34 @@ from mlflow.utils.validation import (
 )
 
 from study.config import StudyConfig, flatten
-from study.mlflow_values import code_version, json_safe, metric_name, numeric_metrics, param_values, text_value
+from study.mlflow_values import code_version, json_safe, metric_name, param_values, text_value, valid_metrics
 from study.paths import StudyPaths
-from trainables.report import FAILED, REUSED_CHECKPOINT, STATUSES, TRAINING_KEY
+from study.tags import (
+    ERROR_TAG,
+    EXPERIMENT_KIND_TAG,
+    MODEL_TAG,
+    MODEL_TRAINING,
+    PARENT_ID_TAG,
+    PARENT_ROLE,
+    REUSED,
+    ROLE_TAG,
+    STATUS_TAG,
+    STUDY_TAG,
+    TRAINED,
+    TRAINING_KEY_TAG,
+    TRIAL_ROLE,
+    TRIAL_TAG,
+)
+from study.trial_end import TrialEnd
+from trainables.report import FAILED, STATUSES, EpochReport
 
 log = logging.getLogger(__name__)
 
-PARENT_ID_TAG = "mlflow.parentRunId"
-# The 3.x UI opens an experiment as GenAI (traces) or model training by this tag; ours train models.
-EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
-# Report keys trainables/report.py has no constant for yet (EpochReport fields).
-MODEL_TAG, TRAINING_KEY_TAG = "g2.model", "g2.training_key"   # "trained" | "reused"; the trained model's key
-REUSED_SUFFIX = " · reused"
-STUDY_TAG, ROLE_TAG, TRIAL_TAG, STATUS_TAG = "g2.study", "g2.role", "g2.trial_id", "g2.status"
+REUSED_SUFFIX = f" · {REUSED}"
 TRIAL_RUN_STATUS = {status: "FAILED" if status in FAILED else "FINISHED" for status in STATUSES}   # MLflow's
 STUDY_RUN_STATUS = {"ok": "FINISHED", "finished": "FINISHED", "error": "FAILED", "failed": "FAILED",
                     "killed": "KILLED", "interrupted": "KILLED"}
-# Bookkeeping Ray Tune adds to every result, and the epoch (it is the step): not the trial's measurements.
+
 def _quoted(value: str) -> str:
     """A value for an MLflow filter string, which has no escape for a quote."""
     if "'" in value:
@@ -52,7 +64,7 @@ def _quoted(value: str) -> str:
 def runs_view_url(server: str, experiment_id: str, *, charts: bool = False) -> str:
     """The UI's training-runs view of an experiment (parent runs, children folded under them), or its charts.
 
-    MLflow 3.x opens an experiment on its GenAI "Overview / Traces" page whatever its kind (STACK.md): this URL
+    MLflow 3.x opens an experiment on its GenAI "Overview / Traces" page whatever its kind: this URL
     goes straight to the runs table; with `charts`, to the metric charts (the parent's `study/*` curves).
     """
     return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs" + ("?compareRunsMode=CHART" if charts else "")
@@ -94,7 +106,6 @@ class StudyTracker:
         self.parent_id: str | None = None
         self._runs: dict[str, str] = {}            # trial id -> child run id, opened by this process
         self._ended: set[str] = set()
-        self._logged: dict[str, tuple[int, set[str]]] = {}   # trial id -> (last step, metrics logged at it)
 
     def _experiment(self, name: str, artifact_location: str | None) -> str:
         """The experiment's id, creating it (artifacts where asked) if it is new; two drivers may race to create it."""
@@ -147,7 +158,7 @@ class StudyTracker:
     # ----------------------------------------------------------------------- the study
 
     def _parent_run(self):
-        query = f"tags.`{STUDY_TAG}` = {_quoted(self.study_name)} AND tags.`{ROLE_TAG}` = 'parent'"
+        query = f"tags.`{STUDY_TAG}` = {_quoted(self.study_name)} AND tags.`{ROLE_TAG}` = {_quoted(PARENT_ROLE)}"
         return next(self._search(query), None)
 
     def attach(self) -> str:
@@ -167,7 +178,7 @@ class StudyTracker:
         found = self._parent_run()
         if found is None:
             run = self.client.create_run(self.experiment_id, run_name=self.study_name,
-                                         tags={STUDY_TAG: self.study_name, ROLE_TAG: "parent"})
+                                         tags={STUDY_TAG: self.study_name, ROLE_TAG: PARENT_ROLE})
             self.parent_id, existing = run.info.run_id, {}
         else:
             self.parent_id, existing = found.info.run_id, found.data.params
@@ -261,60 +272,46 @@ class StudyTracker:
         else:
             name = trial_run_name(params) if params and "g2.gate_mode" in params else trial_id
             run = self.client.create_run(self.experiment_id, run_name=name, tags={
-                PARENT_ID_TAG: parent, TRIAL_TAG: trial_id, STUDY_TAG: self.study_name, ROLE_TAG: "trial"})
+                PARENT_ID_TAG: parent, TRIAL_TAG: trial_id, STUDY_TAG: self.study_name, ROLE_TAG: TRIAL_ROLE})
             run_id = run.info.run_id
             self._log(run_id, params=param_values(params or {}))
         self._runs[trial_id] = run_id
         self._ended.discard(trial_id)
         return run_id
 
-    def log_epoch(self, trial_id: str, metrics: Mapping[str, Any], step: int) -> None:
-        """Log the numeric entries of one report at `step` (the epoch)."""
-        values = numeric_metrics(metrics)
+    def log_epoch(self, trial_id: str, report: EpochReport) -> None:
+        """Log the measurements of one report at its epoch (the step)."""
+        values = valid_metrics(report.metrics())
         if not values:
             return
-        now = int(time.time() * 1000)
-        self._log(self.trial_run_id(trial_id), metrics=[Metric(k, v, now, int(step)) for k, v in values.items()])
-        last_step, keys = self._logged.get(trial_id, (None, set()))
-        self._logged[trial_id] = (int(step), (keys if last_step == int(step) else set()) | set(values))
+        now, step = int(time.time() * 1000), int(report.epoch or 0)
+        self._log(self.trial_run_id(trial_id), metrics=[Metric(k, v, now, step) for k, v in values.items()])
 
-    def end_trial(self, trial_id: str, status: str, final_report: Mapping[str, Any] | None,
-                  error: str | None = None, *, metrics_logged: bool = False) -> None:
-        """Log the final metrics, the compression table and gate histograms, tag the status and close the child run.
+    def end_trial(self, end: TrialEnd) -> None:
+        """Attach the compression table and gate histograms, tag the status and close the trial's child run.
 
-        Metrics already logged at the final step by `log_epoch` (the driver sees the last report twice: as a result
-        and at completion) are not logged again; `metrics_logged` says a driver before this one logged them all.
+        Its metrics are logged already: every report, the last one too, reached `log_epoch` as it came.
         """
-        if status not in TRIAL_RUN_STATUS:
-            raise ValueError(f"trial status must be one of {', '.join(TRIAL_RUN_STATUS)}, got {status!r}")
-        run_id = self.trial_run_id(trial_id)
-        report = dict(final_report or {})
-        step = int(report.get("epoch") or 0)
-        last_step, logged = self._logged.get(trial_id, (None, set()))
-        values = {k: v for k, v in numeric_metrics(report).items()
-                  if not (metrics_logged or last_step == step and k in logged)}
-        now = int(time.time() * 1000)
-        self._log(run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
-        if report.get("sweep"):
-            table = pd.DataFrame(report["sweep"])
-            self.client.log_text(run_id, table.to_csv(index=False), "compression_table.csv")
-            self.client.log_text(run_id, json.dumps(json_safe(report["sweep"]), indent=1), "compression_table.json")
-        if report.get("gate_histograms"):
-            self.client.log_text(run_id, json.dumps(json_safe(report["gate_histograms"])), "gate_histograms.json")
-        message = error if error is not None else report.get("error")
-        tags: dict[str, Any] = {STATUS_TAG: status}
-        if report.get(TRAINING_KEY):
-            reused = bool(report.get(REUSED_CHECKPOINT))
-            tags |= {TRAINING_KEY_TAG: report[TRAINING_KEY], MODEL_TAG: "reused" if reused else "trained"}
-            name = self.client.get_run(run_id).info.run_name or trial_id
-            if reused and not name.endswith(REUSED_SUFFIX):   # it re-scored a stored model: say so in its name
+        run_id = self.trial_run_id(end.trial_id)
+        last = end.last
+        if last is not None and last.sweep:
+            table = [row.to_dict() for row in last.sweep]
+            self.client.log_text(run_id, pd.DataFrame(table).to_csv(index=False), "compression_table.csv")
+            self.client.log_text(run_id, json.dumps(json_safe(table), indent=1), "compression_table.json")
+        if last is not None and last.gate_histograms:
+            self.client.log_text(run_id, json.dumps(json_safe(last.gate_histograms)), "gate_histograms.json")
+        tags: dict[str, Any] = {STATUS_TAG: end.status}
+        if end.training_key:
+            tags |= {TRAINING_KEY_TAG: end.training_key, MODEL_TAG: REUSED if end.reused else TRAINED}
+            name = self.client.get_run(run_id).info.run_name or end.trial_id
+            if end.reused and not name.endswith(REUSED_SUFFIX):   # it re-scored a stored model: say so in its name
                 self.client.update_run(run_id, name=name + REUSED_SUFFIX)
-        if message:
-            tags["g2.error"] = message
-            self.client.log_text(run_id, str(message), "error.txt")   # the tag is cut at 8000 characters
+        if end.error:
+            tags[ERROR_TAG] = end.error
+            self.client.log_text(run_id, str(end.error), "error.txt")   # the tag is cut at 8000 characters
         self._log(run_id, tags=tags)
-        self.client.set_terminated(run_id, status=TRIAL_RUN_STATUS[status])
-        self._ended.add(trial_id)
+        self.client.set_terminated(run_id, status=TRIAL_RUN_STATUS[end.status])
+        self._ended.add(end.trial_id)
 
 
 def open_tracker(cfg: StudyConfig, root: str | Path) -> StudyTracker:

@@ -105,14 +105,15 @@ def real_corpus(name: str) -> Path:
 
 
 def trial_reports(cfg, work_dir: Path, model_store: Path) -> list[dict]:
-    """Every report of one real trial, run on one thread (a model this small only loses to thread contention)."""
+    """Every report of one real trial as the dict Tune is given, run on one thread (a model this small only loses
+    to thread contention)."""
     from trainables.trainable import run_trial
 
     reports: list[dict] = []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run_trial(cfg, work_dir, report=lambda metrics, ckpt: reports.append(metrics), model_store=model_store)
+        run_trial(cfg, work_dir, report=lambda report, ckpt: reports.append(report.to_dict()), model_store=model_store)
     finally:
         torch.set_num_threads(threads)
     return reports

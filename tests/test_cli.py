@@ -15,8 +15,8 @@ import pytest
 
 from study import results
 from study.config import StudyConfig
+from study.front import study_front
 from study.paths import STATE_FILE, StudyState
-from study.report import study_front
 
 from conftest import free_port, healthy, wait_for
 

@@ -24,12 +24,18 @@ from study.convergence import (
     hypervolume_reference,
 )
 from study.paths import StudyPaths
-from study.rows import trial_rows
+from study.results.rows import trial_rows
 from study.tracking import StudyTracker
+from trainables.report import EpochReport
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
 T0 = datetime(2026, 1, 2, tzinfo=UTC)
 GATE_PARAMS = 1000
+
+
+def report_of(tune_dict: dict) -> EpochReport:
+    """A report as the driver types it (`study.trial_end.TrialLedger.report`)."""
+    return EpochReport.from_dict(tune_dict)
 
 
 def rows(trial_id: str, minute: int, points, *, uncompressed: float, status: str = "ok") -> list[dict]:
@@ -95,14 +101,14 @@ def test_the_parent_run_charts_each_finished_trial_and_keeps_the_front(trial, tm
     log = ConvergenceLog(cfg, str(root), artifact_interval_s=3600)
     assert log.update(tracker) == {}   # nothing finished yet: nothing charted
 
-    results.write_trial(root, "t1", trial_rows("conv", "t1", config, reports[-1], status="ok", error=None,
+    results.write_trial(root, "t1", trial_rows("conv", "t1", config, report_of(reports[-1]), status="ok", error=None,
                                                 finished_at=T0))
     first = log.update(tracker)
     results.write_trial(root, "t2", trial_rows("conv", "t2", config, None, status="error", error="boom",
                                                 finished_at=T0 + timedelta(minutes=1)))
     log.update(tracker)
     again = ConvergenceLog(cfg, str(root))   # a resumed driver reads the reference back from the parent run
-    results.write_trial(root, "t3", trial_rows("conv", "t3", config, reports[-1], status="ok", error=None,
+    results.write_trial(root, "t3", trial_rows("conv", "t3", config, report_of(reports[-1]), status="ok", error=None,
                                                 finished_at=T0 + timedelta(minutes=2)))
     third = again.update(tracker)
 

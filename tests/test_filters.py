@@ -9,9 +9,9 @@ import pytest
 
 from study import cli, results
 from study.config import load_study_config
-from study.filters import MAX_LENGTH, FilterError, compile_filter
 from study.paths import STATE_FILE, StudyPaths, StudyState
-from study.schema import results_schema
+from study.results.filters import MAX_LENGTH, FilterError, compile_filter
+from study.results.schema import results_schema
 
 NAN = math.nan
 #       trial  status      method   gate_mode    tau  rank  trial_setting  val    uncompressed  error

@@ -60,7 +60,7 @@ def test_soft_evaluation_is_lstm(impl, g2):
 
 
 def scaled_lstm(g2lstm: G2LSTM, scale: float) -> nn.LSTM:
-    """nn.LSTM whose i/f rows of W and b are multiplied by `scale` (DESIGN §2 identity)."""
+    """nn.LSTM whose i/f rows of W and b are multiplied by `scale` (docs/design.md §2 identity)."""
     lstm = nn.LSTM(IN, H, LAYERS)
     state = {k: v.clone() for k, v in g2lstm.state_dict().items()}
     for v in state.values():

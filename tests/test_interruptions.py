@@ -180,22 +180,27 @@ def test_a_killed_driver_is_taken_over_its_leftovers_ended_and_the_study_complet
             index = int(checkpoints[-1].name.rpartition("_")[2])
             checkpoints[-1].rename(trial_dir / f"checkpoint_{index + 1:06d}")
             rotated += 1
-    assert leftovers, "a SIGKILLed driver's local Ray used to leave its agents behind (STACK.md)"
+    # Optuna asked for a trial that Tune never saved (the driver died between the two): resume marks it FAIL
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{storage / name / 'optuna.db'}")
+    study.ask()
 
     proc = g2_study(["resume", name, "--storage", str(storage)], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"the driver pid {driver.pid} on host {socket.gethostname()}" in proc.stdout
     ended = re.search(r"ended (\d+) leftover Ray process\(es\)", proc.stdout)
-    assert ended and int(ended[1]) >= len(leftovers), proc.stdout[-3000:]   # and any worker started since
-    assert not alive(leftovers)
+    # whatever the dead driver's Ray left behind (Ray 2.60 leaves its agents), the resume ended it
+    assert (int(ended[1]) if ended else 0) >= len(leftovers), proc.stdout[-3000:]
+    assert not alive(local_ray)
     counts = study_counts(storage / name, name)
     orphans = counts["optuna"].pop("FAIL", 0)
     assert counts == {"trials": 4, "rows": 20, "duplicate_rows": 0, "statuses": {"ok": 4},
                       "mlflow_runs": {"FINISHED": 4}, "mlflow_trials": 4, "optuna": {"COMPLETE": 4}}, counts
-    if orphans:   # asked for after Tune's last save of the experiment: explained, in the output and in Optuna
-        assert f"{orphans} Optuna trial(s) left RUNNING by the interrupted driver are marked FAIL" in proc.stdout
-        study = optuna.load_study(study_name=name, storage=f"sqlite:///{storage / name / 'optuna.db'}")
-        assert all("g2.orphan" in t.user_attrs for t in study.trials if t.state.name == "FAIL")
+    # asked for after Tune's last save of the experiment (the one made above, and any the driver made): explained,
+    # in the output and in Optuna
+    assert orphans >= 1
+    assert f"{orphans} Optuna trial(s) left RUNNING by the interrupted driver are marked FAIL" in proc.stdout
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{storage / name / 'optuna.db'}")
+    assert all("g2.orphan" in t.user_attrs for t in study.trials if t.state.name == "FAIL")
     for trial_id, mtime in finished.items():
         assert (storage / name / "results" / f"{trial_id}.parquet").stat().st_mtime_ns == mtime
     print(f"\nkilled driver: {len(leftovers)} leftover process(es) ended; {rotated} checkpoint(s) rotated away; "

@@ -32,8 +32,9 @@ def test_rnnlm_shapes_tied_weights_and_layers():
     out = model(tokens, model.init_state(4))
     assert out.logits.shape == (7, 4, 50) and out.raw_output.shape == out.dropped_output.shape == (7, 4, 8)
     assert [h.shape for h, _ in out.state] == [(1, 4, 12), (1, 4, 12), (1, 4, 8)]
-    assert out.gates is None
-    gates = model(tokens, model.init_state(4), return_gates=True).gates
+    assert not hasattr(out, "gates")                             # gates come from forward_with_gates only
+    with_gates, gates = model.eval().forward_with_gates(tokens, model.init_state(4))
+    assert torch.allclose(with_gates.logits, model(tokens, model.init_state(4)).logits, atol=1e-5)
     assert [g.shape for g in gates] == [(7, 4, 24), (7, 4, 24), (7, 4, 16)]      # per layer (T, B, 2H), [i, f]
 
 

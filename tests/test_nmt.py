@@ -10,6 +10,7 @@ from trainables.config import TrialConfig
 from trainables.corpora import find_corpus
 from trainables.decoding import beam_search, greedy_decode
 from trainables.nmt import NMTTask, bleu_scores, sequence_loss
+from trainables.report import HIGHER_IS_BETTER
 from trainables.toy import toy_parallel_corpus
 
 from tiny_seq2seq import PAD, VOCAB
@@ -61,7 +62,7 @@ def test_bleu_scores():
 def test_task_epoch_evaluation_and_gate_statistics(cache_dir, tmp_path):
     cfg = tiny_cfg(cache_dir, **{"train.max_batches": 3, "train.max_eval_batches": 2, "nmt.dropout": 0.1})
     task = NMTTask(cfg, torch.device("cpu"), tmp_path)
-    assert (task.metric, task.higher_is_better) == ("bleu", True)
+    assert (task.metric, HIGHER_IS_BETTER[cfg.task]) == ("bleu", True)
     stats = task.train_epoch(0)
     assert set(stats) == {"train_loss", "train_tokens"}
     assert 0 < stats["train_loss"] < 2 * math.log(task.data.vocab_size) and stats["train_tokens"] > 0

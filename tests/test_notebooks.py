@@ -1,4 +1,4 @@
-"""Executes the analysis notebooks top to bottom against a study directory, as a user would (DESIGN §6).
+"""Executes the analysis notebooks top to bottom against a study directory, as a user would (docs/design.md §6).
 
 Most tests use a synthetic study (written through study.results, so its files have the real layout and schema); one
 uses a real study run by `g2-study run`.

@@ -18,12 +18,18 @@ from analysis.pareto import (
     pareto_mask,
 )
 from study import results
-from study.rows import trial_rows
+from study.results.rows import trial_rows
 from trainables.config import TrialConfig
+from trainables.report import EpochReport
 
 from conftest import trial_reports
 
 FINISHED = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+
+def report_of(tune_dict: dict) -> EpochReport:
+    """A report as the driver types it (`study.trial_end.TrialLedger.report`)."""
+    return EpochReport.from_dict(tune_dict)
 
 
 def brute_mask(values: np.ndarray, minimize: list[bool]) -> np.ndarray:
@@ -289,7 +295,7 @@ def test_front_over_seeds_counts_each_model_and_each_seed_once(trial, trial_stor
     trials = {"t1": (config, reports[-1]), "t2": (config, reused), "t3": (config, reused),
               "t4": ({**config, "seed": seed2.seed}, other)}
     for trial_id, (flat, last) in trials.items():
-        rows = trial_rows("s", trial_id, flat, last, status="ok", error=None, finished_at=FINISHED)
+        rows = trial_rows("s", trial_id, flat, report_of(last), status="ok", error=None, finished_at=FINISHED)
         results.write_trial(tmp_path / "study", trial_id, rows)
     df = results.load(tmp_path / "study")
     assert len(df) == 4 * len(reports[-1]["sweep"]) and df["reused_checkpoint"].sum() == 2 * len(reused["sweep"])

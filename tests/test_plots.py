@@ -20,11 +20,12 @@ from matplotlib.figure import Figure
 from analysis import gate_plots, pareto, plots
 from analysis.paper import SETTINGS, compare_saturation, compare_with_paper, paper_compression, paper_saturation
 from study import results
+from study.results.rows import curve_rows, gate_rows, trial_rows
 from trainables.compress import compress_model
 from trainables.config import CompressConfig, TrialConfig
 from trainables.lm import RNNLM
 from trainables.parallel_data import BOS_ID, EOS_ID, PAD_ID
-from trainables.report import Accounting, SweepRow
+from trainables.report import Accounting, EpochReport, SweepRow
 from trainables.seq2seq import Seq2Seq
 
 LAYERS = 2           # of the LM; the NMT model has the default 2 + 2 (its first encoder layer bidirectional)
@@ -115,21 +116,23 @@ def write_synthetic_study(study_dir: Path, *, tasks=("lm", "nmt"), modes=tuple(M
                               "status": "ok", "done": True, "sweep": _sweep(cfg, seed * 1000 + n),
                               **sat, "gate_histograms": _histograms(sat, layers)}
                     trial_id = f"{task}_{n:04d}"
-                    rows = results.trial_rows("synthetic", trial_id, flat, report, status="ok", error=None,
-                                              finished_at=start + timedelta(minutes=7 * n))
+                    rows = trial_rows("synthetic", trial_id, flat, EpochReport.from_dict(report), status="ok",
+                                      error=None, finished_at=start + timedelta(minutes=7 * n))
                     results.write_trial(study_dir, trial_id, rows)
-                    results.write_gates(study_dir, trial_id, results.gate_rows("synthetic", trial_id, flat, report))
+                    results.write_gates(study_dir, trial_id,
+                                        gate_rows("synthetic", trial_id, flat, EpochReport.from_dict(report)))
                     curve = [{"epoch": e, "train_loss": 5.0 / e, "val_loss": 4.5 / e, "val_metric": 100.0 / e,
                               "compressed_val_metric": 110.0 / e, "gate_compression": 8.0, "epoch_time_s": 20.0,
                               "train_time_s": 20.0 * e, **sat} for e in range(1, epochs + 1)]
-                    results.write_curves(study_dir, trial_id, results.curve_rows("synthetic", trial_id, flat, curve))
+                    results.write_curves(study_dir, trial_id, curve_rows("synthetic", trial_id, flat,
+                                                                         [EpochReport.from_dict(c) for c in curve]))
         flat = TrialConfig().to_flat() | {"task": task, "g2.gate_mode": modes[0]}
         diverged = {"status": "diverged", "error": "loss is nan", "done": True, "epoch": 1, "val_metric": math.nan,
                     "compressed_val_metric": math.nan, "metric_name": "ppl" if task == "lm" else "bleu"}
         for trial_id, status, report, error in ((f"{task}_div", "diverged", diverged, None),
                                                 (f"{task}_err", "error", None, "RuntimeError: boom")):
-            rows = results.trial_rows("synthetic", trial_id, flat, report, status=status, error=error,
-                                      finished_at=start + timedelta(minutes=7 * n + 1))
+            rows = trial_rows("synthetic", trial_id, flat, EpochReport.from_dict(report) if report else None,
+                              status=status, error=error, finished_at=start + timedelta(minutes=7 * n + 1))
             results.write_trial(study_dir, trial_id, rows)
     return study_dir
 

@@ -12,6 +12,7 @@ import pytest
 
 from study.callbacks import StudyCallback
 from study.config import StudyConfig
+from study.front import readable_floats
 from study.progress import (
     RESCORES,
     TRAINS,
@@ -24,7 +25,6 @@ from study.progress import (
     study_eta,
     training_plan,
 )
-from study.report import readable_floats
 from study.tracking import open_tracker
 from trainables.config import TrialConfig
 from trainables.store import ModelStore

@@ -5,11 +5,9 @@ import pytest
 
 from trainables.report import (
     ACCOUNTING,
-    FAILED,
     HIST_BINS,
     OK,
     RUNNING,
-    STATUSES,
     EpochReport,
     GateColumn,
     SweepRow,
@@ -27,10 +25,10 @@ from tiny_seq2seq import small_model
 
 def test_a_real_trials_reports_survive_the_round_trip(trial):
     _, reports = trial
-    for said in reports:
-        again = EpochReport.from_dict(said).to_dict()
-        assert again.keys() == said.keys()
-        for key, value in said.items():
+    for tune_dict in reports:
+        again = EpochReport.from_dict(tune_dict).to_dict()
+        assert again.keys() == tune_dict.keys()
+        for key, value in tune_dict.items():
             assert again[key] == value or (isinstance(value, float) and math.isnan(value) and math.isnan(again[key]))
 
 
@@ -48,10 +46,10 @@ def test_epoch_reports_and_the_final_one(trial):
 
 def test_sweep_rows_keep_setting_accounting_and_scores(trial):
     _, reports = trial
-    for said in reports[-1]["sweep"]:
-        row = SweepRow.from_dict(said)
-        assert row.to_dict() == said
-        assert set(ACCOUNTING) <= set(said) and {"val_metric", "test_metric", "val_loss"} <= set(row.scores)
+    for sweep_dict in reports[-1]["sweep"]:
+        row = SweepRow.from_dict(sweep_dict)
+        assert row.to_dict() == sweep_dict
+        assert set(ACCOUNTING) <= set(sweep_dict) and {"val_metric", "test_metric", "val_loss"} <= set(row.scores)
 
 
 def test_gate_columns_format_and_parse_as_one():
@@ -65,15 +63,11 @@ def test_gate_columns_format_and_parse_as_one():
     assert parse_histogram_key(histogram_key(3, "i")) == (3, "i") and parse_histogram_key("l3_g") is None
 
 
-def test_statuses():
-    assert STATUSES == ("ok", "pruned", "diverged", "error") and set(FAILED) < set(STATUSES)
-
-
 @pytest.mark.parametrize("missing", ["sweep", "gate_histograms"])
 def test_reports_without_optional_parts(missing):
     report = EpochReport(epoch=1, metric_name="ppl", val_metric=3.0)
-    said = report.to_dict()
-    assert missing not in said and EpochReport.from_dict(said) == report
+    tune_dict = report.to_dict()
+    assert missing not in tune_dict and EpochReport.from_dict(tune_dict) == report
 
 
 @pytest.mark.parametrize("encoder_layers, decoder_layers", [(1, 1), (3, 2)])

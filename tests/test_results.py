@@ -15,14 +15,42 @@ import pyarrow.parquet as pq
 import pytest
 
 from study import results
-from study.filters import FilterError
-from study.rows import gate_rows, trial_rows
-from study.schema import gates_schema, results_schema
+from study.results.filters import FilterError
+from study.results.rows import gate_rows, trial_rows
+from study.results.schema import gates_schema, results_schema
+from study.trial_end import TrialLedger
 from trainables.config import SMOKE, TrialConfig
+from trainables.report import EpochReport
 
 from conftest import REPO_ROOT, trial_reports
 
 FINISHED = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+
+def report_of(tune_dict: dict) -> EpochReport:
+    """A report as the driver types it (`study.trial_end.TrialLedger.report`)."""
+    return EpochReport.from_dict(tune_dict)
+
+
+class DriverRecords:
+    """The path the driver's callback takes from Tune results to the files: each result typed once, each end
+    decided once (`study.trial_end.TrialLedger`), then written (`ResultsWriter`)."""
+
+    def __init__(self, study_dir, study: str):
+        self.ledger, self.writer = TrialLedger(study), results.ResultsWriter(study_dir, study)
+
+    def record_report(self, trial_id: str, config: dict, result: dict) -> None:
+        report = self.ledger.report(trial_id, config, result)
+        if report.status != "error":
+            self.writer.record_report(trial_id, config, report)
+
+    def record_end(self, trial_id: str, config: dict, error: str | None = None) -> list[dict]:
+        end = self.ledger.end(trial_id, config, error=error)
+        self.writer.record_end(trial_id, config, end.rows)
+        return list(end.rows)
+
+    def recorded_rows(self, trial_id: str) -> list[dict] | None:
+        return self.writer.recorded_rows(trial_id)
 @pytest.fixture(scope="module")
 def reused(trial, trial_store, tmp_path_factory):
     """The reports of a second trial with the same training knobs: it reuses the first one's model."""
@@ -54,7 +82,7 @@ def test_schema_types_come_from_the_dataclasses():
 def test_ok_trial_gives_one_row_per_sweep_point(trial):
     config, reports = trial
     last = reports[-1]
-    rows = trial_rows("s", "t1", config, last, status="ok", error=None, finished_at=FINISHED)
+    rows = trial_rows("s", "t1", config, report_of(last), status="ok", error=None, finished_at=FINISHED)
 
     assert len(rows) == len(last["sweep"]) == 5   # none, quant, svd, svd+quant, round_clip
     assert sorted(r["method"] for r in rows) == ["none", "quant", "round_clip", "svd", "svd+quant"]
@@ -79,7 +107,7 @@ def test_binary_gate_rows_are_compared_with_the_uncompressed_model_under_binary_
                                  "sweep.ranks": (0,), "sweep.bits": (32, 4), "sweep.paper": (),
                                  "data.cache_dir": str(tmp_path / "cache")}, base=TrialConfig.preset("lm", "tiny"))
     last = trial_reports(cfg, tmp_path / "trial", tmp_path / "store")[-1]
-    rows = trial_rows("s", "t1", cfg.to_flat(), last, status="ok", error=None, finished_at=FINISHED)
+    rows = trial_rows("s", "t1", cfg.to_flat(), report_of(last), status="ok", error=None, finished_at=FINISHED)
 
     by = {(r["g2.eval_gate"], r["method"]): r for r in rows}
     assert set(by) == {(gate, method) for gate in ("soft", "hard") for method in ("none", "quant")}
@@ -93,14 +121,14 @@ def test_binary_gate_rows_are_compared_with_the_uncompressed_model_under_binary_
 def test_ok_without_sweep_is_refused(trial):
     config, reports = trial
     with pytest.raises(ValueError, match="sweep"):
-        trial_rows("s", "t1", config, reports[0], status="ok", error=None, finished_at=FINISHED)
+        trial_rows("s", "t1", config, report_of(reports[0]), status="ok", error=None, finished_at=FINISHED)
     with pytest.raises(ValueError, match="timezone"):
-        trial_rows("s", "t1", config, reports[-1], status="ok", error=None, finished_at=datetime(2026, 1, 1))
+        trial_rows("s", "t1", config, report_of(reports[-1]), status="ok", error=None, finished_at=datetime(2026, 1, 1))
 
 
 def test_round_trip_keeps_values_and_types(trial, tmp_path):
     config, reports = trial
-    rows = trial_rows("s", "t1", config, reports[-1], status="ok", error=None, finished_at=FINISHED)
+    rows = trial_rows("s", "t1", config, report_of(reports[-1]), status="ok", error=None, finished_at=FINISHED)
     results.write_trial(tmp_path, "t1", rows)
     df = results.load(tmp_path)
 
@@ -120,13 +148,13 @@ def test_round_trip_keeps_values_and_types(trial, tmp_path):
 
 def test_rewriting_a_trial_does_not_duplicate_rows(trial, tmp_path):
     config, reports = trial
-    writer = results.ResultsWriter(tmp_path, "s")
+    writer = DriverRecords(tmp_path, "s")
     for report in reports:
         writer.record_report("t1", config, report)
     writer.record_end("t1", config)
     writer.record_end("t1", config)
-    results.ResultsWriter(tmp_path, "s").record_end("t2", config, "boom")
-    results.ResultsWriter(tmp_path, "s").record_end("t2", config, "boom")   # a resumed driver
+    DriverRecords(tmp_path, "s").record_end("t2", config, "boom")
+    DriverRecords(tmp_path, "s").record_end("t2", config, "boom")   # a resumed driver
 
     df = results.load(tmp_path)
     assert df.groupby("trial_id").size().to_dict() == {"t1": 5, "t2": 1}
@@ -139,7 +167,7 @@ def test_rewriting_a_trial_does_not_duplicate_rows(trial, tmp_path):
 def test_gates_round_trip_from_the_final_report(trial, tmp_path):
     config, reports = trial
     last = reports[-1]
-    writer = results.ResultsWriter(tmp_path, "s")
+    writer = DriverRecords(tmp_path, "s")
     for report in reports:
         writer.record_report("t1", config, report)
     writer.record_end("t1", config)
@@ -162,7 +190,7 @@ def test_gates_round_trip_from_the_final_report(trial, tmp_path):
     assert results.load_gates(tmp_path / "nothing-here").columns.tolist() == gates_schema().names
 
     # A resumed driver sees the final report again (the trial re-entered at its end): one file, replaced.
-    resumed = results.ResultsWriter(tmp_path, "s")
+    resumed = DriverRecords(tmp_path, "s")
     resumed.record_report("t1", config, last)
     resumed.record_end("t1", config)
     writer.record_end("t1", config)
@@ -171,13 +199,13 @@ def test_gates_round_trip_from_the_final_report(trial, tmp_path):
     with pytest.raises(ValueError, match="unknown column.*gate_l0_i_lt01"):
         results.write_gates(tmp_path, "bad", [{"trial_id": "bad", "gate_l0_i_lt01": 0.1}])
     with pytest.raises(ValueError, match="l<k>_i"):
-        gate_rows("s", "t1", config, {"epoch": 1, "gate_histograms": {"layer0_i": [1.0]}})
+        gate_rows("s", "t1", config, report_of({"epoch": 1, "gate_histograms": {"layer0_i": [1.0]}}))
 
 
 def test_a_reused_model_writes_no_gates(trial, reused, tmp_path):
     config, _ = trial
     assert len(reused) == 1 and reused[0]["reused_checkpoint"] and "gate_histograms" not in reused[0]
-    writer = results.ResultsWriter(tmp_path, "s")
+    writer = DriverRecords(tmp_path, "s")
     writer.record_report("r1", config, reused[0])
     rows = writer.record_end("r1", config)
     assert len(rows) == 5 and rows[0]["status"] == "ok" and rows[0]["reused_checkpoint"]
@@ -189,7 +217,7 @@ def test_every_trial_file_has_every_column_so_the_directory_reads_whole(trial, r
     model's gate columns (null), so readers that take one file's schema for all (pandas, polars, duckdb) lose
     nothing."""
     config, reports = trial
-    writer = results.ResultsWriter(tmp_path, "s")
+    writer = DriverRecords(tmp_path, "s")
     writer.record_report("a-trained", config, reports[-1])
     writer.record_end("a-trained", config)
     writer.record_report("b-reused", config, reused[0])
@@ -209,7 +237,7 @@ def test_every_trial_file_has_every_column_so_the_directory_reads_whole(trial, r
 
 def test_error_trial_is_one_row_with_its_message(trial, tmp_path):
     config, reports = trial
-    writer = results.ResultsWriter(tmp_path, "s")
+    writer = DriverRecords(tmp_path, "s")
     writer.record_report("t9", config, reports[0])   # it failed during epoch 2
     rows = writer.record_end("t9", config | {"g2.tau": 0.3}, "RuntimeError: CUDA out of memory")
 
@@ -226,14 +254,14 @@ def test_error_trial_is_one_row_with_its_message(trial, tmp_path):
 
 
 def test_error_before_any_report(tmp_path):
-    rows = results.ResultsWriter(tmp_path, "s").record_end("t0", flat_config(), "bad config")
+    rows = DriverRecords(tmp_path, "s").record_end("t0", flat_config(), "bad config")
     assert len(rows) == 1 and rows[0]["epoch"] is None
     assert results.load(tmp_path)["error"].tolist() == ["bad config"]
 
 
 def test_diverged_and_truncated_trials(trial, tmp_path):
     config, reports = trial
-    writer = results.ResultsWriter(tmp_path, "s")
+    writer = DriverRecords(tmp_path, "s")
     diverged = {"metric_name": "ppl", "device": "cpu", "training_key": "k", "epoch": 2, "status": "diverged",
                 "error": "non-finite loss at batch 3", "done": True, "val_metric": math.nan,
                 "compressed_val_metric": math.nan}
@@ -259,7 +287,7 @@ def test_diverged_and_truncated_trials(trial, tmp_path):
 def test_load_filters_on_dotted_columns(trial, tmp_path):
     config, reports = trial
     for trial_id, tau in (("a", 0.3), ("b", 0.9)):
-        rows = trial_rows("s", trial_id, config | {"g2.tau": tau}, reports[-1], status="ok", error=None,
+        rows = trial_rows("s", trial_id, config | {"g2.tau": tau}, report_of(reports[-1]), status="ok", error=None,
                                   finished_at=FINISHED)
         results.write_trial(tmp_path, trial_id, rows)
 
@@ -297,7 +325,7 @@ def test_files_with_different_layer_counts_are_unified(tmp_path):
 
 def test_recorded_rows_are_what_an_earlier_driver_wrote(trial, tmp_path):
     config, reports = trial
-    writer = results.ResultsWriter(tmp_path, "s")
+    writer = DriverRecords(tmp_path, "s")
     for report in reports:
         writer.record_report("ok", config, report)
     written = writer.record_end("ok", config)
@@ -305,7 +333,7 @@ def test_recorded_rows_are_what_an_earlier_driver_wrote(trial, tmp_path):
     writer.record_end("pruned", config)
     writer.record_end("error", config, error="boom")
 
-    later = results.ResultsWriter(tmp_path, "s")   # the next driver
+    later = DriverRecords(tmp_path, "s")   # the next driver
     rows = later.recorded_rows("ok")
     used = ["status", "training_key", "method", "compress.rank", "compress.bits", "val_metric", "gate_bits"]
     assert [[r[k] for k in used] for r in rows] == [[r[k] for k in used] for r in written]
@@ -315,8 +343,8 @@ def test_recorded_rows_are_what_an_earlier_driver_wrote(trial, tmp_path):
 
 def test_curves_survive_a_driver_restart(trial, tmp_path):
     config, reports = trial
-    results.ResultsWriter(tmp_path, "s").record_report("t1", config, reports[0])
-    resumed = results.ResultsWriter(tmp_path, "s")     # the new driver only sees epoch 2
+    DriverRecords(tmp_path, "s").record_report("t1", config, reports[0])
+    resumed = DriverRecords(tmp_path, "s")     # the new driver only sees epoch 2
     resumed.record_report("t1", config, reports[1])
     resumed.record_report("t1", config, reports[1])    # re-entered at its final checkpoint
     curves = results.load_curves(tmp_path)
@@ -331,6 +359,7 @@ import io, os, signal, sys
 from datetime import datetime, timezone
 import pyarrow.parquet as pq
 from study import results
+from study.trial_end import TrialLedger
 
 def half_then_die(table, where, filesystem=None, **kwargs):
     # the real writer's bytes, half of them on disk, then the process dies (an OOM kill, a node lost)
@@ -363,7 +392,7 @@ def test_a_writer_killed_mid_write_leaves_the_old_file(tmp_path):
     with pytest.raises(pa.ArrowInvalid):   # it really is half a file ...
         pq.read_table(partial)
     assert results.load(tmp_path)["error"].tolist() == ["old"]   # ... which no reader picks up
-    assert results.ResultsWriter(tmp_path, "s").recorded_rows("t1")[0]["error"] == "old"
+    assert DriverRecords(tmp_path, "s").recorded_rows("t1")[0]["error"] == "old"
 
     results.write_trial(tmp_path, "t1", [error_row("t1", "new")])   # the next attempt replaces the old file
     assert results.load(tmp_path)["error"].tolist() == ["new"]
@@ -380,9 +409,9 @@ def test_a_truncated_file_is_an_error_naming_it(tmp_path, cut):
         path.write_bytes(data[: cut(len(data))])
 
     for read, path in ((results.load, damaged[0]), (results.load_curves, damaged[1]),
-                       (lambda d: results.ResultsWriter(d, "s").recorded_rows("t2"), damaged[0]),
-                       (lambda d: results.ResultsWriter(d, "s").record_report("t2", {}, {"epoch": 2}), damaged[1])):
+                       (lambda d: DriverRecords(d, "s").recorded_rows("t2"), damaged[0]),
+                       (lambda d: DriverRecords(d, "s").record_report("t2", {}, {"epoch": 2}), damaged[1])):
         with pytest.raises(results.CorruptFileError, match=f"^cannot read {re.escape(str(path))}: ") as caught:
             read(tmp_path)
         assert isinstance(caught.value, ValueError) and "truncated or corrupt, move it aside" in str(caught.value)
-    assert results.ResultsWriter(tmp_path, "s").recorded_rows("t1")[0]["error"] == "boom"   # the others still read
+    assert DriverRecords(tmp_path, "s").recorded_rows("t1")[0]["error"] == "boom"   # the others still read

@@ -19,9 +19,9 @@ from study import results
 from study.callbacks import StudyCallback
 from study.claim import CLAIM_FILE, DriverInfo
 from study.config import StudyConfig
-from study.paths import StudyPaths, StudyState
+from study.front import study_front
+from study.paths import Experiment, StudyPaths, StudyState
 from study.progress import read_progress, study_eta
-from study.report import study_front
 from study.status import STOPPED, study_status
 from study.tracking import open_tracker
 
@@ -49,7 +49,7 @@ def half_done(trial, tmp_path):
     cfg = StudyConfig(name="s", preset="tiny", storage=str(tmp_path))
     paths = StudyPaths.of(cfg)
     paths.root.mkdir(parents=True)
-    StudyState(config=cfg.to_json(), experiments=[{"name": "s", "num_samples": 4, "finished": False}]
+    StudyState(config=cfg.to_json(), experiments=(Experiment("s", 4),)
                ).write(paths.state)
     open_tracker(cfg, str(paths.root)).start(cfg.to_flat())
     callback = StudyCallback(cfg, str(paths.root), total=4, printer=lambda line: None, quiet=True)
@@ -79,8 +79,8 @@ def test_status_while_the_study_runs(half_done):
     assert len(status.front) == len(study_front(results.load(str(paths.root)), cfg)) >= 1
     table = status.to_table()
     assert f"epoch 1/{epochs}" in table and "val ppl" in table and "ETA" in table and "2 pending" in table
-    said = json.loads(json.dumps(status.to_json()))   # plain JSON: no NaN, no timestamps left as objects
-    assert said["state"] == "running" and said["pending"] == 2 and len(said["front"]) == len(status.front)
+    as_json = json.loads(json.dumps(status.to_json()))   # plain JSON: no NaN, no timestamps left as objects
+    assert as_json["state"] == "running" and as_json["pending"] == 2 and len(as_json["front"]) == len(status.front)
 
 
 def test_status_eta_goes_at_the_live_drivers_pace_after_a_resume(half_done):
@@ -118,8 +118,8 @@ def test_status_cli_table_json_and_unknown_study(half_done, tmp_path):
     proc = subprocess.run([G2, "status", "s", "--storage", cfg.storage, "--format", "json"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    said = json.loads(proc.stdout)
-    assert said["state"] == STOPPED and {t["trial_id"]: t["state"] for t in said["trials"]} == {"t1": "ok",
+    printed = json.loads(proc.stdout)
+    assert printed["state"] == STOPPED and {t["trial_id"]: t["state"] for t in printed["trials"]} == {"t1": "ok",
                                                                                                "t2": STOPPED}
     missing = subprocess.run([G2, "status", "nope", "--storage", cfg.storage], capture_output=True, text=True,
                              timeout=120)

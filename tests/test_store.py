@@ -44,14 +44,14 @@ torch.set_num_threads(1)
 tmp, name = Path(sys.argv[1]), sys.argv[2]
 cfg = TrialConfig.from_flat({**SMOKE, "data.cache_dir": str(tmp / "cache"), "compress.bits": int(sys.argv[3])},
                             base=TrialConfig.preset("lm", "tiny"))
-def report(metrics, ckpt):
-    if name == "a" and metrics["epoch"] == 1 and not metrics.get("done"):
+def report(epoch_report, ckpt):
+    if name == "a" and epoch_report.epoch == 1 and not epoch_report.done:
         (tmp / "a-training").touch()
         while not (tmp / "go").exists():
             time.sleep(0.05)
 final = run_trial(cfg, tmp / name, report=report, model_store=tmp / "store")
-print(json.dumps({"reused": bool(final.get("reused_checkpoint")), "key": final["training_key"],
-                  "sweep": final["sweep"]}))
+print(json.dumps({"reused": final.reused_checkpoint, "key": final.training_key,
+                  "sweep": [row.to_dict() for row in final.sweep]}))
 """
 
 
@@ -161,8 +161,8 @@ def test_a_resumed_trial_waits_for_the_lock_then_carries_on_with_its_checkpoint(
                                 base=TrialConfig.preset("lm", "tiny"))
     work, store = tmp_path / "work", tmp_path / "store"
 
-    def stop_after_epoch_1(metrics, ckpt):
-        if metrics["epoch"] == 1:
+    def stop_after_epoch_1(report, ckpt):
+        if report.epoch == 1:
             raise KeyboardInterrupt("stopped on purpose")
 
     with pytest.raises(KeyboardInterrupt):
@@ -170,7 +170,7 @@ def test_a_resumed_trial_waits_for_the_lock_then_carries_on_with_its_checkpoint(
     holder = start_holder(store, cfg.training_key())
     reports: list[dict] = []
     resumed = threading.Thread(target=run_trial, args=(cfg, work), daemon=True, kwargs={
-        "report": lambda metrics, ckpt: reports.append(metrics), "resume": work / "checkpoint", "model_store": store})
+        "report": lambda report, ckpt: reports.append(report.to_dict()), "resume": work / "checkpoint", "model_store": store})
     resumed.start()
     resumed.join(1.0)
     assert resumed.is_alive() and not reports                # another process holds the knobs: it waits

@@ -14,6 +14,8 @@ from study import mlflow_values, tracking
 from study.config import StudyConfig
 from study.paths import StudyPaths
 from study.tracking import StudyTracker
+from study.trial_end import TrialEnd
+from trainables.report import EpochReport
 
 EXPERIMENT = "g2-tests"
 # MLflow's own SQLAlchemy models, not ours.
@@ -56,6 +58,11 @@ def final_report(epoch: int = 2) -> dict:
             "compressed_test_metric": 31.0, "sweep": sweep}
 
 
+def ended(trial_id: str, status: str, report: dict | None, error: str | None = None) -> TrialEnd:
+    """A trial's end as the driver's ledger decides it, here given (its results rows are the results' business)."""
+    return TrialEnd(trial_id, status, error, EpochReport.from_dict(report) if report else None, rows=())
+
+
 def children(store, parent_id: str) -> list:
     return store["client"].search_runs([store["client"].get_experiment_by_name(EXPERIMENT).experiment_id],
                                        f"tags.`mlflow.parentRunId` = '{parent_id}'")
@@ -91,11 +98,11 @@ def test_parent_children_metrics_and_artifacts(store, tmp_path):
     ok = t.trial_run_id("trial_00000", {"g2.tau": 0.5, "sweep.ranks": (0, 8), "_driver_only": "/x"})
     for epoch in (1, 2):
         report = epoch_report(epoch) if epoch == 1 else final_report(2)
-        t.log_epoch("trial_00000", report, step=epoch)
-    t.end_trial("trial_00000", "ok", final_report(2))
+        t.log_epoch("trial_00000", EpochReport.from_dict(report))
+    t.end_trial(ended("trial_00000", "ok", final_report(2)))
     bad = t.trial_run_id("trial_00001", {"g2.tau": 0.1})
-    t.log_epoch("trial_00001", epoch_report(1), step=1)
-    t.end_trial("trial_00001", "error", None, error="ValueError: boom")
+    t.log_epoch("trial_00001", EpochReport.from_dict(epoch_report(1)))
+    t.end_trial(ended("trial_00001", "error", None, error="ValueError: boom"))
 
     assert {r.info.run_id for r in children(store, parent)} == {ok, bad}
     run = client.get_run(ok)
@@ -106,7 +113,8 @@ def test_parent_children_metrics_and_artifacts(store, tmp_path):
     assert [(m.step, m.value) for m in history] == [(1, 60.0), (2, 30.0)]   # the final report is not logged twice
     assert [m.step for m in client.get_metric_history(ok, "gate_l1_f_gt09")] == [1, 2]
     assert client.get_metric_history(ok, "test_metric")[0].value == 31.0
-    assert not {"pid", "timestamp", "training_iteration", "done", "status", "gate_histograms"} & set(run.data.metrics)
+    assert not {"pid", "timestamp", "training_iteration", "done", "status", "gate_histograms",
+                "epoch"} & set(run.data.metrics)
     assert artifacts(store, ok) == {"compression_table.csv", "compression_table.json", "gate_histograms.json"}
     table = pd.read_csv(Path(client.download_artifacts(ok, "compression_table.csv", str(tmp_path))))
     assert list(table["method"]) == ["none", "quant", "svd"] and table["gate_bits"].tolist() == [200704, 25088, 100352]
@@ -123,7 +131,7 @@ def test_resume_reuses_the_parent_and_child_runs(store):
     first = tracker(store, "study-b")
     parent = first.start({"num_samples": 2}, tags={})
     child = first.trial_run_id("trial_00000", {"g2.tau": 0.5})
-    first.log_epoch("trial_00000", epoch_report(1), step=1)
+    first.log_epoch("trial_00000", EpochReport.from_dict(epoch_report(1)))
     first.end("interrupted")
 
     with pytest.raises(RuntimeError, match="no parent run yet"):
@@ -132,8 +140,8 @@ def test_resume_reuses_the_parent_and_child_runs(store):
     assert again.start({"num_samples": 3}, tags={}) == parent
     assert tracker(store, "study-b").attach() == parent   # its callback, its closing report
     assert again.trial_run_id("trial_00000", {"g2.tau": 0.5}) == child
-    again.log_epoch("trial_00000", epoch_report(2), step=2)
-    again.end_trial("trial_00000", "ok", final_report(2))
+    again.log_epoch("trial_00000", EpochReport.from_dict(epoch_report(2)))
+    again.end_trial(ended("trial_00000", "ok", final_report(2)))
 
     client = store["client"]
     assert [r.info.run_id for r in children(store, parent)] == [child]
@@ -151,7 +159,7 @@ def test_stale_children_are_marked_killed(store):
     stale = crashed.trial_run_id("trial_00000", {})
     active = crashed.trial_run_id("trial_00001", {})
     done = crashed.trial_run_id("trial_00002", {})
-    crashed.end_trial("trial_00002", "pruned", epoch_report(1))
+    crashed.end_trial(ended("trial_00002", "pruned", epoch_report(1)))
 
     resumed = tracker(store, "study-c")
     resumed.start({}, tags={})
@@ -184,8 +192,8 @@ def test_studies_in_one_process_are_separate_and_end_logs_the_front(store, tmp_p
 
 
 def test_metric_names_and_values_are_made_valid():
-    metrics = mlflow_values.numeric_metrics({"val ppl": 1, "a/b": 2.0, "bad*name": 3, "flag": True, "text": "x",
-                                        "nan": math.nan, "rows": [1], "none": None, "epoch": 4})
+    metrics = mlflow_values.valid_metrics({"val ppl": 1, "a/b": 2.0, "bad*name": 3, "flag": True, "text": "x",
+                                           "nan": math.nan, "rows": [1], "none": None})
     assert set(metrics) == {"val ppl", "a/b", "bad_name", "nan"} and math.isnan(metrics["nan"])
 
 
@@ -202,9 +210,9 @@ def test_the_experiment_is_model_training_and_runs_are_named_by_what_they_are(st
     reused = t.trial_run_id("trial_00001", {**g2, "g2.gate_mode": "lstm", "compress.rank": 0, "compress.bits": 32,
                                             "compress.paper": "round_clip"})
     unnamed = t.trial_run_id("trial_00002", {})
-    t.end_trial("trial_00000", "ok", final_report(2))
-    t.end_trial("trial_00001", "ok", {**final_report(2), "reused_checkpoint": True})
-    t.end_trial("trial_00001", "ok", {**final_report(2), "reused_checkpoint": True})   # said twice: named once
+    t.end_trial(ended("trial_00000", "ok", final_report(2)))
+    t.end_trial(ended("trial_00001", "ok", {**final_report(2), "reused_checkpoint": True}))
+    t.end_trial(ended("trial_00001", "ok", {**final_report(2), "reused_checkpoint": True}))   # ended twice: named once
 
     assert client.get_run(trained).info.run_name == "g2 τ=0.63 p=0.59 · r16 b4"
     assert client.get_run(trained).data.tags["g2.model"] == "trained"

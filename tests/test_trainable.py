@@ -7,7 +7,9 @@ import torch
 from trainables import trainable
 from trainables.checkpoint import load_checkpoint
 from trainables.config import SMOKE, TrialConfig
-from trainables.trainable import main, run_trial
+from trainables.report import EpochReport
+from trainables.trainable import Plan, choose_plan, main
+from trainables.trainable import run_trial as run_typed_trial
 
 EVERY_EPOCH = {"epoch", "train_loss", "val_loss", "val_metric", "compressed_val_metric", "gate_bits", "model_bits",
                "gate_compression", "model_compression", "epoch_time_s", "train_time_s", "gate_l0_i_lt01",
@@ -20,11 +22,19 @@ def smoke_cfg(tmp_path, **overrides) -> TrialConfig:
     return TrialConfig.from_flat(flat, base=TrialConfig.preset("lm", "tiny"))
 
 
+def run_trial(*args, **kwargs) -> dict:
+    """`run_trial`'s final report, checked to be the typed record, as the dict Tune is given."""
+    final = run_typed_trial(*args, **kwargs)
+    assert isinstance(final, EpochReport)
+    return final.to_dict()
+
+
 class Recorder:
     def __init__(self, stop_after: int | None = None):
         self.reports, self.stop_after = [], stop_after
 
-    def __call__(self, metrics, ckpt_dir):
+    def __call__(self, report: EpochReport, ckpt_dir):
+        metrics = report.to_dict()
         self.reports.append(metrics)
         if self.stop_after is not None and metrics["epoch"] == self.stop_after:
             raise KeyboardInterrupt("stopped on purpose")
@@ -48,7 +58,7 @@ def test_every_report_carries_every_objective(uninterrupted):
     for r in reports:
         assert EVERY_EPOCH <= set(r)
         assert r["gate_compression"] > 1.0                        # the trial's own compress.rank = 4
-    assert final is reports[-1] and final["status"] == "ok" and final["done"]
+    assert final == reports[-1] and final["status"] == "ok" and final["done"]
 
 
 def test_final_report_has_the_sweep_with_accounting(uninterrupted):
@@ -123,6 +133,18 @@ def test_same_training_knobs_reuse_the_stored_model(tmp_path):
     other = run_trial(smoke_cfg(tmp_path, **{"train.epochs": 2, "g2.tau": 0.5}), tmp_path / "c",
                       model_store=store)
     assert other["reused_checkpoint"] is False and other["training_key"] != first["training_key"]
+
+
+@pytest.mark.parametrize("resume, stored, diverged, plan", [
+    (None, None, None, Plan.TRAIN),
+    ("ckpt", None, None, Plan.RESUME),
+    ("ckpt", {"epoch": 3}, {"status": "diverged"}, Plan.RESUME),       # a resumed trial carries on with its own
+    (None, {"epoch": 3}, None, Plan.RESCORE),
+    (None, {"epoch": 3}, {"status": "diverged"}, Plan.RESCORE),
+    (None, None, {"status": "diverged"}, Plan.REPORT_DIVERGENCE),
+])
+def test_the_plan_of_a_trial(resume, stored, diverged, plan):
+    assert choose_plan(resume, stored, diverged) is plan
 
 
 def test_nan_loss_ends_the_trial_as_diverged(tmp_path, monkeypatch):
@@ -233,7 +255,8 @@ def test_each_epoch_reports_the_compressed_models_metric(tmp_path):
     cfg = smoke_cfg(tmp_path, **{"compress.bits": 2})
     scored = []
 
-    def rescore(metrics, ckpt_dir):
+    def rescore(report, ckpt_dir):
+        metrics = report.to_dict()
         # A fresh task restored from the checkpoint just written: the reported epoch's weights (ASGD's average
         # where it runs); the last epoch reports the best weights, which the checkpoint then holds.
         saved = load_checkpoint(ckpt_dir)

@@ -1,4 +1,4 @@
-"""Post-training compression of the i/f gate blocks (DESIGN §3), as pure tensor functions plus one handler.
+"""Post-training compression of the i/f gate blocks (docs/design.md §3), as pure tensor functions plus one handler.
 
 The targets are the input- and forget-gate blocks (rows 0:H and H:2H) of `weight_ih_l{k}` / `weight_hh_l{k}`
 of every recurrent layer, each block compressed on its own; biases are never touched. `compress.targets`
@@ -64,7 +64,7 @@ def round_to_step(w: Tensor, step: float, clip: float | None = None) -> Tensor:
 
 
 def compress_block(w: Tensor, cfg: CompressConfig) -> tuple[Tensor, int]:
-    """One m×n block compressed as `cfg` says, and the bits needed to store it (DESIGN §3 table)."""
+    """One m×n block compressed as `cfg` says, and the bits needed to store it (docs/design.md §3 table)."""
     m, n = w.shape
     if cfg.paper != "none":
         out = round_to_step(w, cfg.step, cfg.clip if cfg.paper == "round_clip" else None)

@@ -58,7 +58,7 @@ def reject_unknown(section: str, cls: type, given: dict) -> None:
 
 @dataclass(frozen=True)
 class G2Config:
-    """Gate behaviour of a G2LSTM (DESIGN §2). Only the input and forget gates are affected."""
+    """Gate behaviour of a G2LSTM (docs/design.md §2). Only the input and forget gates are affected."""
 
     gate_mode: Literal["lstm", "sharpened", "g2"] = "g2"
     tau: float = 0.9            # temperature dividing i/f pre-activations in g2 training
@@ -77,7 +77,7 @@ class G2Config:
 
 @dataclass(frozen=True)
 class CompressConfig:
-    """One post-training compression setting of the i/f gate blocks (DESIGN §3).
+    """One post-training compression setting of the i/f gate blocks (docs/design.md §3).
 
     `rank` = 0 keeps full rank, `bits` = 32 keeps full precision; both may be combined (SVD, then the
     factors quantised). The paper's `round` / `round_clip` modes stand alone.
@@ -188,7 +188,7 @@ class LMConfig:
 
 @dataclass(frozen=True)
 class NMTConfig:
-    """LSTM encoder-decoder with additive attention and input feeding (DESIGN §4)."""
+    """LSTM encoder-decoder with additive attention and input feeding (docs/design.md §4)."""
 
     embed_dim: int = 256
     hidden_size: int = 256

@@ -1,6 +1,6 @@
 """Where the study's corpora live: `$G2_DATA_DIR`, `../shared/data` beside the repository, or a path, and the cache.
 
-Corpora are never copied into the repository (DESIGN §4): they are read from `$G2_DATA_DIR` or `../shared/data`
+Corpora are never copied into the repository (docs/design.md §4): they are read from `$G2_DATA_DIR` or `../shared/data`
 beside the repository root, and generated corpora and BPE models are cached wherever the caller says. A corpus
 folder holds one file per split in `SPLITS`; `trainables/lm_data.py` and `trainables/parallel_data.py` read them.
 """

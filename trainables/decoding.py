@@ -61,7 +61,7 @@ def greedy_decode(model: Seq2Seq, batch: Seq2SeqBatch, max_len: int | None = Non
     done = torch.zeros_like(tokens, dtype=torch.bool)
     steps = []
     for _ in range(max(limits)):
-        out, state, _ = model.decoder.step(tokens, state, memory)
+        out, state = model.decoder.step(tokens, state, memory)
         tokens = model.decoder.output(out).argmax(-1)                        # (B,)
         steps.append(tokens)
         done |= tokens == model.eos_id
@@ -99,7 +99,7 @@ def beam_search(model: Seq2Seq, batch: Seq2SeqBatch, beam_size: int = NMTConfig.
     done = [False] * b_size
     row0 = torch.arange(b_size, device=tokens.device)[:, None] * k          # (B, 1)
     for t in range(1, max(limits) + 1):
-        out, state, _ = model.decoder.step(tokens, state, memory)
+        out, state = model.decoder.step(tokens, state, memory)
         lprobs = F.log_softmax(model.decoder.output(out).float(), -1)       # (B·K, V)
         vocab = lprobs.size(-1)
         cand = (scores.view(-1, 1) + lprobs).view(b_size, k * vocab)         # (B, K·V)

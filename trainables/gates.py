@@ -1,4 +1,4 @@
-"""The i/f gate maths of the G2-LSTM (Li et al., ICML 2018; DESIGN §2), shared by every path that runs a layer.
+"""The i/f gate maths of the G2-LSTM (Li et al., ICML 2018; docs/design.md §2), shared by every path that runs a layer.
 
 The reference recurrence (`trainables/g2lstm.py`) and the fused Triton kernels (`trainables/g2lstm_kernels.py`)
 both compute i, f from the pre-activations a of the contiguous rows 0:2H, [i, f], as `GateMath` says:
@@ -18,7 +18,7 @@ NOISE_EPS = 1e-3          # ε of the logistic noise, as in the authors' code
 
 
 def logistic_noise(shape: tuple[int, ...], p: float, *, device=None, dtype=None) -> Tensor:
-    """L·B of DESIGN §2: logistic noise (a difference of two Gumbels), kept with probability p."""
+    """L·B of docs/design.md §2: logistic noise (a difference of two Gumbels), kept with probability p."""
     u = torch.rand(shape, device=device, dtype=dtype)
     noise = torch.log(u + NOISE_EPS) - torch.log1p(NOISE_EPS - u)
     if p < 1.0:

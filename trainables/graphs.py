@@ -1,4 +1,4 @@
-"""CUDA graphs of a recurrent training window: forward and backward replayed as two graphs (DESIGN §8).
+"""CUDA graphs of a recurrent training window: forward and backward replayed as two graphs (docs/design.md §8).
 
 A window of the fused G2-LSTM path launches two small kernels per step and layer (a GEMM and the cell), so
 at AWD shapes the GPU waits on Python launch overhead; replaying captured graphs removes it. One pair of

@@ -1,6 +1,6 @@
 """AWD-LSTM word-level language model with G2LSTM layers, and the task object the trial loop drives.
 
-Recipe (Merity et al. 2018; DESIGN §4): tied embedding/decoder, locked dropout on the input, between layers and
+Recipe (Merity et al. 2018; docs/design.md §4): tied embedding/decoder, locked dropout on the input, between layers and
 on the output, embedding dropout, weight-drop on W_hh, AR/TAR, SGD with variable BPTT length (lr scaled by
 len/bptt) switching to averaged SGD by the non-monotone rule, gradient clipping, optional fine-tune stage and
 an optional neural cache pointer (Grave et al. 2017) at evaluation. Tensors are time-major: tokens (T, B).
@@ -49,7 +49,6 @@ class LMOutput:
     state: State
     raw_output: Tensor                  # (T, B, E) last layer's output, before the output dropout (TAR)
     dropped_output: Tensor              # (T, B, E) after it, what the decoder reads (AR)
-    gates: list[Tensor] | None = None   # per layer i/f gates (T, B, 2H), [i, f]; None unless `return_gates`
 
 
 class RNNLM(nn.Module):
@@ -76,37 +75,43 @@ class RNNLM(nn.Module):
         return [(w.new_zeros(1, batch_size, layer.hidden_size), w.new_zeros(1, batch_size, layer.hidden_size))
                 for layer in self.layers]
 
-    def forward(self, tokens: Tensor, state: State, *, return_gates: bool = False,
+    def forward(self, tokens: Tensor, state: State, *,
                 recurrent: Callable[..., tuple[Tensor, ...]] | None = None) -> LMOutput:
-        """tokens (T, B) -> LMOutput: logits (T, B, V), new state, raw and dropped last outputs (T, B, E), and
-        with `return_gates` every layer's i/f gates.
+        """tokens (T, B) -> LMOutput: logits (T, B, V), new state, raw and dropped last outputs (T, B, E).
 
         `recurrent` stands in for `self.recurrent` (the training loop passes its CUDA graphs of it).
         """
-        cfg = self.cfg
-        x = embedding_dropout(self.embedding, tokens, cfg.dropout_embed, self.training)   # (T, B, E)
-        x = locked_dropout(x, cfg.dropout_input, self.training)
-        gates = None
-        if recurrent is None or return_gates:
-            raw, dropped, new_state, gates = self._recur(x, state, return_gates)
+        x = self._embed(tokens)
+        if recurrent is None:
+            raw, dropped, new_state = self._recur(x, state)
         else:
             raw, dropped, *flat = recurrent(x, *flatten_state(state))
             new_state = unflatten_state(flat)
-        logits = self.decoder(dropped)                                                   # (T, B, V)
-        return LMOutput(logits, new_state, raw, dropped, gates if return_gates else None)
+        return LMOutput(self.decoder(dropped), new_state, raw, dropped)                 # logits (T, B, V)
+
+    def forward_with_gates(self, tokens: Tensor, state: State) -> tuple[LMOutput, list[Tensor]]:
+        """`forward`, and every layer's i/f gates (T, B, 2H), [i, f], in layer order (`G2LSTM.forward_with_gates`)."""
+        gates: list[Tensor] = []
+        raw, dropped, new_state = self._recur(self._embed(tokens), state, gates)
+        return LMOutput(self.decoder(dropped), new_state, raw, dropped), gates
 
     def recurrent(self, x: Tensor, *flat_state: Tensor) -> tuple[Tensor, ...]:
         """The recurrent window in tensors only, as CUDA graphs capture it: x (T, B, E), h_0, c_0, h_1, ...
         -> (raw (T, B, E), dropped (T, B, E), new h_0, c_0, h_1, ...)."""
-        raw, dropped, new_state, _ = self._recur(x, unflatten_state(flat_state))
+        raw, dropped, new_state = self._recur(x, unflatten_state(flat_state))
         return (raw, dropped, *flatten_state(new_state))
 
-    def _recur(self, x: Tensor, state: State, return_gates: bool = False):
-        """The layers with locked dropout between them -> (raw, dropped, new state, gates)."""
+    def _embed(self, tokens: Tensor) -> Tensor:
+        x = embedding_dropout(self.embedding, tokens, self.cfg.dropout_embed, self.training)   # (T, B, E)
+        return locked_dropout(x, self.cfg.dropout_input, self.training)
+
+    def _recur(self, x: Tensor, state: State, gates: list[Tensor] | None = None):
+        """The layers with locked dropout between them -> (raw, dropped, new state); each layer's gates are
+        appended to `gates` when it is given."""
         cfg = self.cfg
-        new_state, gates = [], []
+        new_state = []
         for k, layer in enumerate(self.layers):
-            if return_gates:
+            if gates is not None:
                 x, layer_state, layer_gates = layer.forward_with_gates(x, state[k])
                 gates.extend(layer_gates)
             else:
@@ -115,7 +120,7 @@ class RNNLM(nn.Module):
             raw = x
             if k < len(self.layers) - 1:
                 x = locked_dropout(x, cfg.dropout_hidden, self.training)
-        return raw, locked_dropout(raw, cfg.dropout, self.training), new_state, gates
+        return raw, locked_dropout(raw, cfg.dropout, self.training), new_state
 
 
 def flatten_state(state: State) -> list[Tensor]:
@@ -175,7 +180,6 @@ class LMTask(Task):
     """Penn Treebank / WikiText-2 language modelling, as driven by `trainables.trainable.run_trial`."""
 
     metric = "ppl"
-    higher_is_better = False
 
     def __init__(self, cfg: TrialConfig, device: torch.device, work_dir: Path):
         self.cfg, self.device = cfg, device
@@ -323,9 +327,9 @@ class LMTask(Task):
             if n == GATE_BATCHES:
                 break
             x, _ = lm_batch(source, i, self.cfg.lm.bptt)
-            out = model(x, state, return_gates=True)
+            out, gates = model.forward_with_gates(x, state)
             state = out.state
-            stats.update(out.gates)
+            stats.update(gates)
         return stats
 
     def state_dict(self) -> dict:

@@ -64,7 +64,6 @@ class NMTTask(Task):
     """Data, model and optimiser of one translation trial; `trainables.trainable` runs the epochs."""
 
     metric = "bleu"
-    higher_is_better = True
 
     def __init__(self, cfg: TrialConfig, device: torch.device, work_dir: Path):
         self.cfg, self.device = cfg, torch.device(device)

@@ -7,7 +7,7 @@ the analysis use is a field or a constant here, so a rename is one edit.
 
 Torch-free on purpose: the driver, the results dataset, MLflow and the notebooks import it without a model.
 
-Gate saturation (DESIGN §2, the paper's Fig. 3) is reported per recurrent layer k and gate g ∈ {i, f} as the
+Gate saturation (the paper's Fig. 3; docs/design.md) is reported per recurrent layer k and gate g ∈ {i, f} as the
 fractions of gate values below 0.1 and above 0.9, in columns `gate_l{k}_{g}_lt01` / `gate_l{k}_{g}_gt09`, and
 as a histogram of `HIST_BINS` equal bins on [0, 1] under the key `l{k}_{g}`.
 """
@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 RUNNING, OK, PRUNED, DIVERGED, ERROR = "running", "ok", "pruned", "diverged", "error"
 STATUSES = (OK, PRUNED, DIVERGED, ERROR)     # how a trial ends: a results row's `status`
 FAILED = (DIVERGED, ERROR)                   # ends that are no point of the front (Optuna FAIL, MLflow FAILED)
+HIGHER_IS_BETTER = {"lm": False, "nmt": True}   # each task's metric: perplexity is minimised, BLEU maximised
 
 # --------------------------------------------------------------------------- metric columns
 
@@ -114,7 +115,7 @@ def parse_histogram_key(key: str) -> tuple[int, str] | None:
 
 @dataclass(frozen=True)
 class Accounting:
-    """Storage of one (compressed) model; the same columns for every task (DESIGN §3)."""
+    """Storage of one (compressed) model; the same columns for every task (`trainables.compress`)."""
 
     gate_params: int           # parameters in all i/f blocks of all recurrent layers
     gate_bits: int             # their stored size: compressed blocks as compressed, the rest as float32
@@ -231,6 +232,16 @@ class EpochReport:
         return cls(**values, train={k: v for k, v in report.items() if k.startswith("train_") and k != "train_time_s"},
                    val={k: v for k, v in report.items() if k.startswith("val_") and k != VAL_METRIC},
                    gate_saturation={k: v for k, v in report.items() if is_gate_column(k)})
+
+    def metrics(self) -> dict[str, float]:
+        """The measurements of this report by their flat names, as `to_dict` has them (the epoch, status and text
+        left out): what a tracker logs at its epoch."""
+        values = {**self.train, **self.val, VAL_METRIC: self.val_metric,
+                  COMPRESSED_VAL_METRIC: self.compressed_val_metric,
+                  **(asdict(self.accounting) if self.accounting else {}), **self.gate_saturation,
+                  "epoch_time_s": self.epoch_time_s, "train_time_s": self.train_time_s, "best_epoch": self.best_epoch,
+                  TEST_METRIC: self.test_metric, COMPRESSED_TEST_METRIC: self.compressed_test_metric}
+        return {k: float(v) for k, v in values.items() if v is not None}
 
     @property
     def finished(self) -> bool:

@@ -1,4 +1,4 @@
-"""Attentional LSTM encoder-decoder for translation, every recurrent layer a G2LSTM (DESIGN §4).
+"""Attentional LSTM encoder-decoder for translation, every recurrent layer a G2LSTM (docs/design.md §4).
 
 Layout: time-major throughout, `src (S, B)`, `tgt (T, B)`, hidden `(layers, B, H)`. The encoder's first layer is
 bidirectional (two one-layer G2LSTMs, the backward one reading each sentence reversed within its own length, so
@@ -10,7 +10,7 @@ Dropout (Zaremba et al. 2014) sits on non-recurrent connections only: embeddings
 
 Source and target share one embedding: the BPE vocabulary is joint, so a piece (a name, a number, a cognate)
 is the same string on both sides, and on a 29k-pair corpus the halved embedding also keeps the model's bits
-(DESIGN §3 accounting counts embeddings) from being dominated by two copies of the vocabulary.
+(docs/design.md §3 accounting counts embeddings) from being dominated by two copies of the vocabulary.
 """
 from __future__ import annotations
 
@@ -28,12 +28,15 @@ from trainables.g2lstm import G2LSTM
 RecurrentFactory = Callable[..., G2LSTM]   # (input_size, hidden_size, num_layers, **kw) -> a G2LSTM
 
 
-def run_rnn(rnn: G2LSTM, x: Tensor, state=None, return_gates: bool = False,
-            weight_hh: list[Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor], list[Tensor]]:
-    """(y, (h, c), per-layer i/f gates or []); `weight_hh` replaces the layers' recurrent weights for this call."""
-    if return_gates:
-        return rnn.forward_with_gates(x, state, weight_hh=weight_hh)
-    return (*rnn(x, state, weight_hh=weight_hh), [])
+def run_rnn(rnn: G2LSTM, x: Tensor, state=None, weight_hh: list[Tensor] | None = None,
+            gates: list[Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """`rnn`'s (y, (h, c)); `weight_hh` replaces its layers' recurrent weights for this call. With a `gates` list,
+    each layer's i/f gates (`G2LSTM.forward_with_gates`) are appended to it."""
+    if gates is None:
+        return rnn(x, state, weight_hh=weight_hh)
+    y, new_state, layer_gates = rnn.forward_with_gates(x, state, weight_hh=weight_hh)
+    gates.extend(layer_gates)
+    return y, new_state
 
 
 def reverse_index(lengths: Tensor, steps: int) -> Tensor:
@@ -54,7 +57,6 @@ class EncoderOut:
     outputs: Tensor         # (S, B, D) top layer, D = 2H with one encoder layer, else H
     final: Tensor           # (B, D) top layer at each sentence's last real token (both ends when bidirectional)
     mask: Tensor            # (S, B) bool, True at real tokens
-    gates: list[Tensor]     # per recurrent layer (S, B, 2H) [i, f], in source order; [] unless asked
 
 
 @dataclass(frozen=True)
@@ -93,23 +95,33 @@ class Encoder(nn.Module):
                              weight_drop=cfg.weight_drop) if cfg.encoder_layers > 1 else None)
         self.output_dim = h if self.upper is not None else 2 * h
 
-    def forward(self, src: Tensor, src_mask: Tensor, return_gates: bool = False) -> EncoderOut:
+    def forward(self, src: Tensor, src_mask: Tensor) -> EncoderOut:
         """src, src_mask (S, B). Outputs at real positions never depend on the batch's padding."""
+        return self._encode(src, src_mask, None)
+
+    def forward_with_gates(self, src: Tensor, src_mask: Tensor) -> tuple[EncoderOut, list[Tensor]]:
+        """`forward`, and every layer's i/f gates (S, B, 2H) [i, f] in source order: forward, backward, upper."""
+        gates: list[Tensor] = []
+        return self._encode(src, src_mask, gates), gates
+
+    def _encode(self, src: Tensor, src_mask: Tensor, gates: list[Tensor] | None) -> EncoderOut:
         lengths = src_mask.sum(0)                                            # (B,)
         last = (lengths - 1).clamp(min=0)                                    # (B,); an empty source reads step 0
         x = F.dropout(self.embed(src), self.dropout, self.training)         # (S, B, E)
         rev = reverse_index(lengths, src.size(0))                            # (S, B)
-        fwd, _, gates_f = run_rnn(self.forward_rnn, x, return_gates=return_gates)              # (S, B, H)
-        bwd, _, gates_b = run_rnn(self.backward_rnn, take_time(x, rev), return_gates=return_gates)
+        backward_gates = None if gates is None else []
+        fwd, _ = run_rnn(self.forward_rnn, x, gates=gates)                               # (S, B, H)
+        bwd, _ = run_rnn(self.backward_rnn, take_time(x, rev), gates=backward_gates)
         final = torch.cat([take_time(fwd, last), take_time(bwd, last)], -1)  # (B, 2H): both directions' ends
         y = torch.cat([fwd, take_time(bwd, rev)], -1)                        # (S, B, 2H), bwd back in source order
-        gates = gates_f + [take_time(g, rev) for g in gates_b]
+        if gates is not None:
+            gates.extend(take_time(g, rev) for g in backward_gates)
         if self.upper is not None:
             y = F.dropout(y, self.dropout, self.training)
-            y, _, gates_u = run_rnn(self.upper, y, return_gates=return_gates)   # (S, B, H)
-            final, gates = take_time(y, last), gates + gates_u                  # (B, H)
+            y, _ = run_rnn(self.upper, y, gates=gates)                        # (S, B, H)
+            final = take_time(y, last)                                       # (B, H)
         y = F.dropout(y, self.dropout, self.training)
-        return EncoderOut(y, final, src_mask, gates)
+        return EncoderOut(y, final, src_mask)
 
 
 class AdditiveAttention(nn.Module):
@@ -160,27 +172,39 @@ class Decoder(nn.Module):
         return [F.dropout(self.rnn.layer_weights(k)[1], self.weight_drop, True) for k in range(self.num_layers)]
 
     def step(self, tokens: Tensor, state: DecoderState, memory: Memory, weights: list[Tensor] | None = None,
-             return_gates: bool = False) -> tuple[Tensor, DecoderState, list[Tensor]]:
-        """tokens (B,) -> attentional vector h̃_t (B, H), the next state, per-layer gates (1, B, 2H) or []."""
+             gates: list[Tensor] | None = None) -> tuple[Tensor, DecoderState]:
+        """tokens (B,) -> attentional vector h̃_t (B, H) and the next state; with a `gates` list, each layer's
+        i/f gates (1, B, 2H) are appended to it."""
         emb = F.dropout(self.embed(tokens), self.dropout, self.training)        # (B, E)
         x = torch.cat([emb, state.feed], -1)[None]                               # (1, B, E + H)
-        y, (h, c), gates = run_rnn(self.rnn, x, (state.h, state.c), return_gates, weights)   # y (1, B, H)
+        y, (h, c) = run_rnn(self.rnn, x, (state.h, state.c), weights, gates)   # y (1, B, H)
         context, _ = self.attention(y[0], memory)                                # (B, D)
         out = torch.tanh(self.combine(torch.cat([context, y[0]], -1)))          # (B, H)
         out = F.dropout(out, self.dropout, self.training)
-        return out, DecoderState(h, c, out), gates
+        return out, DecoderState(h, c, out)
 
-    def forward(self, tgt_in: Tensor, memory: Memory, state: DecoderState,
-                return_gates: bool = False) -> tuple[Tensor, list[Tensor]]:
-        """Teacher forcing: tgt_in (T, B) -> attentional vectors (T, B, H), per-layer gates (T, B, 2H) or []."""
+    def forward(self, tgt_in: Tensor, memory: Memory, state: DecoderState) -> Tensor:
+        """Teacher forcing: tgt_in (T, B) -> attentional vectors (T, B, H)."""
+        return self._teacher_forced(tgt_in, memory, state, None)
+
+    def forward_with_gates(self, tgt_in: Tensor, memory: Memory, state: DecoderState
+                           ) -> tuple[Tensor, list[Tensor]]:
+        """`forward`, and every layer's i/f gates (T, B, 2H) [i, f]."""
+        steps: list[list[Tensor]] = []
+        outs = self._teacher_forced(tgt_in, memory, state, steps)
+        return outs, [torch.cat(layer) for layer in zip(*steps)]
+
+    def _teacher_forced(self, tgt_in: Tensor, memory: Memory, state: DecoderState,
+                        steps: list[list[Tensor]] | None) -> Tensor:
         weights = self.sequence_weights()
-        outs, steps_gates = [], []
+        outs = []
         for tokens in tgt_in.unbind(0):
-            out, state, gates = self.step(tokens, state, memory, weights, return_gates)
+            gates = None if steps is None else []
+            out, state = self.step(tokens, state, memory, weights, gates)
             outs.append(out)
-            steps_gates.append(gates)
-        gates = [torch.cat(layer) for layer in zip(*steps_gates)] if return_gates else []
-        return torch.stack(outs), gates
+            if steps is not None:
+                steps.append(gates)
+        return torch.stack(outs)
 
 
 class Seq2Seq(nn.Module):
@@ -202,18 +226,16 @@ class Seq2Seq(nn.Module):
 
     def forward(self, src: Tensor, src_mask: Tensor, tgt_in: Tensor) -> Tensor:
         """src, src_mask (S, B); tgt_in (T, B) -> teacher-forced logits (T, B, V)."""
-        return self._teacher_forced(src, src_mask, tgt_in, record_gates=False)[0]
+        memory, state = self.decoder.start(self.encoder(src, src_mask))
+        return self.decoder.output(self.decoder(tgt_in, memory, state))
 
     def forward_with_gates(self, src: Tensor, src_mask: Tensor, tgt_in: Tensor) -> tuple[Tensor, list[Tensor]]:
         """`forward`, and every layer's i/f gates in `recurrent_layer_names` order: encoder ones (S, B, 2H),
         decoder ones (T, B, 2H)."""
-        return self._teacher_forced(src, src_mask, tgt_in, record_gates=True)
-
-    def _teacher_forced(self, src: Tensor, src_mask: Tensor, tgt_in: Tensor, record_gates: bool):
-        enc = self.encoder(src, src_mask, record_gates)
+        enc, enc_gates = self.encoder.forward_with_gates(src, src_mask)
         memory, state = self.decoder.start(enc)
-        outs, dec_gates = self.decoder(tgt_in, memory, state, record_gates)
-        return self.decoder.output(outs), enc.gates + dec_gates            # (T, B, V), [] unless recorded
+        outs, dec_gates = self.decoder.forward_with_gates(tgt_in, memory, state)
+        return self.decoder.output(outs), enc_gates + dec_gates            # (T, B, V)
 
     def context_columns(self) -> dict[str, slice]:
         """{parameter name: columns} of the input weights through which attention reaches the gates.

@@ -23,12 +23,12 @@ def make_optimizer(train: TrainConfig, params) -> torch.optim.Optimizer:
 class Task:
     """One trial's data, model and optimiser. `run_trial` drives any subclass the same way.
 
-    Subclasses set `metric` (the validation metric's name, e.g. "ppl" or "bleu") and `higher_is_better`,
-    keep their `device`, build `model` and `optimizer`, and implement the three abstract methods.
+    Subclasses set `metric` (the validation metric's name, e.g. "ppl" or "bleu"; its direction is
+    `trainables.report.HIGHER_IS_BETTER`), keep their `device`, build `model` and `optimizer`, and implement
+    the three abstract methods.
     """
 
     metric: str
-    higher_is_better: bool
     device: torch.device
     model: nn.Module
     optimizer: torch.optim.Optimizer

@@ -1,4 +1,5 @@
-"""Ray Tune trainables `train_lm` / `train_nmt`, built on `run_trial`, a plain loop that runs without Ray.
+"""`run_trial`: one trial as a plain loop, without Ray (the study's Ray Tune entry points, `study.entrypoints`,
+call it and pass its reports on to `tune.report`).
 
 Per epoch a trial reports train loss, the validation metric, the validation metric of a compressed copy under
 the trial's own `compress.*` setting with its storage accounting, gate saturation per layer and wall time, so
@@ -21,6 +22,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +38,9 @@ from trainables.lm import LMTask
 from trainables.nmt import NMTTask
 from trainables.presets import DEFAULT_PRESETS
 from trainables.report import (
-    COMPRESSED_VAL_METRIC,
     DIVERGED,
-    EVAL_GATE,
     OK,
-    STATUS,
-    TEST_METRIC,
-    TRAINING_KEY,
+    TRAIN_LOSS,
     VAL_METRIC,
     EpochReport,
     SweepRow,
@@ -52,7 +50,7 @@ from trainables.store import ModelStore
 from trainables.task import Task
 
 log = logging.getLogger(__name__)
-Reporter = Callable[[dict[str, Any], "Path | None"], None]   # (metrics, checkpoint directory or None)
+Reporter = Callable[[EpochReport, "Path | None"], None]   # (report, checkpoint directory or None)
 
 
 def make_task(cfg: TrialConfig, device: torch.device) -> Task:
@@ -110,74 +108,93 @@ class LoopState:
         return {k: v for k, v in asdict(self).items() if k != "final"}
 
 
+class Plan(Enum):
+    """What `run_trial` does with its training knobs, decided once from the checkpoint and the model store."""
+
+    TRAIN = "train"                            # nothing stored: train from the first epoch
+    RESUME = "resume"                          # continue this trial's own checkpoint (a resumed trial trains on)
+    RESCORE = "re-score"                       # a model is stored for these knobs: score the sweep only
+    REPORT_DIVERGENCE = "report divergence"    # these knobs diverged before: report that, train nothing
+
+
+def choose_plan(resume: Path | None, stored: dict[str, Any] | None, diverged: dict[str, Any] | None) -> Plan:
+    """The plan of a trial: its own checkpoint first, then a stored model, then a stored divergence."""
+    if resume is not None:
+        return Plan.RESUME
+    if stored is not None:
+        return Plan.RESCORE
+    return Plan.REPORT_DIVERGENCE if diverged is not None else Plan.TRAIN
+
+
 def run_trial(cfg: TrialConfig, work_dir: Path, *, report: Reporter | None = None, resume: Path | None = None,
               model_store: Path | None = None, gpu_ids: list | None = None, node_id: str | None = None
-              ) -> dict[str, Any]:
+              ) -> EpochReport:
     """Train (or resume, or reuse) one configuration, report every epoch, return the final report.
 
     Args:
         work_dir: the checkpoint directory lives in `work_dir/checkpoint` (rewritten each epoch).
-        report: called with (report dict, checkpoint dir) after every epoch; the last call carries `sweep`.
+        report: called with (report, checkpoint dir) after every epoch; the last report carries the `sweep`.
         resume: a checkpoint directory to continue from exactly.
         model_store: a `ModelStore` directory. A model stored under `cfg.training_key()` skips training (a resumed
             trial carries on with its own), and so does a stored divergence; while another trial trains the same
-            knobs, this one waits for it.
+            knobs, this one waits for it (`Plan`).
         gpu_ids: the GPUs Ray gave the trial (None outside Ray); `train.device = auto` trains on CUDA only then.
         node_id: the Ray node running the trial, carried by every report.
     """
-    report = report or (lambda metrics, ckpt: None)
+    report = report or (lambda epoch_report, ckpt: None)
     device = trial_device(cfg.train, gpu_ids)
     use_ieee_fp32()
     key = cfg.training_key()
     store = ModelStore(model_store) if model_store else None
-    with store.training(key) if store else contextlib.nullcontext() as meta:   # before the task takes any memory
+    with store.training(key) if store else contextlib.nullcontext() as stored:   # before the task takes memory
         torch.manual_seed(cfg.seed)
         task = make_task(cfg, device)
         base = EpochReport(metric_name=task.metric, device=str(device), training_key=key, node_id=node_id)
-        diverged = store.diverged(key) if resume is None and meta is None and store is not None else None
-        if diverged is None and (meta is None or resume is not None):   # a resumed trial carries on from its own
+        undecided = resume is None and stored is None and store is not None
+        diverged = store.diverged(key) if undecided else None
+        plan = choose_plan(resume, stored, diverged)
+        log.info("trial %s: %s", key, plan.value)
+        if plan in (Plan.TRAIN, Plan.RESUME):   # under the lock: trials with these knobs wait for the model
             return _train(cfg, task, Path(work_dir) / "checkpoint", base, report, resume=resume, store=store)
-        if meta is not None:
+        if plan is Plan.RESCORE:
             store.load(key, task.model)
-    if diverged is not None:
-        log.info("the trial that trained %s diverged; so would this one: reporting that", key)
-        final = replace(EpochReport.from_dict(diverged), metric_name=base.metric_name, device=base.device,
-                        node_id=node_id, reused_checkpoint=True)
+    if plan is Plan.REPORT_DIVERGENCE:
+        final = replace(EpochReport.from_dict(diverged), metric_name=base.metric_name,
+                        device=base.device, node_id=node_id, reused_checkpoint=True)
     else:
-        log.info("reusing the model trained for %s; scoring the compression sweep only", key)
-        trained = LoopState(**meta)
+        trained = LoopState(**stored)
         final = final_report(task, task.model, cfg, replace(base, epoch=trained.epoch, reused_checkpoint=True,
                                                               train_time_s=trained.train_time_s), trained.best_epoch)
-    said = final.to_dict()
-    report(said, None)
-    return said
+    report(final, None)
+    return final
 
 
 def _train(cfg: TrialConfig, task: Task, ckpt_dir: Path, base: EpochReport, report: Reporter, *,
-           resume: Path | None, store: ModelStore | None) -> dict[str, Any]:
+           resume: Path | None, store: ModelStore | None) -> EpochReport:
     """The epochs of `run_trial`, from `resume` or from the start; the best model goes to `store` at the end."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     loop = _restore(task, resume, ckpt_dir) if resume is not None else LoopState()
     if loop.final is not None:       # re-entered after the last report: say it again, train nothing
-        report(loop.final, None)
-        return loop.final
+        final = EpochReport.from_dict(loop.final)
+        report(final, None)
+        return final
     total_epochs = cfg.train.epochs + cfg.train.finetune_epochs
     for epoch in range(loop.epoch + 1, total_epochs + 1):
         epoch_report = _train_epoch(cfg, task, ckpt_dir, base, loop, epoch)
-        said = epoch_report.to_dict()
         if epoch_report.status == DIVERGED:
-            _share_divergence(store, said)
-            report(said, None)
-            return said
+            _share_divergence(store, epoch_report)
+            report(epoch_report, None)
+            return epoch_report
         if epoch == total_epochs:
             load_model(ckpt_dir / BEST_MODEL_FILE, task.model)
             if store is not None:   # the trained model, for trials waiting to score it while this one scores its own
                 store.publish(base.training_key, task.model, cfg.to_flat(), loop.trained())
-            said = loop.final = final_report(task, task.model, cfg, epoch_report, loop.best_epoch).to_dict()
+            epoch_report = final_report(task, task.model, cfg, epoch_report, loop.best_epoch)
+            loop.final = epoch_report.to_dict()
         save_checkpoint(ckpt_dir, model=task.model, optimizer=task.optimizer, config=cfg.to_flat(), epoch=epoch,
                         loop=asdict(loop), task=task.state_dict(), rng=rng_state(task.device))
-        report(said, ckpt_dir)
-    return said
+        report(epoch_report, ckpt_dir)
+    return epoch_report
 
 
 def _restore(task: Task, resume: Path, ckpt_dir: Path) -> LoopState:
@@ -222,79 +239,40 @@ def _train_epoch(cfg: TrialConfig, task: Task, ckpt_dir: Path, base: EpochReport
                    epoch_time_s=time.perf_counter() - start, train_time_s=loop.train_time_s)
 
 
-def _share_divergence(store: ModelStore | None, diverged: dict[str, Any]) -> None:
+def _share_divergence(store: ModelStore | None, diverged: EpochReport) -> None:
     """Store the divergence, so later trials with these knobs report it instead of diverging again."""
     if store is None:
         return
     try:
-        store.publish_diverged(diverged[TRAINING_KEY], diverged)
+        store.publish_diverged(diverged.training_key, diverged.to_dict())
     except OSError as err:   # the divergence is the result; failing to share it is not
-        log.warning("could not store the divergence of %s: %s", diverged[TRAINING_KEY], err)
-
-
-# --------------------------------------------------------------------------- Ray Tune entry points
-
-def train_lm(config: dict[str, Any], model_store: str | None = None) -> None:
-    """Ray Tune function trainable for language modelling (the flat config of `TrialConfig`)."""
-    _tune_trial("lm", config, model_store)
-
-
-def train_nmt(config: dict[str, Any], model_store: str | None = None) -> None:
-    """Ray Tune function trainable for translation."""
-    _tune_trial("nmt", config, model_store)
-
-
-def _tune_trial(task: str, config: dict[str, Any], model_store: str | None) -> None:
-    """One trial under Tune: `config` is exactly the trial's flat `TrialConfig`; `model_store` (a directory
-    shared by the study's trials, `tune.with_parameters`) lets trials with the same training knobs share a model."""
-    import ray
-    from ray import tune
-
-    if config.get("task", task) != task:
-        raise ValueError(f"config task={config['task']!r} given to the {task} trainable")
-    cfg = TrialConfig.from_flat({**config, "task": task})
-    store = Path(model_store) if model_store else None
-
-    def report(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
-        checkpoint = tune.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None
-        tune.report(metrics, checkpoint=checkpoint)
-
-    where = {"gpu_ids": ray.get_gpu_ids(), "node_id": ray.get_runtime_context().get_node_id()}
-    work_dir = Path(tempfile.mkdtemp(prefix="g2-trial-"))
-    try:
-        checkpoint = tune.get_checkpoint()
-        if checkpoint is None:
-            run_trial(cfg, work_dir, report=report, model_store=store, **where)
-        else:
-            with checkpoint.as_directory() as resume_dir:
-                run_trial(cfg, work_dir, report=report, resume=Path(resume_dir), model_store=store, **where)
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
+        log.warning("could not store the divergence of %s: %s", diverged.training_key, err)
 
 
 # --------------------------------------------------------------------------- command line
 
 def print_progress(bar) -> Reporter:
-    def report(metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
-        name = metrics.get("metric_name", "metric")
-        if metrics.get(STATUS) == DIVERGED:
-            bar.write(f"epoch {metrics['epoch']}: diverged ({metrics['error']})")
+    def report(epoch_report: EpochReport, ckpt_dir: Path | None) -> None:
+        name = epoch_report.metric_name or "metric"
+        if epoch_report.status == DIVERGED:
+            bar.write(f"epoch {epoch_report.epoch}: diverged ({epoch_report.error})")
             return
         bar.update(1)
-        bar.write(f"epoch {metrics['epoch']:>3}  train loss {metrics.get('train_loss', math.nan):.3f}  "
-                  f"val {name} {metrics.get(VAL_METRIC, math.nan):.2f}  "
-                  f"compressed val {name} {metrics[COMPRESSED_VAL_METRIC]:.2f} "
-                  f"(gate ×{metrics['gate_compression']:.1f})  {metrics.get('epoch_time_s', 0):.1f}s")
+        gate = epoch_report.accounting.gate_compression if epoch_report.accounting else math.nan
+        bar.write(f"epoch {epoch_report.epoch:>3}  train loss {epoch_report.train.get(TRAIN_LOSS, math.nan):.3f}  "
+                  f"val {name} {epoch_report.val_metric:.2f}  "
+                  f"compressed val {name} {epoch_report.compressed_val_metric:.2f} "
+                  f"(gate ×{gate:.1f})  {epoch_report.epoch_time_s or 0:.1f}s")
     return report
 
 
-def print_sweep(metrics: dict[str, Any]) -> None:
-    name = metrics["metric_name"]
+def print_sweep(final: EpochReport) -> None:
+    name = final.metric_name
     print(f"\n{'method':<11}{'gates':<6}{'rank':>5}{'bits':>5}{'gate ×':>8}{'model ×':>9}{'val ' + name:>11}"
           f"{'test ' + name:>11}")
-    for r in metrics["sweep"]:
-        print(f"{r['method']:<11}{r[EVAL_GATE]:<6}{r['compress.rank']:>5}{r['compress.bits']:>5}{r['gate_compression']:>8.1f}"
-              f"{r['model_compression']:>9.2f}{r[VAL_METRIC]:>11.2f}{r[TEST_METRIC]:>11.2f}")
+    for r in final.sweep or ():
+        print(f"{r.method:<11}{r.eval_gate:<6}{r.rank:>5}{r.bits:>5}{r.accounting.gate_compression:>8.1f}"
+              f"{r.accounting.model_compression:>9.2f}{r.val_metric:>11.2f}{r.test_metric:>11.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -329,14 +307,13 @@ def main(argv: list[str] | None = None) -> int:
     with tqdm(total=total, desc=f"{args.task} {preset}", unit="epoch") as bar:
         if resume is not None:
             bar.update(load_checkpoint(resume)["epoch"])
-        metrics = run_trial(cfg, work_dir, report=print_progress(bar), resume=resume)
-    if metrics.get(STATUS) == OK:
-        print_sweep(metrics)
+        final = run_trial(cfg, work_dir, report=print_progress(bar), resume=resume)
+    if final.status == OK:
+        print_sweep(final)
     if args.json:
-        final_json = json.dumps(metrics, indent=2, default=float)
-        args.json.write_text(final_json)
-    print(f"\nstatus {metrics.get(STATUS)}; checkpoint in {work_dir / 'checkpoint'}")
-    return 0 if metrics.get(STATUS) == OK else 1
+        args.json.write_text(json.dumps(final.to_dict(), indent=2, default=float))
+    print(f"\nstatus {final.status}; checkpoint in {work_dir / 'checkpoint'}")
+    return 0 if final.status == OK else 1
 
 
 if __name__ == "__main__":

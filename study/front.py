@@ -1,8 +1,7 @@
 """The study's Pareto front over the results dataset: computed, printed, and attached to the MLflow parent run.
 
 Objectives are named as the trials report them (`compressed_val_metric`, `gate_bits`); in the results dataset
-each row is one compression setting, so they map onto its columns (`val_metric` of a row *is* the compressed
-validation metric of that setting).
+each row is one compression setting, so they map onto its columns (`study.results.schema.OBJECTIVE_COLUMN`).
 """
 from __future__ import annotations
 
@@ -16,35 +15,32 @@ import pandas as pd
 from analysis import plots
 from analysis.pareto import SAME_MODEL, pareto_front
 from study import results
-from study.config import HIGHER_IS_BETTER, StudyConfig
+from study.config import StudyConfig
+from study.results.schema import OBJECTIVE_COLUMN
 from study.tracking import open_tracker
 from trainables.report import (
-    COMPRESSED_VAL_METRIC,
     FAILED,
     FINISHED_AT,
     GATE_BITS,
     GATE_COMPRESSION,
+    HIGHER_IS_BETTER,
     METHOD,
-    MODEL_BITS,
     MODEL_COMPRESSION,
     OK,
     STATUS,
     TEST_METRIC,
     TRIAL_ID,
-    UNCOMPRESSED_VAL_METRIC,
     VAL_METRIC,
 )
 
 log = logging.getLogger(__name__)
-ROW_COLUMN = {COMPRESSED_VAL_METRIC: VAL_METRIC, VAL_METRIC: UNCOMPRESSED_VAL_METRIC, GATE_BITS: GATE_BITS,
-              MODEL_BITS: MODEL_BITS, GATE_COMPRESSION: GATE_COMPRESSION, MODEL_COMPRESSION: MODEL_COMPRESSION}
 SHOWN = [TRIAL_ID, "g2.gate_mode", "g2.tau", "g2.p", METHOD, "compress.rank", "compress.bits", GATE_BITS,
          GATE_COMPRESSION, MODEL_COMPRESSION, VAL_METRIC, TEST_METRIC]
 
 
 def front_objectives(cfg: StudyConfig) -> dict[str, str]:
     """{results column: "min" | "max"} for the study's objectives."""
-    return {ROW_COLUMN[name]: mode for name, mode in zip(cfg.objectives, cfg.modes())}
+    return {OBJECTIVE_COLUMN[name]: mode for name, mode in zip(cfg.objectives, cfg.modes())}
 
 
 def study_front(df: pd.DataFrame, cfg: StudyConfig) -> pd.DataFrame:

@@ -16,12 +16,16 @@ import pyarrow as pa
 from trainables.config import TrialConfig
 from trainables.report import (
     ACCOUNTING,
+    COMPRESSED_VAL_METRIC,
     CURVE_FIELDS,
     EVAL_GATE,
     FINISHED_AT,
+    GATE_BITS,
     GATE_COMPRESSION,
     IS_TRIAL_SETTING,
     METHOD,
+    MODEL_BITS,
+    MODEL_COMPRESSION,
     REUSED_CHECKPOINT,
     STATUS,
     TEST_LOSS,
@@ -40,6 +44,10 @@ from trainables.report import (
 )
 
 SETTING_KNOBS = ("compress.rank", "compress.bits", "compress.paper", EVAL_GATE)   # per row: the sweep point, not the trial's
+# The study's objectives are named as trials report them; each is a column of the results rows, where every row is
+# one compression setting (`val_metric` of a row *is* the compressed validation metric of that setting).
+OBJECTIVE_COLUMN = {COMPRESSED_VAL_METRIC: VAL_METRIC, VAL_METRIC: UNCOMPRESSED_VAL_METRIC, GATE_BITS: GATE_BITS,
+                    MODEL_BITS: MODEL_BITS, GATE_COMPRESSION: GATE_COMPRESSION, MODEL_COMPRESSION: MODEL_COMPRESSION}
 
 def _arrow_type(name: str, hint: Any) -> pa.DataType:
     """The Arrow type of one dataclass annotation; a new kind of knob must be mapped here, not guessed."""

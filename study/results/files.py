@@ -6,8 +6,9 @@ Layout of a study directory (a local path or any URI `pyarrow.fs.FileSystem.from
     <study_dir>/curves/<trial_id>.parquet    one row per epoch
     <study_dir>/gates/<trial_id>.parquet     one row per (layer, gate, bin) of the trial's last gate histograms
 
-Rows are made from what trials report (`study.rows`), every file is cast to one explicit schema (`study.schema`), and
-the driver's callback records through `ResultsWriter`; this module owns the files and reading them back.
+Rows are made from the trials' typed reports (`study.results.rows`), every file is cast to one explicit schema
+(`study.results.schema`), and the driver's callback records through `ResultsWriter`; this module owns the files and
+reading them back.
 
 Every file is written beside its final name under a name starting with '.', which readers skip, and renamed into
 place (an object store publishes an upload whole by itself), so a killed writer leaves the previous file whole. A
@@ -19,7 +20,6 @@ import logging
 import os
 import uuid
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 import pandas as pd
@@ -27,10 +27,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from study.filters import filter_table
-from study.rows import curve_rows, gate_rows, trial_rows, trial_status
-from study.schema import SETTING_KNOBS, curves_schema, gates_schema, results_schema
-from trainables.report import METHOD, STATUS, STATUSES, TRIAL_ID, is_gate_column
+from study.results.filters import filter_table
+from study.results.rows import curve_rows, gate_rows
+from study.results.schema import SETTING_KNOBS, curves_schema, gates_schema, results_schema
+from trainables.report import METHOD, STATUS, STATUSES, TRIAL_ID, EpochReport, is_gate_column
 
 log = logging.getLogger(__name__)
 RESULTS_DIR, CURVES_DIR, GATES_DIR = "results", "curves", "gates"
@@ -165,9 +165,9 @@ def load(study_dir_or_uri: str | os.PathLike, *, filters: str | None = None, col
     """All results rows of a study, sorted by trial_id, method and setting; an empty frame if there are none.
 
     Args:
-        filters: a condition in the language of `study.filters` (no code runs), e.g.
+        filters: a condition in the language of `study.results.filters` (no code runs), e.g.
             "status == 'ok' and g2.tau < 0.5 and method in ['svd', 'quant']"; a name that is not a plain dotted
-            identifier goes in backquotes. An unknown column or construct is a `study.filters.FilterError`.
+            identifier goes in backquotes. An unknown column or construct is a `study.results.filters.FilterError`.
         columns: the columns to return, in that order (filters may still use any column).
         status: keep only these statuses (`ok`, `pruned`, `diverged`, `error`).
 
@@ -208,8 +208,7 @@ class ResultsWriter:
     def __init__(self, study_dir: str | os.PathLike, study: str):
         self.study_dir, self.study = study_dir, study
         self._curves: dict[str, dict[int, dict[str, Any]]] = {}
-        self._last: dict[str, dict[str, Any]] = {}
-        self._histograms: dict[str, dict[str, Any]] = {}   # the last report carrying `gate_histograms`
+        self._histograms: dict[str, EpochReport] = {}   # the last report carrying `gate_histograms`
 
     def _known_curve(self, trial_id: str) -> dict[int, dict[str, Any]]:
         """Epochs already on disk: after a driver restart a resumed trial reports only the epochs it has left."""
@@ -232,33 +231,25 @@ class ResultsWriter:
         fs, path = self._path(RESULTS_DIR, trial_id)
         return _read_file(fs, path).to_pylist() if _exists(fs, path) else None
 
-    def record_report(self, trial_id: str, config: Mapping[str, Any], report: Mapping[str, Any]) -> None:
-        """Keep the report and rewrite the trial's curves file."""
-        self._last[trial_id] = dict(report)
-        if report.get("gate_histograms"):
-            self._histograms[trial_id] = self._last[trial_id]
+    def record_report(self, trial_id: str, config: Mapping[str, Any], report: EpochReport) -> None:
+        """Rewrite the trial's curves file with one more report; keep its gate histograms for the end."""
+        if report.gate_histograms:
+            self._histograms[trial_id] = report
         curve = self._known_curve(trial_id)
         for row in curve_rows(self.study, trial_id, config, [report]):
             curve[row["epoch"]] = row
         if curve:
             write_curves(self.study_dir, trial_id, [curve[e] for e in sorted(curve)])
 
-    def record_end(self, trial_id: str, config: Mapping[str, Any], error: str | None = None, *,
-                   finished_at: datetime | None = None) -> list[dict[str, Any]]:
-        """Write the trial's results file from its last report, and its gates file; returns the results rows written.
+    def record_end(self, trial_id: str, config: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> None:
+        """Write the trial's results file (its `TrialEnd` rows) and its gates file.
 
-        The status follows from `error` (the trial raised) and the last report (`trial_status`): a trial that returned
-        without a sweep was stopped early (`pruned`). The gates file comes from the last report that carried
-        histograms (a diverged trial's from its last good epoch); a reused model reported none: no file.
+        The gates come from the last report that carried histograms (a diverged trial's from its last good epoch);
+        a reused model reported none: no file.
         """
-        last = self._last.get(trial_id)
-        status = trial_status(last, error)
-        rows = trial_rows(self.study, trial_id, config, last, status=status, error=error,
-                          finished_at=finished_at or datetime.now(UTC))
         write_trial(self.study_dir, trial_id, rows)
         if trial_id in self._histograms:
             write_gates(self.study_dir, trial_id, gate_rows(self.study, trial_id, config, self._histograms[trial_id]))
-        return rows
 
 
 def _exists(fs: pafs.FileSystem, path: str) -> bool:

@@ -1,0 +1,100 @@
+"""The adapters (study/adapters/): on the pinned Ray and Optuna they reach what they need, and when a library moves
+it they fail with a message naming what moved (and the upstream issue), not with an AttributeError mid-study."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import optuna
+import pytest
+from optuna.distributions import FloatDistribution
+from ray import tune
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from study.adapters import LibraryChanged, optuna_tune, ray_tune
+
+from conftest import REPO_ROOT
+
+
+def searcher() -> OptunaSearch:
+    return OptunaSearch(space={"x": FloatDistribution(0.0, 1.0)}, metric="y", mode="min",
+                        sampler=optuna.samplers.RandomSampler(seed=0))
+
+
+def test_the_optuna_trial_asked_for_a_ray_trial_is_found():
+    search = searcher()
+    config = search.suggest("trial_1")
+    asked = optuna_tune.asked_trial(search, "trial_1")
+    assert isinstance(asked, optuna.Trial) and asked.params == config
+    assert optuna_tune.asked_trial(search, "never_asked") is None
+
+
+def test_an_optuna_search_that_moved_its_trials_is_named():
+    search = searcher()
+    search.suggest("trial_1")
+    del search._ot_trials                                      # what an upgrade that renames it looks like
+    with pytest.raises(LibraryChanged, match=r"OptunaSearch no longer keeps its Optuna trials.*_ot_trials"):
+        optuna_tune.asked_trial(search, "trial_1")
+
+
+class Recorder(tune.Callback):
+    pass
+
+
+def test_a_tuner_gives_back_its_callbacks_and_searcher():
+    callback, search = Recorder(), searcher()
+    tuner = tune.Tuner(lambda config: None, tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(search, 1)),
+                       run_config=tune.RunConfig(callbacks=[callback]))
+    assert ray_tune.restored_callbacks(tuner) == [callback]
+    assert ray_tune.restored_searcher(tuner) is search           # below its ConcurrencyLimiter
+
+
+def test_a_tuner_without_its_internals_is_named():
+    with pytest.raises(LibraryChanged, match=r"ray-project/ray#41364"):
+        ray_tune.check_tuner(object())
+
+
+def test_an_experiment_state_of_another_layout_is_named(tmp_path):
+    (tmp_path / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps({"trials": []}))
+    with pytest.raises(LibraryChanged, match=r"not laid out as study/adapters/ray_tune.py expects"):
+        ray_tune.checkpoints_named(tmp_path)
+    assert ray_tune.checkpoints_named(tmp_path / "nothing-saved-yet") == []
+
+
+RUN = """
+import json, sys
+import ray
+from ray import tune
+from study.adapters import ray_tune
+
+def trainable(config):
+    import tempfile
+    for step in range(3):
+        with tempfile.TemporaryDirectory() as d:
+            open(f"{d}/state", "w").write(str(step))
+            tune.report({"y": step}, checkpoint=tune.Checkpoint.from_directory(d))
+
+ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=1, include_dashboard=False, log_to_driver=False)
+tuner = tune.Tuner(trainable, run_config=tune.RunConfig(name="e", storage_path=sys.argv[1], verbose=0,
+                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+tuner.fit()
+named = ray_tune.checkpoints_named(f"{sys.argv[1]}/e")
+restored = tune.Tuner.restore(f"{sys.argv[1]}/e", trainable=trainable)
+ray_tune.check_tuner(restored)
+print(json.dumps([[str(trial_dir), sorted(names), sorted(p.name for p in trial_dir.glob("checkpoint_*"))]
+                  for trial_dir, names in named]))
+"""
+
+
+@pytest.mark.slow
+def test_a_real_experiment_state_names_each_trials_checkpoint(tmp_path):
+    """Tune's own experiment state, as `bridge_checkpoint_rotation` reads it: the trial's directory and its
+    checkpoint, which exists (num_to_keep=1: the newest only)."""
+    proc = subprocess.run([sys.executable, "-c", RUN, str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AIR_NEW_OUTPUT": "0"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ((trial_dir, names, on_disk),) = json.loads(proc.stdout.splitlines()[-1])
+    assert trial_dir.startswith(str(tmp_path / "e")) and names == on_disk == ["checkpoint_000002"]
