@@ -1,0 +1,48 @@
+"""Every ```python block of README.md runs, as a reader would paste it: the README cannot drift from the code.
+
+The blocks run in a directory holding a study named `quickstart` under `studies/` (rows of a real tiny trial), which
+is what the README's query examples read.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+
+import pytest
+
+from study import results
+from study.results.rows import trial_rows
+from trainables.config import TrialConfig
+from trainables.report import EpochReport
+
+from conftest import REPO_ROOT
+
+BLOCKS = re.findall(r"^```python\n(.*?)^```", (REPO_ROOT / "README.md").read_text(), flags=re.S | re.M)
+
+
+def test_the_readme_has_python_blocks():   # a changed fence would leave the parametrised test with nothing to run
+    assert len(BLOCKS) >= 2
+
+
+@pytest.fixture
+def quickstart(trial, tmp_path, monkeypatch):
+    """`studies/quickstart` in the working directory: one lstm and one g2 model's sweep rows."""
+    from datetime import UTC, datetime
+
+    config, reports = trial
+    last = EpochReport.from_dict(reports[-1])
+    for trial_id, knobs in (("t1", {"g2.gate_mode": "g2", "g2.tau": 0.9}), ("t2", {"g2.gate_mode": "lstm"})):
+        flat = replace(TrialConfig.from_flat(config), seed=1).to_flat() | knobs
+        rows = trial_rows("quickstart", trial_id, flat, last, status="ok", error=None, finished_at=datetime.now(UTC))
+        results.write_trial(tmp_path / "studies" / "quickstart", trial_id, rows)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=[f"block{k}" for k in range(len(BLOCKS))])
+def test_a_readme_block_runs(block, quickstart, capsys):
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    if "df" in namespace:                                      # the query example found the study's rows
+        assert len(namespace["df"]) > 0 and len(namespace["low"]) > 0
+    if "small" in namespace:                                   # the layer example compressed a copy
+        assert namespace["report"].gate_compression > 1.0 and namespace["gates"]
