@@ -119,6 +119,12 @@ class StudyCallback(tune.Callback):
 
     # ----------------------------------------------------------------------- Tune's hooks
 
+    def on_step_end(self, iteration, trials, **info):
+        """What the search did without a Ray trial (a suggestion answered from the results), as it happens."""
+        if self.searcher is not None:
+            for line in self.searcher.take_unshown():
+                self.board.console.search(line)
+
     def on_trial_start(self, iteration, trials, trial, **info):
         self.board.first_start = self.board.first_start or time.time()
         if self._recorded_before(trial) is None:

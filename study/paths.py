@@ -6,13 +6,14 @@
                      results/ curves/ gates/   the Parquet datasets (study.results)
                      models/      the best weights of every trained configuration, keyed by its training knobs
                      progress/    one small JSON file per started trial: its plan and last epoch (g2-study status)
+                     search.json  what the search answered from the results without a Ray trial (study.search)
                      ray/<experiment>/         Tune's experiment directories (trial checkpoints)
 """
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,10 @@ class StudyPaths:
     def progress(self) -> Path:
         """One JSON file per trial that a driver started: what it does and its last epoch (`study.progress`)."""
         return self.root / "progress"
+
+    @property
+    def search_log(self) -> Path:
+        return self.root / "search.json"
 
     def optuna_url(self, cfg: StudyConfig) -> str:
         return cfg.optuna_storage or f"sqlite:///{self.root / 'optuna.db'}"
@@ -113,6 +118,27 @@ class StudyState:
     def finish(self, name: str) -> StudyState:
         return replace(self, experiments=tuple(replace(e, finished=True) if e.name == name else e
                                                for e in self.experiments))
+
+
+@dataclass
+class SearchLog:
+    """What the search of the current run answered from the results instead of running a trial (`search.json`).
+
+    The searcher writes it; `g2-study status` counts the answers and the driver reads `exhausted` to tell a search
+    that has nothing left to ask from an interrupted run.
+    """
+
+    answered: int = 0              # suggestions told to Optuna from rows the study holds, this run
+    exhausted: bool = False        # every suggestion was answered and no trial ran, or the grid is used up
+    lines: list[str] = field(default_factory=list)   # the newest things the search did, as the console said them
+    KEEP = 50
+
+    @classmethod
+    def read(cls, path: Path) -> SearchLog:
+        return cls(**json.loads(path.read_text())) if path.exists() else cls()
+
+    def write(self, path: Path) -> None:
+        write_json(path, {"answered": self.answered, "exhausted": self.exhausted, "lines": self.lines[-self.KEEP:]})
 
 
 class StudyStateError(RuntimeError):

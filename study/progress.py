@@ -258,6 +258,11 @@ class Console:
         parts.append(f"| ETA {format_duration(progress.eta_s())}")
         self._line(" ".join(parts))
 
+    def search(self, text: str) -> None:
+        """What the search did without a Ray trial (a suggestion answered from the results)."""
+        if not self.quiet:
+            self._line(text)
+
     def trial_finished(self, text: str) -> None:
         self._line(text)
 

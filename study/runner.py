@@ -28,7 +28,7 @@ from study.claim import DriverClaim
 from study.config import DEFAULT_STORAGE, StudyConfig
 from study.entrypoints import train_lm, train_nmt
 from study.front import close_study
-from study.paths import Experiment, StudyPaths, StudyState, StudyStateError, read_state
+from study.paths import Experiment, SearchLog, StudyPaths, StudyState, StudyStateError, read_state
 from study.search import StudySearch, fail_orphaned_trials, make_searcher
 from study.tags import STORAGE_TAG
 from study.tracking import open_tracker
@@ -179,15 +179,18 @@ class StudyOutcome:
         return self.trials > 0 and self.failed == self.trials
 
 
-def _fit(tuner) -> int:
-    """Run the experiment; how many of its trials ended (finished, failed or stopped early).
+def _fit(tuner, paths: StudyPaths, num_samples: int) -> tuple[int, bool]:
+    """Run the experiment; how many of its trials ended (finished, failed or stopped early), and whether it is over.
 
     On Ctrl-C `Tuner.fit()` saves the experiment and returns normally, with trials still running, pending or not
-    yet asked for (docs/design.md), and then stops the running ones: in memory they end TERMINATED. The experiment state it
-    saved just before says what they were, so only that state tells whether the experiment is over.
+    yet asked for (docs/design.md), and then stops the running ones: in memory they end TERMINATED. The experiment
+    state it saved just before says what they were, so only that state tells whether the experiment is over: every
+    trial ended, and either all `num_samples` were asked for or the search had nothing left to ask (`SearchLog`).
     """
     grid = tuner.fit()
-    return sum(t.status in ("TERMINATED", "ERROR") for t in tune.ExperimentAnalysis(grid.experiment_path).trials)
+    trials = tune.ExperimentAnalysis(grid.experiment_path).trials
+    ended = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+    return ended, ended == len(trials) and (ended >= num_samples or SearchLog.read(paths.search_log).exhausted)
 
 
 def _interrupted(cfg: StudyConfig, paths: StudyPaths, ended: int, num_samples: int, started: float,
@@ -206,6 +209,10 @@ def _interrupted(cfg: StudyConfig, paths: StudyPaths, ended: int, num_samples: i
 def _finish(cfg: StudyConfig, paths: StudyPaths, state: StudyState, experiment: str, started: float,
             printer: Printer) -> StudyOutcome:
     state.finish(experiment).write(paths.state)
+    search = SearchLog.read(paths.search_log)
+    if search.answered:
+        printer(f"{search.answered} suggestion(s) of the search were answered from the results, with no trial"
+                + ("; the search had nothing left to ask" if search.exhausted else ""))
     orphans = fail_orphaned_trials(cfg, paths.optuna_url(cfg))
     if orphans:
         printer(f"{orphans} Optuna trial(s) left RUNNING by the interrupted driver are marked FAIL: they were "
@@ -274,8 +281,10 @@ def run_study(cfg: StudyConfig, *, printer: Printer = print, quiet: bool = False
         printer(f"study {cfg.name}: {num_samples} trial(s) of {cfg.task}/{cfg.preset_name}, sampler {cfg.sampler}, "
                 f"objectives {', '.join(f'{o} ({m})' for o, m in zip(cfg.objectives, cfg.modes()))}")
         printer(f"  study directory {paths.root}\n  MLflow {paths.tracking_uri(cfg)}")
+        SearchLog().write(paths.search_log)   # this run's answers
         tuner = make_tuner(cfg, paths, experiment, num_samples, cfg.sampler_seed + k, printer, quiet)
-        if (ended := _fit(tuner)) < num_samples:
+        ended, over = _fit(tuner, paths, num_samples)
+        if not over:
             return _interrupted(cfg, paths, ended, num_samples, started, printer)
         return _finish(cfg, paths, state, experiment, started, printer)
 
@@ -307,7 +316,8 @@ def resume_study(name: str, storage: str = DEFAULT_STORAGE, *, printer: Printer 
             tuner = tune.Tuner.restore(str(exp_dir), trainable=make_trainable(cfg, paths), resume_unfinished=True,
                                        resume_errored=False, restart_errored=False)
             attach_restored(tuner, printer, quiet)
-        if (ended := _fit(tuner)) < num_samples:
+        ended, over = _fit(tuner, paths, num_samples)
+        if not over:
             return _interrupted(cfg, paths, ended, num_samples, started, printer)   # a next resume may need them
         for copy in bridges:   # those Tune restored from it rotated away; the others it never named
             shutil.rmtree(copy, ignore_errors=True)

@@ -121,11 +121,14 @@ def parse_space(table: dict[str, dict[str, Any]]) -> tuple[Param, ...]:
 
 
 def default_space(base: TrialConfig, sampler: str) -> tuple[Param, ...]:
-    """docs/design.md §5: gate_mode, g2.tau, g2.p, compress.rank and compress.bits.
+    """gate_mode, g2.tau and g2.p: the knobs that decide what is trained.
 
-    Ranks and bit-widths come from the config's sweep, so every suggestion is also a scored sweep point.
-    τ and p only matter for g2 trials. The grid walks the gate modes alone: every trained model is scored on
-    the whole compression sweep anyway, which is how the paper's table is reproduced.
+    Compression is no dimension of the default search: every trained model is scored on the config's whole
+    sweep (`sweep.*`), and each of those rows reaches the sampler as a point of its own (`study.search`), so a
+    rank or bit-width drawn by the sampler could only repeat a row the study has. Searching `compress.rank` pays
+    where the space holds settings the sweep lacks (an int range of ranks): those are scored on the stored model
+    alone. τ and p only matter for g2 trials. The grid walks the gate modes alone, which is how the paper's table
+    is reproduced.
     """
     gate_mode = Param("g2.gate_mode", "categorical", choices=("lstm", "sharpened", "g2"))
     if sampler == "grid":
@@ -135,13 +138,11 @@ def default_space(base: TrialConfig, sampler: str) -> tuple[Param, ...]:
         gate_mode,
         Param("g2.tau", "float", low=0.3, high=1.5, log=True, when=only_g2),
         Param("g2.p", "float", low=0.05, high=1.0, when=only_g2),
-        Param("compress.rank", "categorical", choices=tuple(base.sweep.ranks)),
-        Param("compress.bits", "categorical", choices=tuple(base.sweep.bits)),
     )
 
 
 class DefineByRun:
-    """Optuna define-by-run space for OptunaSearch; returns the fixed fields as constants.
+    """Optuna define-by-run space of the study's searcher (`study.search`); returns the fixed fields as constants.
 
     A picklable object rather than a closure: Ray saves the searcher with the experiment for resume.
     """

@@ -30,7 +30,7 @@ from study import results
 from study.claim import CLAIM_FILE, DriverInfo
 from study.config import StudyConfig
 from study.front import SHOWN, format_front, study_front
-from study.paths import StudyPaths, read_state
+from study.paths import SearchLog, StudyPaths, read_state
 from study.progress import (
     RESCORES,
     WAITS,
@@ -99,6 +99,7 @@ class StudyStatus:
     metric_name: str = "metric"
     elapsed_s: float | None = None
     eta_s: float | None = None
+    answered: int = 0            # suggestions of the search the results answered, with no trial (this run)
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -111,6 +112,7 @@ class StudyStatus:
         return {"study": self.name, "directory": str(self.root), "state": self.state, "driver": self.driver,
                 "total": self.total, "counts": self.counts(), "pending": self.pending,
                 "elapsed_s": self.elapsed_s, "eta_s": self.eta_s, "metric_name": self.metric_name,
+                "answered": self.answered,
                 "trials": [_plain(asdict(t)) for t in self.trials], "front": front}
 
     def to_table(self) -> str:
@@ -130,6 +132,8 @@ class StudyStatus:
                              for row in rows]
         if self.pending:
             lines.append(f"  … and {self.pending} pending trial(s), not asked for yet")
+        if self.answered:
+            lines.append(f"  {self.answered} suggestion(s) of the search answered from the results, with no trial")
         lines += ["", f"Pareto front so far ({len(self.front)} point(s)):"]
         lines.append(format_front(self.front, self.metric_name))
         return "\n".join(lines)
@@ -178,7 +182,7 @@ def study_status(storage: str, name: str, *, now: float | None = None) -> StudyS
                                   p.waits_for, p.metric_name, p.val_metric, p.eta_s() if alive else None))
     trials.sort(key=lambda t: t.trial_id)
     total = state.total_samples
-    pending = max(total - len(trials), 0)
+    pending = 0 if state.finished else max(total - len(trials), 0)   # a search with nothing left to ask ends early
     state_word = RUNNING if alive else "finished" if state.finished else STOPPED if trials else PENDING
 
     starts = [p.started for p in progress.values() if p.started] + _started_from_results(df)
@@ -191,7 +195,7 @@ def study_status(storage: str, name: str, *, now: float | None = None) -> StudyS
     front = front[[c for c in SHOWN if c in front.columns]] if len(front) else front
     metric = str(df["metric_name"].dropna().iloc[0]) if len(df) and df["metric_name"].notna().any() else "metric"
     return StudyStatus(name, paths.root, state_word, info.describe() if alive else None, total, pending, trials,
-                       front.reset_index(drop=True), metric, elapsed, eta)
+                       front.reset_index(drop=True), metric, elapsed, eta, SearchLog.read(paths.search_log).answered)
 
 
 def _finished_trials(df: pd.DataFrame, progress: dict[str, TrialProgress]) -> list[TrialStatus]:

@@ -25,3 +25,8 @@ TRAINED, REUSED = "trained", "reused"                  # the values of MODEL_TAG
 
 # Optuna user attributes of a trial: where its other records are, or why it failed without a report
 RAY_TRIAL_ATTR, MLFLOW_RUN_ATTR, ORPHAN_ATTR = "g2.ray_trial_id", "g2.mlflow_run_id", "g2.orphan"
+
+# Optuna user attributes of the scored rows the search learns from (study.scoreboard, study.search): a row's key,
+# the Ray trial that scored it, its method and evaluation gates; a suggestion the results answered, without a trial
+ROW_ATTR, SOURCE_ATTR, METHOD_ATTR, GATES_ATTR = "g2.row", "g2.derived_from", "g2.method", "g2.eval_gate"
+ANSWERED_ATTR = "g2.answered_from"

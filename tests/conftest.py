@@ -210,3 +210,13 @@ def study_file(tmp_path: Path, name: str, *, sampler: str = "tpe", sampler_seed:
                                  max_eval_batches=max_eval_batches, cache=tmp_path / "cache", space=space))
     return path
 
+
+
+def optuna_trial_states(study) -> dict[str, int]:
+    """Counts by state of the Optuna trials that became Ray trials (asked for with a Ray trial id); the scored rows
+    the search also holds (derived from a trial, or answered from the results) must each be there once."""
+    from collections import Counter
+
+    rows = [t.user_attrs["g2.row"] for t in study.trials if "g2.row" in t.user_attrs]
+    assert len(rows) == len(set(rows)), "a scored row reached Optuna twice"
+    return dict(Counter(t.state.name for t in study.trials if "g2.ray_trial_id" in t.user_attrs))

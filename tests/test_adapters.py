@@ -14,7 +14,7 @@ from ray import tune
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from study.adapters import LibraryChanged, optuna_tune, ray_tune
+from study.adapters import LibraryChanged, ray_tune
 
 from conftest import REPO_ROOT
 
@@ -22,22 +22,6 @@ from conftest import REPO_ROOT
 def searcher() -> OptunaSearch:
     return OptunaSearch(space={"x": FloatDistribution(0.0, 1.0)}, metric="y", mode="min",
                         sampler=optuna.samplers.RandomSampler(seed=0))
-
-
-def test_the_optuna_trial_asked_for_a_ray_trial_is_found():
-    search = searcher()
-    config = search.suggest("trial_1")
-    asked = optuna_tune.asked_trial(search, "trial_1")
-    assert isinstance(asked, optuna.Trial) and asked.params == config
-    assert optuna_tune.asked_trial(search, "never_asked") is None
-
-
-def test_an_optuna_search_that_moved_its_trials_is_named():
-    search = searcher()
-    search.suggest("trial_1")
-    del search._ot_trials                                      # what an upgrade that renames it looks like
-    with pytest.raises(LibraryChanged, match=r"OptunaSearch no longer keeps its Optuna trials.*_ot_trials"):
-        optuna_tune.asked_trial(search, "trial_1")
 
 
 class Recorder(tune.Callback):

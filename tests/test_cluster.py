@@ -122,7 +122,7 @@ def study_counts(study_dir: Path, name: str) -> dict:
             "duplicate_rows": int(df.duplicated(["trial_id", "method", "compress.rank", "compress.bits"]).sum()),
             "statuses": dict(Counter(df.drop_duplicates("trial_id")["status"])),
             "mlflow_runs": dict(Counter(r.info.status for r in runs)),
-            "optuna": dict(Counter(t.state.name for t in study.trials))}
+            "optuna": conftest.optuna_trial_states(study)}
 
 
 def test_a_study_no_node_can_hold_is_refused_before_any_trial(cluster, tmp_path):

@@ -91,7 +91,7 @@ def study_counts(study_dir: Path, name: str) -> dict:
             "statuses": dict(Counter(df.drop_duplicates("trial_id")["status"])),
             "mlflow_runs": dict(Counter(r.info.status for r in runs)),
             "mlflow_trials": len({r.data.tags["g2.trial_id"] for r in runs}),
-            "optuna": dict(Counter(t.state.name for t in study.trials))}
+            "optuna": conftest.optuna_trial_states(study)}
 
 
 def experiments(study_dir: Path) -> list[dict]:

@@ -10,18 +10,19 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections import Counter
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from analysis.pareto import SAME_MODEL
 from study import results
 
-from conftest import free_port, healthy, study_file, wait_for
+from conftest import free_port, healthy, optuna_trial_states, study_file, wait_for
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -74,7 +75,7 @@ FAILING_GRID = """
 choices = ["toy", "no-such-corpus"]        # half the trials fail on purpose: the corpus is missing
 
 [space."compress.rank"]
-choices = [0, 4, 8]
+choices = [4, 12]                          # ranks the sweep lacks: the second toy trial scores its rank alone
 """
 
 
@@ -89,25 +90,26 @@ def test_study_on_a_cluster_with_a_failing_trial(cluster, mlflow_server, tmp_pat
     proc = g2_study(["run", str(config), "--address", cluster["address"], "--storage", str(storage),
                      "--tracking-uri", mlflow_server], cluster, tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "Pareto front" in proc.stdout and "error 3, ok 3" in proc.stdout
+    assert "Pareto front" in proc.stdout and "error 2, ok 2" in proc.stdout
     assert "Failed to fetch metrics" not in proc.stdout + proc.stderr   # Tune's analysis finds every result.json
 
     df = results.load(str(storage / "grid"))
     trials = df.drop_duplicates("trial_id").set_index("trial_id")
-    assert len(trials) == 6 and trials["status"].value_counts().to_dict() == {"ok": 3, "error": 3}
+    assert len(trials) == 4 and trials["status"].value_counts().to_dict() == {"ok": 2, "error": 2}
     failed = trials[trials["status"] == "error"]
     assert (failed["data.corpus"] == "no-such-corpus").all()
     assert failed["error"].str.contains("no-such-corpus").all() and failed["val_metric"].isna().all()
     ok = df[df["status"] == "ok"]
-    # each ok trial: the 5 sweep settings, plus its own rank 4 when that is not one of them
-    assert ok[ok["g2.eval_gate"] == "soft"].groupby("trial_id").size().sort_values().tolist() == [5, 5, 6]
+    # the trained model: the 5 sweep settings and its own rank; the stored model's second trial scores its own
+    # rank alone (and the uncompressed model every final report carries), not the whole sweep again
+    assert ok[ok["g2.eval_gate"] == "soft"].groupby("trial_id").size().sort_values().tolist() == [2, 6]
     assert set(ok["method"]) == {"none", "quant", "svd", "svd+quant", "round_clip"}
     assert (ok.groupby("trial_id")["is_trial_setting"].sum() == 1).all()
 
-    # the three ok trials share their training knobs: one trained, the others re-scored its model
+    # the two ok trials share their training knobs: one trained, the other scored its model
     ok_trials = trials[trials["status"] == "ok"]
     assert ok_trials["training_key"].nunique() == 1
-    assert sorted(ok_trials["reused_checkpoint"].tolist()) == [False, True, True]
+    assert sorted(ok_trials["reused_checkpoint"].tolist()) == [False, True]
     curves = results.load_curves(str(storage / "grid"))
     trained = ok_trials.index[~ok_trials["reused_checkpoint"].astype(bool)][0]
     assert set(curves["trial_id"]) == {trained} and sorted(curves["epoch"]) == [1, 2, 3]
@@ -118,12 +120,12 @@ def test_study_on_a_cluster_with_a_failing_trial(cluster, mlflow_server, tmp_pat
     (parent,) = client.search_runs([experiment.experiment_id], "tags.`g2.role` = 'parent'")
     assert parent.info.status == "FINISHED"
     assert {"pareto_front.csv", "pareto_front.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
-    # the study converging, one point per finished trial (3 of them errors, in whatever order the grid ran)
+    # the study converging, one point per finished trial (2 of them errors, in whatever order the grid ran)
     history = {name: [(m.step, m.value) for m in client.get_metric_history(parent.info.run_id, name)]
                for name in ("study/trials_done", "study/trials_failed", "study/front_size", "study/hypervolume")}
-    assert history["study/trials_done"] == [(k, k) for k in range(1, 7)]
-    assert [step for step, _ in history["study/trials_failed"]] == list(range(1, 7))
-    assert history["study/trials_failed"][-1][1] == 3
+    assert history["study/trials_done"] == [(k, k) for k in range(1, 5)]
+    assert [step for step, _ in history["study/trials_failed"]] == list(range(1, 5))
+    assert history["study/trials_failed"][-1][1] == 2
     # charted from the first ok trial on, whose uncompressed model fixes the reference point
     assert [step for step, _ in history["study/hypervolume"]] == [s for s, n in history["study/front_size"] if n > 0]
     volumes = [v for _, v in history["study/hypervolume"]]
@@ -133,7 +135,7 @@ def test_study_on_a_cluster_with_a_failing_trial(cluster, mlflow_server, tmp_pat
     children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     by_trial = {run.data.tags["g2.trial_id"]: run for run in children}
     own_rank = df[df["is_trial_setting"].astype(bool)].set_index("trial_id")["compress.rank"]
-    assert len(children) == 6 and set(by_trial) == set(trials.index)
+    assert len(children) == 4 and set(by_trial) == set(trials.index)
     for trial_id, row in trials.iterrows():
         run = by_trial[trial_id]
         assert run.info.status == ("FINISHED" if row["status"] == "ok" else "FAILED")
@@ -153,8 +155,11 @@ def test_study_on_a_cluster_with_a_failing_trial(cluster, mlflow_server, tmp_pat
     # Optuna (what optuna-dashboard shows): objective names, and each trial leads to its Ray trial and MLflow run
     study = optuna.load_study(study_name="grid", storage=f"sqlite:///{storage / 'grid' / 'optuna.db'}")
     assert study.metric_names == ["compressed_val_metric", "gate_bits"]
-    attrs = {t.user_attrs["g2.ray_trial_id"]: t.user_attrs for t in study.trials}
+    attrs = {t.user_attrs["g2.ray_trial_id"]: t.user_attrs for t in study.trials if "g2.ray_trial_id" in t.user_attrs}
     assert set(attrs) == set(trials.index)
+    # every other Optuna trial is a scored row the sampler learnt from: each ok row once, asked or derived
+    rows = [t for t in study.trials if "g2.row" in t.user_attrs]
+    assert len(rows) == len({t.user_attrs["g2.row"] for t in rows}) == len(ok.drop_duplicates(SAME_MODEL))
     for trial_id, row in trials.iterrows():
         assert attrs[trial_id]["g2.mlflow_run_id"] == by_trial[trial_id].info.run_id
         if row["status"] == "ok":
@@ -164,7 +169,7 @@ def test_study_on_a_cluster_with_a_failing_trial(cluster, mlflow_server, tmp_pat
     # Ray's side: trial directories named by their knobs, and Tune's own analysis reads every trial
     experiment_dir = storage / "grid" / "ray" / "grid"
     names = sorted(p.name for p in experiment_dir.iterdir() if p.is_dir())
-    assert len(names) == 6 and all(n.endswith(f"-g2-tau0.90-p0.20-r{own_rank[n.split('-')[0]]}-b32") for n in names), names
+    assert len(names) == 4 and all(n.endswith(f"-g2-tau0.90-p0.20-r{own_rank[n.split('-')[0]]}-b32") for n in names), names
     assert not any("model" in n or "store" in n or "clip" in n for n in names)
     frame = tune.ExperimentAnalysis(str(experiment_dir)).dataframe()
     assert sorted(frame["trial_id"]) == sorted(trials.index)
@@ -177,11 +182,11 @@ def descendants(pid: int) -> list[psutil.Process]:
         return []
 
 
-def optuna_states(url: str) -> dict[str, int]:
-    """Counts of the study's trial states, orphans of a killed driver (FAIL) left out."""
-    trials = optuna.load_study(study_name="killed", storage=url).trials
-    assert not any(t.state.name == "RUNNING" for t in trials)
-    return {state: n for state, n in Counter(t.state.name for t in trials).items() if state != "FAIL"}
+def optuna_states(url: str, name: str = "killed") -> dict[str, int]:
+    """Counts of the states of the Optuna trials that became Ray trials, orphans of a killed driver (FAIL) left out."""
+    study = optuna.load_study(study_name=name, storage=url)
+    assert not any(t.state.name == "RUNNING" for t in study.trials)
+    return {state: n for state, n in optuna_trial_states(study).items() if state != "FAIL"}
 
 
 def test_killed_study_resumes_without_loss_or_duplicates_and_extends(cluster, tmp_path):
@@ -212,6 +217,9 @@ def test_killed_study_resumes_without_loss_or_duplicates_and_extends(cluster, tm
         assert (result_dir / f"{trial_id}.parquet").stat().st_mtime_ns == mtime
     optuna_url = f"sqlite:///{storage / 'killed' / 'optuna.db'}"
     assert optuna_states(optuna_url) == {"COMPLETE": 6}      # a trial asked for by the dead driver, if any, FAILED
+    derived = {t.user_attrs["g2.row"] for t in optuna.load_study(study_name="killed", storage=optuna_url).trials
+               if "g2.row" in t.user_attrs}
+    assert len(derived) == len(df[df["status"] == "ok"].drop_duplicates(SAME_MODEL))   # every scored row, once
     client = MlflowClient(tracking_uri=f"sqlite:///{storage / 'killed' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("killed")
     runs = client.search_runs([experiment.experiment_id], "tags.`g2.role` = 'trial'")
@@ -247,6 +255,45 @@ def test_asha_stops_trials_as_pruned_and_keeps_them_out_of_the_front(cluster, tm
                     timeout=120)
     assert proc.returncode == 0 and not (set(pruned["trial_id"]) & set(proc.stdout.split()))
     assert front_ids
-    states = Counter(t.state.name for t in optuna.load_study(
-        study_name="asha", storage=f"sqlite:///{storage / 'asha' / 'optuna.db'}").trials)
+    states = optuna_states(f"sqlite:///{storage / 'asha' / 'optuna.db'}", "asha")
     assert states == {"COMPLETE": statuses["ok"], "PRUNED": statuses["pruned"]}
+
+
+def test_a_search_with_nothing_left_to_ask_ends_and_its_three_fronts_are_one(cluster, tmp_path):
+    """One g2 model in the space: it trains once, every later suggestion is answered from its rows (no Ray
+    trial), and Optuna's front (optuna-dashboard), the results front and the MLflow parent's front are the same."""
+    storage = tmp_path / "studies"
+    space = '[space."g2.gate_mode"]\nchoices = ["g2"]\n'
+    config = study_file(tmp_path, "known", num_samples=3, concurrent=2, epochs=2, space=space)
+    proc = g2_study(["run", str(config), "--address", cluster["address"], "--storage", str(storage)], cluster,
+                    tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "answered from the results of trial" in proc.stdout and "nothing is left to learn" in proc.stdout
+    df = results.load(str(storage / "known"))
+    assert df["trial_id"].nunique() == 1   # the one model; no trial re-scored it
+
+    def values(frame):
+        return sorted(zip(frame["val_metric"].round(9), frame["gate_bits"].astype(float)))
+
+    front = study_front_rows(storage / "known")
+    study = optuna.load_study(study_name="known", storage=f"sqlite:///{storage / 'known' / 'optuna.db'}")
+    assert sorted((round(t.values[0], 9), t.values[1]) for t in study.best_trials) == values(front) != []
+    client = MlflowClient(tracking_uri=f"sqlite:///{storage / 'known' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("known")
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.`g2.role` = 'parent'")
+    logged = client.download_artifacts(parent.info.run_id, "pareto_front.csv", str(tmp_path))
+    assert values(pd.read_csv(logged)) == values(front)
+    assert parent.data.metrics["study/answered_from_results"] >= 1
+    # `status` counts what the run paid for: one trial, nothing pending, and the answers
+    proc = g2_study(["status", "known", "--storage", str(storage)], cluster, tmp_path, timeout=120)
+    assert proc.returncode == 0 and "3 trial(s): ok 1 |" in proc.stdout and "pending" not in proc.stdout
+    assert "answered from the results, with no trial" in proc.stdout
+
+
+def study_front_rows(root: Path):
+    from study.config import StudyConfig
+    from study.paths import StudyPaths, read_state
+    from study.report import study_front
+
+    cfg = StudyConfig.from_json(read_state(StudyPaths(root)).config)
+    return study_front(results.load(str(root)), cfg)

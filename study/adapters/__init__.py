@@ -1,7 +1,8 @@
 """What the study uses of its libraries beyond their public API, one module per library, each checked.
 
     ray_tune.py     a restored Tuner's callbacks and searcher; the layout of Tune's experiment-state JSON
-    optuna_tune.py  the Optuna trial Ray's OptunaSearch asked for a Ray trial
+
+(Optuna needs none: the study's searcher, `study.search`, uses its public ask-and-tell and storage APIs.)
 
 Each reaches into a private detail that no public API offers (each module names the upstream issue, where there is
 one). `check()` in each raises `LibraryChanged`, naming what moved, when an upgrade changes it: the suite calls it on
