@@ -10,20 +10,21 @@ Checks, in order (each runs even if an earlier one failed):
     gpu-tests    the `gpu` tests with compiled Triton kernels (fused path vs reference, CUDA graphs)
     bench-*      the layer benchmark at the AWD, medium and NMT shapes, ratios to cuDNN nn.LSTM in the same run,
                  against the speed targets (below a target is reported, not a failure)
-    study        a 4-trial `g2-study run` through real Ray, gpus_per_trial = 0.5: lstm and g2 trials two at a
-                 time on one device, all ok, device cuda in the results
-    ptb-medium   two short PTB `medium` LM runs, fp32 and bf16, validation perplexities side by side
+    study        benchmarks/gpu_study.toml through `g2-study run` and real Ray, gpus_per_trial = 0.5: its 4 grid
+                 points once each, lstm and g2 trials two at a time on one device, all ok, on cuda
+    ptb-medium   two short PTB `medium` LM runs, fp32 and bf16: each must beat the unigram model; the bf16 gap is
+                 reported against its target
 
-Each check first checks what it needs (Python >= 3.11, the modules it imports) and fails with their names, not a
-traceback, when something is missing. Runs from a bare copy of the checkout (nothing pip-installed): the
-repository root goes on sys.path here and on PYTHONPATH for the subprocesses. An offline machine gets Ray, Optuna,
-MLflow and PTB from the bundle that `benchmarks/gpu_bundle.sh` builds (its run.sh installs it, then runs this).
-With `--device cpu` it rehearses on a CPU: Triton's interpreter for `layers`, `gpus_per_trial = 0` for `study`.
-Logs and `summary.json` go to $OUT (default ./gpu-out).
+Each check first names what it lacks (Python >= 3.11, modules), not a traceback. It runs from a bare copy of the
+checkout: the root goes on sys.path here and on PYTHONPATH for the subprocesses. An offline machine gets Ray,
+Optuna, MLflow and PTB from the bundle of `benchmarks/gpu_bundle.sh` (its run.sh installs it, then runs this).
+`--device cpu` rehearses on a CPU (Triton's interpreter, gpus_per_trial = 0). Logs, summary.json: $OUT (./gpu-out).
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import copy
 import functools
 import importlib
@@ -106,8 +107,7 @@ def preflight(check: Check) -> str | None:
 def load_test_helper(name: str):
     """A helper module of the checkout's tests/ (not a package), loaded from its file, once."""
     spec = importlib.util.spec_from_file_location(name, REPO / "tests" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    spec.loader.exec_module(module := importlib.util.module_from_spec(spec))
     return module
 
 
@@ -156,14 +156,9 @@ def compare_layer(gate_mode: str, impl: str, precision: str, device,
     errors |= {f"step {n}": relative_error(a, b) for n, a, b in zip(names, updates, updates_ref)}
     worst = max(errors, key=errors.get)
     return {"gate_mode": gate_mode, "impl": impl, "precision": precision, "path": layer.path(True, device),
-            "max_rel_error": errors[worst], "worst": worst, "tol": LAYER_TOL[precision], "tf32": tf32_on(),
+            "max_rel_error": errors[worst], "worst": worst, "tol": LAYER_TOL[precision],
+            "tf32": torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32,   # may round operands
             "ok": math.isfinite(errors[worst]) and errors[worst] <= LAYER_TOL[precision]}
-
-
-def tf32_on() -> bool:
-    """Whether cuBLAS or cuDNN may round fp32 operands to TF32 (cuDNN's RNN does by default in this torch)."""
-    import torch
-    return bool(torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
 
 
 def check_layers(args: argparse.Namespace) -> Outcome:
@@ -226,15 +221,11 @@ def kill_group(proc: subprocess.Popen) -> None:
         descendants = psutil.Process(proc.pid).children(recursive=True)
     except Exception:   # no psutil, or the process is gone already: the group is all there is to kill
         descendants = []
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     for child in descendants:
-        try:
+        with contextlib.suppress(Exception):   # psutil.NoSuchProcess: it died with the group
             child.kill()
-        except Exception:   # psutil.NoSuchProcess: it died with the group
-            pass
     proc.wait()
 
 
@@ -303,6 +294,30 @@ def check_study(args: argparse.Namespace) -> Outcome:
                        f"devices {sorted(set(df['device']))}", rows)
 
 
+BF16_GAP_TARGET = 0.05   # bf16 vs fp32 val ppl after 400 batches: unmeasured on a GPU, so reported, not failed
+
+
+def unigram_perplexity(ptb: Path) -> float:
+    """The validation perplexity of word frequencies counted on the training text: the floor of learning."""
+    words = lambda name: (w for line in (ptb / name).open() for w in [*line.split(), "<eos>"])
+    counts = collections.Counter(words("train.txt"))
+    total, valid = sum(counts.values()), list(words("valid.txt"))
+    return math.exp(-sum(math.log(counts[w] / total) for w in valid) / len(valid))
+
+
+def judge_ptb(rows: list[dict], unigram: float) -> Outcome:
+    """Both runs finished and each beat the unigram model: a diverged or a non-learning bf16 path fails; how far
+    bf16 ends from fp32 (the same seed, data and noise, bf16 rounding apart) is reported against its target."""
+    learned = [r["rc"] == 0 and isinstance(r["val_ppl"], float) and math.isfinite(r["val_ppl"])
+               and r["val_ppl"] < unigram for r in rows]
+    detail = " vs ".join(f"{r['precision']} val ppl {r['val_ppl']}" for r in rows) + f" (unigram {unigram:.0f})"
+    if all(learned):
+        gap = rows[1]["val_ppl"] / rows[0]["val_ppl"] - 1
+        detail += f"; bf16 {gap:+.1%} vs fp32, target within {BF16_GAP_TARGET:.0%}" + (
+            "" if abs(gap) <= BF16_GAP_TARGET else " (missed: reported, not failed)")
+    return Outcome(all(learned), detail, rows)
+
+
 def check_ptb_medium(args: argparse.Namespace) -> Outcome:
     data = next((p for p in (os.environ.get("G2_DATA_DIR"), REPO.parent / "shared" / "data", REPO / "data")
                  if p and (Path(p) / "ptb").is_dir()), None)
@@ -320,11 +335,7 @@ def check_ptb_medium(args: argparse.Namespace) -> Outcome:
         final = json.loads(out.read_text()) if out.exists() else {}
         rows.append({"precision": precision, "rc": proc.returncode, "val_ppl": final.get("val_metric"),
                      "test_ppl": final.get("test_metric"), "wall_s": round(time.perf_counter() - start, 1)})
-    ppl = [r["val_ppl"] for r in rows]
-    ok = all(r["rc"] == 0 and r["val_ppl"] and math.isfinite(r["val_ppl"]) for r in rows)
-    close = ok and abs(ppl[1] - ppl[0]) <= 0.05 * ppl[0]
-    detail = " vs ".join(f"{r['precision']} val ppl {r['val_ppl']}" for r in rows)
-    return Outcome(ok and close, detail + ("" if close else " (more than 5% apart)"), rows)
+    return judge_ptb(rows, unigram_perplexity(Path(data) / "ptb"))
 
 
 TORCH = ("torch", "triton")

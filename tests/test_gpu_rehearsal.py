@@ -295,3 +295,21 @@ def test_built_bundle_is_closed_fits_and_installs_with_no_index(tmp_path):
                              str(site)], capture_output=True, text=True, env={**bare_env(), "PYTHONPATH": str(site)})
     unmet = {Requirement(line.split(" needs ")[1].rsplit(":", 1)[0]).name for line in verify.stdout.splitlines()[1:]}
     assert verify.returncode == 1 and {bundle.canonical(u) for u in unmet} <= bundle.MACHINE_HAS, verify.stdout
+
+
+def test_ptb_medium_fails_a_run_that_did_not_learn_and_reports_the_bf16_gap(tmp_path):
+    """The bf16-vs-fp32 gap after 400 batches was never measured on a GPU: reported against its target, while a
+    diverged or non-learning run (no better than word frequencies) fails the check."""
+    checks = load_script("gpu_checks")
+    (tmp_path / "train.txt").write_text("a a b\n")
+    (tmp_path / "valid.txt").write_text("a b\n")
+    assert abs(checks.unigram_perplexity(tmp_path) - (1 / (0.5 * 0.25 * 0.25)) ** (1 / 3)) < 1e-9
+
+    def rows(fp32, bf16, rc=0):
+        return [{"precision": "fp32", "rc": 0, "val_ppl": fp32}, {"precision": "bf16", "rc": rc, "val_ppl": bf16}]
+    apart = checks.judge_ptb(rows(300.0, 321.0), unigram=687.0)
+    assert apart.ok and "bf16 +7.0% vs fp32" in apart.detail and "missed" in apart.detail
+    close = checks.judge_ptb(rows(300.0, 303.0), unigram=687.0)
+    assert close.ok and "missed" not in close.detail
+    for broken in (rows(300.0, float("nan")), rows(300.0, 700.0), rows(300.0, None), rows(300.0, 301.0, rc=1)):
+        assert not checks.judge_ptb(broken, unigram=687.0).ok
