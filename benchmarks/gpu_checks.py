@@ -261,12 +261,10 @@ STUDY = REPO / "benchmarks" / "gpu_study.toml"
 
 
 def study_plan() -> tuple[int, list[tuple]]:
-    """STUDY's num_samples and its grid points, (g2.gate_mode, compress.rank), sorted."""
-    import tomllib
-    config = tomllib.loads(STUDY.read_text())
-    space = config["space"]
-    grid = sorted(itertools.product(*(space[name]["choices"] for name in ("g2.gate_mode", "compress.rank"))))
-    return config["study"]["num_samples"], grid
+    """The trials STUDY runs (num_samples, or the study's default) and its grid points, sorted."""
+    from study.config import load_study_config
+    cfg = load_study_config(STUDY)
+    return cfg.total_samples(), sorted(itertools.product(*(cfg.grid()[n] for n in ("g2.gate_mode", "compress.rank"))))
 
 
 def check_study(args: argparse.Namespace) -> Outcome:
