@@ -1,12 +1,11 @@
-"""The benchmarks and the GPU acceptance script, run on the CPU: what they would do, and the parts that run here."""
+"""The benchmarks and the GPU acceptance script, run on the CPU: what they would do, and the parts that run here
+(the acceptance run rehearsed from a bare copy of the checkout: tests/test_gpu_rehearsal.py)."""
 import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,7 +19,7 @@ def load_script(name: str):
 
 def test_gpu_checks_dry_run_lists_every_check(tmp_path):
     proc = subprocess.run(["bash", "benchmarks/gpu_checks.sh", "--dry-run"], cwd=REPO, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable})
+                          timeout=600, env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stderr
     names = [line.split()[0] for line in proc.stdout.splitlines()]
     assert names == ["layers", "gpu-tests", "bench-awd", "bench-medium", "bench-nmt", "study", "ptb-medium"]
@@ -30,21 +29,6 @@ def test_gpu_checks_refuses_an_unknown_check():
     proc = subprocess.run([sys.executable, "benchmarks/gpu_checks.py", "--dry-run", "--only", "layers,nope"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unknown check(s) ['nope']" in proc.stderr
-
-
-@pytest.mark.slow
-def test_gpu_checks_layer_check_runs_on_the_cpu_interpreter(tmp_path):
-    """The `layers` check is device-generic: on the CPU, Triton's interpreter runs the fused rows."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "benchmarks/gpu_checks.py", "--only", "layers", "--device", "cpu",
-                           "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    (summary,) = json.loads((tmp_path / "summary.json").read_text())
-    rows = {(r["gate_mode"], r["impl"], r["precision"]): r for r in summary["rows"]}
-    assert len(rows) == 15 and all(r["ok"] for r in rows.values())
-    assert rows["lstm", "auto", "fp32"]["path"] == "plain" and rows["g2", "fused", "bf16"]["path"] == "fused"
-    assert rows["g2", "fused", "fp32"]["max_rel_error"] < 1e-4          # the same noise reached the reference
-    assert "layers" in proc.stdout.splitlines()[-1]                    # the summary table closes the output
 
 
 def test_a_failing_benchmark_candidate_does_not_hide_the_others(monkeypatch, capsys):
