@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -264,6 +265,8 @@ def log_export(cfg: StudyConfig, paths: StudyPaths, row: pd.Series, export_dir: 
                 signature=_signature(manifest.task), metadata=_metadata(manifest), pip_requirements=_requirements(),
                 mlflow_model=Model(artifact_path=model.artifact_location, model_uuid=model.model_id, run_id=run_id,
                                    model_id=model.model_id))
+            for cache in local.rglob("__pycache__"):   # code_paths copied the package as it is installed
+                shutil.rmtree(cache)
             client.log_model_artifacts(model.model_id, str(local))
         client.finalize_logged_model(model.model_id, "READY")
         step = 0 if _missing(row.get("epoch")) else int(row["epoch"])
@@ -276,7 +279,9 @@ def log_export(cfg: StudyConfig, paths: StudyPaths, row: pd.Series, export_dir: 
             except MlflowException as err:
                 if err.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
-            version = client.create_model_version(register, source=f"models:/{model.model_id}", run_id=run_id,
+            # the artifact URI, not models:/<id>: a local SQLite registry resolves the latter through the global
+            # tracking URI, which this client does not set
+            version = client.create_model_version(register, source=model.artifact_location, run_id=run_id,
                                                   model_id=model.model_id, tags=tags).version
     except MlflowException as err:
         raise ValueError(f"MLflow at {tracker.tracking_uri} refused the export: {err}") from None

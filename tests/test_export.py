@@ -85,6 +85,10 @@ def test_every_method_is_as_small_as_its_accounting_and_reproduces_its_row(lm, t
     assert all(relative(pair) <= METRIC_TOLERANCE for pair in scores.values()), scores
     model = export.load(tmp_path / "out")
     assert not model.training and {layer.path(False, torch.device("cpu")) for layer in model.layers} == {"plain"}
+    compressed, _ = compress_model(lm.task.model, manifest.trial_config().compress)       # what the sweep scored
+    loaded = dict(model.named_parameters())
+    assert all(torch.equal(loaded[name], p) for name, p in compressed.named_parameters())
+    assert model.decoder.weight is model.embedding.weight                               # still tied
 
 
 def test_binary_gates_are_exported_and_run_the_reference_recurrence(lm, tmp_path):
@@ -119,6 +123,12 @@ def test_low_rank_blocks_can_run_as_two_thin_gemms(lm, tmp_path):
     model = export.load(tmp_path / "out", low_rank="factored")
     assert all(isinstance(layer, FactoredLSTM) for layer in model.layers)
     assert model.layers[0].hh[0].right.shape == (2 * 8 + 2 * 96, 96)
+    dense = export.load(tmp_path / "out")
+    x = lm.task.data["valid"][:20]                                               # (T, B)
+    with torch.no_grad():
+        got, want = (m(x, m.init_state(x.shape[1])) for m in (model, dense))
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)   # the dense model is the oracle
+    torch.testing.assert_close(got.state[1][1], want.state[1][1], rtol=1e-5, atol=1e-5)
     scores = export.rescore(tmp_path / "out", low_rank="factored")
     assert all(relative(pair) <= METRIC_TOLERANCE for pair in scores.values()), scores
 
