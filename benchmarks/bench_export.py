@@ -6,10 +6,11 @@
 Every model has PTB's vocabulary size (10000 by default) and random weights, or, with `--weights`, the trained
 weights of a 2×200 model (the quickstart's model store). Sizes: for every method, the bytes of model.safetensors
 against the row's `model_bits / 8` (the safetensors header is the difference). Speed: evaluation forwards
-(tokens/s, median of `--repeats` timings of `--windows` windows of 35 tokens) of the float model (g2, soft gates:
-PyTorch's fused LSTM), of exports loaded dense (the same kernel on decompressed weights), of low-rank exports
-loaded `factored` (two thin GEMMs per gate block and step, `trainables/factored_lstm.py`) and of binary gates (the
-reference recurrence); ratios are against the float model measured in the same run, on one thread by default.
+(tokens/s, median of `--repeats` timings of `--windows` windows of 35 tokens, of the whole LM and of its recurrent
+layers alone) of the float model (g2, soft gates: PyTorch's fused LSTM), of exports loaded dense (the same kernel on
+decompressed weights), of low-rank exports loaded `factored` (two thin GEMMs per gate block and step,
+`trainables/factored_lstm.py`) and of binary gates (the reference recurrence). Candidates are timed round-robin and
+each ratio is against the float model in the same round, on one thread by default.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from trainables import export
 from trainables.checkpoint import load_model
 from trainables.compress import compress_model
 from trainables.config import TrialConfig
-from trainables.lm import RNNLM
+from trainables.lm import RNNLM, flatten_state, unflatten_state
 from trainables.lm_data import Vocabulary
 
 SIZES = {"quickstart": {"lm.embed_dim": 200, "lm.hidden_size": 200, "lm.num_layers": 2},
@@ -72,36 +73,46 @@ def size_rows(model, size: str, vocab: Vocabulary, work: Path) -> list[dict]:
 
 
 @torch.no_grad()
-def tokens_per_second(model, vocab_size: int, batch: int, windows: int, repeats: int) -> float:
-    """Median over `repeats` of the evaluation forward of `windows` windows (B = `batch`, T = 35), state carried."""
-    model.eval()
-    gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, vocab_size, (windows, BPTT, batch), generator=gen)
-    timings = []
-    for r in range(repeats + 1):                                   # the first pass warms allocator and caches
-        state = model.init_state(batch)
-        start = time.perf_counter()
-        for w in range(windows):
-            state = model(tokens[w], state).state
-        if r:
-            timings.append(time.perf_counter() - start)
-    return windows * BPTT * batch / statistics.median(timings)
+def forward_seconds(model, inputs, part: str) -> float:
+    """One timed pass over `inputs` (windows, T, B), state carried: the whole LM (`lm`) or its recurrent layers
+    alone on embedded inputs (`layers`), the part a compressed gate block changes."""
+    state = model.init_state(inputs.shape[2])
+    start = time.perf_counter()
+    for window in inputs:
+        if part == "lm":
+            state = model(window, state).state
+        else:
+            out = model.recurrent(model.embedding(window), *flatten_state(state))
+            state = unflatten_state(out[2:])
+    return time.perf_counter() - start
 
 
 def speed_rows(model, size: str, vocab: Vocabulary, work: Path, args) -> list[dict]:
+    """Tokens/s of every candidate, timed round-robin (one pass of each per repeat) so that the machine's load
+    drifts through all of them alike; the ratio is the median of per-repeat ratios to the float model."""
     candidates = {"float (fused LSTM)": model}
     for label, setting, gate, low_rank in SPEED_SETTINGS:
         out = work / f"speed-{size}-{label.replace(' ', '-').replace('/', '-')}"
         exported(model, size, vocab, setting, gate, out)
         candidates[label] = export.load(out, low_rank=low_rank)
     rows = []
-    for batch in args.batches:
-        base = None
-        for label, candidate in candidates.items():
-            tps = tokens_per_second(candidate, len(vocab), batch, args.windows, args.repeats)
-            base = base or tps
-            rows.append({"size": size, "batch": batch, "model": label, "tokens_per_s": tps, "vs_float": tps / base})
-            print(f"  {size:<10} B={batch:<3} {label:<26} {tps:>10.0f} tok/s  {tps / base:5.2f}×", flush=True)
+    gen = torch.Generator().manual_seed(0)
+    for part in ("lm", "layers"):
+        for batch in args.batches:
+            inputs = torch.randint(0, len(vocab), (args.windows, BPTT, batch), generator=gen)
+            times: dict[str, list[float]] = {label: [] for label in candidates}
+            for repeat in range(args.repeats + 1):             # the first round warms allocator and caches
+                for label, candidate in candidates.items():
+                    seconds = forward_seconds(candidate.eval(), inputs, part)
+                    if repeat:
+                        times[label].append(seconds)
+            base = times["float (fused LSTM)"]
+            for label, seconds in times.items():
+                tps = inputs.numel() / statistics.median(seconds)
+                ratio = statistics.median(b / t for b, t in zip(base, seconds))
+                rows.append({"size": size, "part": part, "batch": batch, "model": label, "tokens_per_s": tps,
+                             "vs_float": ratio})
+                print(f"  {size:<10} {part:<6} B={batch:<3} {label:<26} {tps:>10.0f} tok/s  {ratio:5.2f}×", flush=True)
     return rows
 
 
