@@ -68,6 +68,10 @@ class Selection:
     def __post_init__(self):
         if sum([self.trial is not None, self.where is not None, self.knee]) != 1:
             raise ValueError("name the row with exactly one of --trial ID, --where EXPR, --knee")
+        if self.rank is not None and not 0 <= self.rank <= 65536:
+            raise ValueError(f"--rank must be an integer in [0, 65536] (0: full rank), got {self.rank}")
+        if self.bits is not None and not (1 <= self.bits <= 16 or self.bits == 32):
+            raise ValueError(f"--bits must be an integer in [1, 16] or 32 (full precision), got {self.bits}")
         if self.method is not None and self.method not in METHODS:
             raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.eval_gate is not None and self.eval_gate not in EVAL_GATES:
@@ -88,12 +92,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pick.add_argument("--where", metavar="EXPR", help="a filter of the results (`g2-study results --where`)")
     pick.add_argument("--knee", action="store_true", help="the knee of the study's front (analysis.pareto)")
     pick.add_argument("--check", metavar="DIR", type=Path, help="re-score an export; print its and its row's metrics")
-    p.add_argument("--rank", type=int, help="the row's compress.rank")
-    p.add_argument("--bits", type=int, help="the row's compress.bits")
+    p.add_argument("--rank", type=int, metavar="R", help="the row's compress.rank")
+    p.add_argument("--bits", type=int, metavar="B", help="the row's compress.bits")
     p.add_argument("--method", choices=METHODS, help="the row's method")
     p.add_argument("--eval-gate", choices=EVAL_GATES, help="the row's evaluation gates (hard: binary i/f gates)")
-    p.add_argument("--output", type=Path, help="the directory to write (new or empty)")
-    p.add_argument("--storage", default=DEFAULT_STORAGE)
+    p.add_argument("--output", type=Path, metavar="DIR", help="the directory to write (new or empty)")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, metavar="DIR", help="where studies live (default: ./studies)")
     p.add_argument("--register", metavar="MODEL", help="also register it in MLflow's model registry under MODEL")
     p.add_argument("--no-mlflow", action="store_true", help="write the files only")
     p.add_argument("--low-rank", choices=("dense", "factored"), default="dense",

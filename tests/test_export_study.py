@@ -13,6 +13,7 @@ from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
 from study import results
+from study.cli import main
 from study.config import StudyConfig
 from study.export import EXPORT_TAG, Selection, select_row
 from study.paths import StudyPaths, read_state
@@ -20,7 +21,6 @@ from trainables import export
 
 from conftest import free_port, healthy, study_file, wait_for
 
-pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 SPACE = """
 [space."g2.gate_mode"]
@@ -53,6 +53,7 @@ def g2_study(*args, cwd, timeout=600):
                           timeout=timeout)
 
 
+@pytest.mark.slow
 def test_the_knee_of_a_real_study_exported_checked_and_logged_to_the_server(server, tmp_path):
     storage = tmp_path / "studies"
     config = study_file(tmp_path, "takeaway", num_samples=1, epochs=1, max_batches=4, max_eval_batches=2,
@@ -106,3 +107,22 @@ def test_the_knee_of_a_real_study_exported_checked_and_logged_to_the_server(serv
     assert [c.name for c in pyfunc.metadata.get_input_schema().inputs] == ["text"]
     scored = pyfunc.predict(pd.DataFrame({"text": ["the dog sees a cat", "some birds sleep"]}))
     assert list(scored.columns) == ["tokens", "nll", "ppl"] and (scored["ppl"] > 1).all()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["export", "quickstart"], "--output DIR is required"),
+    (["export", "--knee", "--output", "x"], "name the study"),
+    (["export", "quickstart", "--output", "x"], "name the row with exactly one of --trial ID, --where EXPR, --knee"),
+    (["export", "quickstart", "--check", "x"], "--check DIR takes no study name"),
+    (["export", "nosuchstudy", "--knee", "--output", "x"], "no study 'nosuchstudy'"),
+    (["export", "quickstart", "--knee", "--bits", "0", "--output", "x"], "--bits must be an integer in [1, 16] or 32"),
+])
+def test_the_command_refuses_bad_input_before_any_work(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_check_refuses_a_directory_that_is_no_export(tmp_path, capsys):
+    assert main(["export", "--check", str(tmp_path)]) == 2
+    assert f"{tmp_path / 'manifest.json'}: missing" in capsys.readouterr().err

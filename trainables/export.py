@@ -178,6 +178,7 @@ def export_model(directory: str | os.PathLike, model: nn.Module, cfg: TrialConfi
                "payload_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
                "accounted_bytes": said.model_bits // 8})
     (staging / MANIFEST_FILE).write_text(json.dumps(_manifest_json(manifest), indent=1, sort_keys=False))
+    os.chmod(staging / TENSORS_FILE, (staging / MANIFEST_FILE).stat().st_mode)   # safetensors writes it 0600
     if out.exists():
         out.rmdir()
     out.parent.mkdir(parents=True, exist_ok=True)
