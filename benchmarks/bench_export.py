@@ -9,7 +9,8 @@ against the row's `model_bits / 8` (the safetensors header is the difference). S
 (tokens/s, median of `--repeats` timings of `--windows` windows of 35 tokens, of the whole LM and of its recurrent
 layers alone) of the float model (g2, soft gates: PyTorch's fused LSTM), of exports loaded dense (the same kernel on
 decompressed weights), of low-rank exports loaded `factored` (two thin GEMMs per gate block and step,
-`trainables/factored_lstm.py`) and of binary gates (the reference recurrence). Candidates are timed round-robin and
+`trainables/factored_lstm.py`; also its time loop on the dense matrices, which separates the GEMMs from the loop)
+and of binary gates (the reference recurrence). Candidates are timed round-robin and
 each ratio is against the float model in the same round, on one thread by default.
 """
 from __future__ import annotations
@@ -22,11 +23,13 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from trainables import export
 from trainables.checkpoint import load_model
 from trainables.compress import compress_model
 from trainables.config import TrialConfig
+from trainables.factored_lstm import FactoredLSTM
 from trainables.lm import RNNLM, flatten_state, unflatten_state
 from trainables.lm_data import Vocabulary
 
@@ -95,6 +98,10 @@ def speed_rows(model, size: str, vocab: Vocabulary, work: Path, args) -> list[di
         out = work / f"speed-{size}-{label.replace(' ', '-').replace('/', '-')}"
         exported(model, size, vocab, setting, gate, out)
         candidates[label] = export.load(out, low_rank=low_rank)
+        if label == "svd 16 factored":   # the same Python time loop on the dense matrices: the GEMMs' share alone
+            loop = export.load(out)
+            loop.layers = nn.ModuleList(FactoredLSTM(layer, {}) for layer in loop.layers)
+            candidates["svd 16 dense, same loop"] = loop
     rows = []
     gen = torch.Generator().manual_seed(0)
     for part in ("lm", "layers"):

@@ -15,6 +15,7 @@ study tracked by one.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import tempfile
@@ -243,6 +244,7 @@ def log_export(cfg: StudyConfig, paths: StudyPaths, row: pd.Series, export_dir: 
     from mlflow.entities import LoggedModelOutput
     from mlflow.exceptions import MlflowException
     from mlflow.models import Model
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
     from study.tracking import open_tracker
 
@@ -287,6 +289,10 @@ def log_export(cfg: StudyConfig, paths: StudyPaths, row: pd.Series, export_dir: 
             # tracking URI, which this client does not set
             version = client.create_model_version(register, source=model.artifact_location, run_id=run_id,
                                                   model_id=model.model_id, tags=tags).version
+            # the logged model's link to its versions, as mlflow.register_model records it (the UI reads it)
+            linked = json.loads(client.get_logged_model(model.model_id).tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
+            client.set_logged_model_tags(model.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(
+                [*linked, {"name": register, "version": version}])})
     except MlflowException as err:
         raise ValueError(f"MLflow at {tracker.tracking_uri} refused the export: {err}") from None
     return {"model_id": model.model_id, "uri": f"models:/{model.model_id}", "run_id": run_id,

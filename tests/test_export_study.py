@@ -1,5 +1,6 @@
 """`g2-study export` end to end: a real small study tracked by a real `mlflow server` on 127.0.0.1, its knee exported,
 checked, registered, and loaded back from the server's artifact store as an MLflow model."""
+import json
 import os
 import signal
 import subprocess
@@ -97,6 +98,7 @@ def test_the_knee_of_a_real_study_exported_checked_and_logged_to_the_server(serv
     assert on_server[0].read_bytes() == (out / export.TENSORS_FILE).read_bytes()
     (version,) = client.search_model_versions("name = 'takeaway-knee'")
     assert version.run_id == run.info.run_id and version.source == logged.artifact_location
+    assert json.loads(logged.tags["mlflow.modelVersions"]) == [{"name": "takeaway-knee", "version": version.version}]
 
     import mlflow.pyfunc
 
