@@ -289,10 +289,12 @@ def log_export(cfg: StudyConfig, paths: StudyPaths, row: pd.Series, export_dir: 
             # tracking URI, which this client does not set
             version = client.create_model_version(register, source=model.artifact_location, run_id=run_id,
                                                   model_id=model.model_id, tags=tags).version
-            # the logged model's link to its versions, as mlflow.register_model records it (the UI reads it)
+            # the logged model's link to its versions, which the UI reads: a server records it itself, a local
+            # store does not (mlflow.register_model then adds it, as here)
             linked = json.loads(client.get_logged_model(model.model_id).tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
-            client.set_logged_model_tags(model.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(
-                [*linked, {"name": register, "version": version}])})
+            if not any((v["name"], str(v["version"])) == (register, str(version)) for v in linked):
+                client.set_logged_model_tags(model.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(
+                    [*linked, {"name": register, "version": version}])})
     except MlflowException as err:
         raise ValueError(f"MLflow at {tracker.tracking_uri} refused the export: {err}") from None
     return {"model_id": model.model_id, "uri": f"models:/{model.model_id}", "run_id": run_id,
