@@ -27,9 +27,9 @@ import pandas as pd
 
 from study import results
 from study.config import DEFAULT_STORAGE, StudyConfig
+from study.front import front_objectives, study_front
 from study.mlflow_values import code_version, json_safe
 from study.paths import StudyPaths, read_state
-from study.report import front_objectives, study_front
 from trainables.config import EVAL_GATES, TrialConfig
 from trainables.report import (
     ACCOUNTING,
