@@ -36,10 +36,31 @@ def quickstart(trial, tmp_path, monkeypatch):
         rows = trial_rows("quickstart", trial_id, flat, last, status="ok", error=None, finished_at=datetime.now(UTC))
         results.write_trial(tmp_path / "studies" / "quickstart", trial_id, rows)
     monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def knee_export(quickstart, trial_store):
+    """`exports/knee`, as the README's `g2-study export quickstart --knee --output exports/knee` writes it: the
+    quickstart rows' model is the `trial` fixture's, in its model store."""
+    from pathlib import Path
+
+    from study.config import StudyConfig
+    from study.export import Selection, export_row, select_row
+    from study.paths import StudyPaths
+
+    paths = StudyPaths(quickstart / "studies" / "quickstart")
+    paths.models.symlink_to(trial_store, target_is_directory=True)
+    cfg = StudyConfig(name="quickstart", task="lm", preset="tiny")
+    row = select_row(str(paths.root), cfg, Selection(trial=None, where=None, knee=True, rank=None, bits=None,
+                                                     method=None, eval_gate=None))
+    export_row(paths, row, Path("exports/knee"))
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=[f"block{k}" for k in range(len(BLOCKS))])
-def test_a_readme_block_runs(block, quickstart, capsys):
+def test_a_readme_block_runs(block, quickstart, request, capsys):
+    if "exports/knee" in block:   # the "Take a model away" example loads what `g2-study export` wrote
+        request.getfixturevalue("knee_export")
     namespace: dict = {}
     exec(compile(block, "README.md", "exec"), namespace)
     if "df" in namespace:                                      # the query example found the study's rows
