@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,6 +20,7 @@ from study import results
 from study.callbacks import StudyCallback
 from study.claim import CLAIM_FILE, DriverInfo
 from study.config import StudyConfig
+from study.convergence import ConvergenceLog
 from study.front import study_front
 from study.paths import Experiment, StudyPaths, StudyState
 from study.progress import read_progress, study_eta
@@ -182,8 +184,11 @@ def test_status_during_a_quiet_run_and_after_its_driver_is_killed(tmp_path):
 def test_a_callback_saved_before_it_counted_carried_epochs_resumes(tmp_path):
     """Ray pickles the callback into the experiment state; one saved by an older version has no `_carried`."""
     cfg = StudyConfig(name="s", preset="tiny", storage=str(tmp_path))
-    saved = StudyCallback(cfg, str(tmp_path / "s"), total=2, printer=lambda line: None, quiet=True).__getstate__()
-    del saved["_carried"]
+    root = str(tmp_path / "s")
+    saved = {"cfg": cfg, "root": root, "total": 2, "printer": print, "quiet": True, "_writer": None,
+             "_tracker": None, "_console": None, "_front": 0, "_progress": {}, "_keys": {}, "_started": None,
+             "_ended_earlier": 0, "_statuses": Counter(), "_ok_rows": [], "_earlier": {}, "_measured": {},
+             "convergence": ConvergenceLog(cfg, root)}   # the state of a version before `_carried`
     restored = StudyCallback.__new__(StudyCallback)
     restored.__setstate__(saved)
-    assert restored._carried == 0.0 and restored.total == 2
+    assert restored.board.carried == 0.0 and restored.total == 2 and restored.board.console.total == 2
