@@ -346,7 +346,8 @@ CHECKS = [
     *(Check(f"bench-{shape}", f"layer benchmark, {shape} shape, vs cuDNN nn.LSTM", check_bench(shape),
             TORCH, ("trainables.g2lstm", "trainables.graphs", "trainables.device")) for shape in ("awd", "medium", "nmt")),
     Check("study", "4-trial g2-study run through Ray, gpus_per_trial=0.5 (gpu_study.toml)", check_study,
-          (*TRIAL, "ray", "optuna", "mlflow", "sqlalchemy", "pyarrow", "pandas", "matplotlib", "psutil"),
+          (*TRIAL, "ray", "optuna", "mlflow", "sqlalchemy", "cryptography", "pyarrow", "pandas", "matplotlib",
+           "psutil"),   # cryptography: mlflow's SQLite store imports it, mlflow-skinny does not require it
           ("study.cli", "study.runner", "trainables.trainable", "trainables.nmt")),
     Check("ptb-medium", "PTB medium LM, 1 short epoch, fp32 vs bf16", check_ptb_medium,
           TRIAL, ("trainables.trainable", "trainables.lm", "trainables.nmt")),
