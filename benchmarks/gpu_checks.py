@@ -308,7 +308,8 @@ def judge_ptb(rows: list[dict], unigram: float) -> Outcome:
     bf16 ends from fp32 (the same seed, data and noise, bf16 rounding apart) is reported against its target."""
     learned = [r["rc"] == 0 and isinstance(r["val_ppl"], float) and math.isfinite(r["val_ppl"])
                and r["val_ppl"] < unigram for r in rows]
-    detail = " vs ".join(f"{r['precision']} val ppl {r['val_ppl']}" for r in rows) + f" (unigram {unigram:.0f})"
+    detail = " vs ".join(f"{r['precision']} val ppl {r['val_ppl']}" + (f" (rc={r['rc']}, 124: timed out)" if r["rc"]
+                                                                        else "") for r in rows) + f" (unigram {unigram:.0f})"
     if all(learned):
         gap = rows[1]["val_ppl"] / rows[0]["val_ppl"] - 1
         detail += f"; bf16 {gap:+.1%} vs fp32, target within {BF16_GAP_TARGET:.0%}" + (
