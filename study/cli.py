@@ -6,6 +6,7 @@
     g2-study results NAME [--front] [--where EXPR] [--columns a,b] [--format table|csv|json|parquet]
     g2-study ui NAME                                    (the MLflow UI on 127.0.0.1)
     g2-study check CONFIG.toml                          (validate only)
+    g2-study export NAME (--trial ID | --where EXPR | --knee) --output DIR   (a row's packed model; study/export.py)
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import optuna
 import pyarrow as pa
 
 from analysis import fidelity
+from study import export as export_command
 from study import results
 from study.claim import StudyBusyError
 from study.config import DEFAULT_STORAGE, StudyConfig, load_study_config
@@ -95,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("name")
     ui.add_argument("--storage", default=DEFAULT_STORAGE)
     ui.add_argument("--port", type=int, default=5000)
+    export_command.add_parser(sub)
     return parser
 
 
@@ -244,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_status(args)
         if args.command == "compare":
             return cmd_compare(args)
+        if args.command == "export":
+            return export_command.run(args)
         return cmd_ui(args)
     except (ValueError, FilterError, StudyStateError, StudyBusyError) as err:
         print(f"g2-study {args.command}: error: {err}", file=sys.stderr)

@@ -180,6 +180,7 @@ class LMTask(Task):
     def __init__(self, cfg: TrialConfig, device: torch.device, work_dir: Path):
         self.cfg, self.device = cfg, device
         corpus = load_lm_corpus(resolve_lm_corpus(cfg, work_dir))
+        self.vocab = corpus.vocab                 # what an export ships beside the model (trainables/export.py)
         self.vocab_size = len(corpus.vocab)
         self.data = {"train": batchify(corpus.train, cfg.train.batch_size).to(device),     # (T, B)
                      "valid": batchify(corpus.valid, cfg.lm.eval_batch_size).to(device),
