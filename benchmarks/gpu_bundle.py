@@ -14,8 +14,8 @@ files, is over 60 MiB. What goes in, and why it fits:
   study starts Python workers only), its other members unchanged but LZMA-compressed (zip's own method 14, which
   pip's zipfile reads), its RECORD rewritten to match, a `G2_BUNDLE` note in its dist-info. BUNDLE.json says so.
 - `optuna`, `mlflow-skinny==3.17.2` (the tracking client the study uses, without the full mlflow's server and
-  UI), and every dependency of the three that the machine lacks; `google-auth<2.45` (pulled in by databricks-sdk)
-  keeps `cryptography` (4.6 MB, signs Google credentials, never used here) out of the closure.
+  UI), and every dependency of the three that the machine lacks; plus `cryptography`, which mlflow-skinny does
+  not declare but its SQLite tracking store imports (`mlflow.store.model_registry.dbmodels` needs Fernet).
 - PTB as `data/ptb.tar.xz`: the only corpus the checks read (`ptb-medium`; `study` uses the toy corpus).
 The wheels are installed with `--no-deps` (pip's --target ignores what the machine has), so the build checks the
 closure itself: every Requires-Dist of every wheel, with the requested extras and markers evaluated for the
@@ -41,8 +41,8 @@ from email.parser import Parser
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-REQUIREMENTS = ("ray[tune]==2.60.0", "optuna>=5,<6", "mlflow-skinny==3.17.2")
-CONSTRAINTS = ("google-auth<2.45",)   # 2.45 and later require cryptography, 4.6 MB of Google-credential signing
+# cryptography: imported by mlflow's SQLite store (the study's default tracking URI), undeclared by mlflow-skinny
+REQUIREMENTS = ("ray[tune]==2.60.0", "optuna>=5,<6", "mlflow-skinny==3.17.2", "cryptography")
 PYTHON, ABI = "3.12", "cp312"
 # torch's own wheels need glibc 2.28, so a machine running torch takes manylinux_2_28 wheels too
 PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_28_x86_64")
@@ -177,14 +177,11 @@ def find_corpus_dir(name: str) -> Path:
 
 def download(dest: Path, find_links: Path | None) -> None:
     """The cp312 manylinux wheels of REQUIREMENTS and all their dependencies, into `dest`."""
-    constraints = dest / "constraints.txt"
-    constraints.write_text("\n".join(CONSTRAINTS) + "\n")
     where = ["--no-index", "--find-links", str(find_links)] if find_links else []
     platforms = [arg for p in PLATFORMS for arg in ("--platform", p)]
     subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", *platforms,
-                    "--python-version", PYTHON, "--implementation", "cp", "--abi", ABI, "-c", str(constraints),
+                    "--python-version", PYTHON, "--implementation", "cp", "--abi", ABI,
                     "-d", str(dest), *where, *REQUIREMENTS], check=True, env={**os.environ, "PIP_CONSTRAINT": ""})
-    constraints.unlink()
 
 
 def build(dest: Path, find_links: Path | None) -> int:
@@ -217,7 +214,7 @@ def build(dest: Path, find_links: Path | None) -> int:
     run_sh = dest / "run.sh"
     shutil.copy2(REPO / "benchmarks" / "gpu_bundle_run.sh", run_sh)
     manifest = {"for": {"python": PYTHON, "abi": ABI, "platforms": PLATFORMS, "machine_has": sorted(MACHINE_HAS)},
-                "requirements": REQUIREMENTS, "constraints": CONSTRAINTS, "repacked": repacked,
+                "requirements": REQUIREMENTS, "repacked": repacked,
                 "wheels": [{"file": w.name, "bytes": w.stat().st_size,
                             "sha256": hashlib.sha256(w.read_bytes()).hexdigest()} for w in wheels],
                 "data": sorted(p.name for p in data.iterdir()), "run": "bash run.sh (from the checkout)"}

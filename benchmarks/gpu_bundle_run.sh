@@ -30,7 +30,7 @@ start=$SECONDS
     --disable-pip-version-check "$bundle"/wheels/*.whl >"$OUT/bundle-install.log" 2>&1 \
     || { echo "run.sh: pip install failed, see $OUT/bundle-install.log" >&2; tail -5 "$OUT/bundle-install.log" >&2; exit 1; }
 mkdir -p "$site/data"
-"$python" -m tarfile -e "$bundle"/data/ptb.tar.xz "$site/data"
+"$python" -W ignore::DeprecationWarning -m tarfile -e "$bundle"/data/ptb.tar.xz "$site/data"
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 export G2_DATA_DIR=${G2_DATA_DIR:-$site/data}
 "$python" "$checkout/benchmarks/gpu_bundle.py" verify "$bundle" --site "$site" >"$OUT/bundle-verify.log" 2>&1 \

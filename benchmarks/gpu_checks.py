@@ -308,7 +308,8 @@ def judge_ptb(rows: list[dict], unigram: float) -> Outcome:
     bf16 ends from fp32 (the same seed, data and noise, bf16 rounding apart) is reported against its target."""
     learned = [r["rc"] == 0 and isinstance(r["val_ppl"], float) and math.isfinite(r["val_ppl"])
                and r["val_ppl"] < unigram for r in rows]
-    detail = " vs ".join(f"{r['precision']} val ppl {r['val_ppl']}" for r in rows) + f" (unigram {unigram:.0f})"
+    detail = " vs ".join(f"{r['precision']} val ppl {r['val_ppl']}" + (f" (rc={r['rc']}, 124: timed out)" if r["rc"]
+                                                                        else "") for r in rows) + f" (unigram {unigram:.0f})"
     if all(learned):
         gap = rows[1]["val_ppl"] / rows[0]["val_ppl"] - 1
         detail += f"; bf16 {gap:+.1%} vs fp32, target within {BF16_GAP_TARGET:.0%}" + (
@@ -346,7 +347,8 @@ CHECKS = [
     *(Check(f"bench-{shape}", f"layer benchmark, {shape} shape, vs cuDNN nn.LSTM", check_bench(shape),
             TORCH, ("trainables.g2lstm", "trainables.graphs", "trainables.device")) for shape in ("awd", "medium", "nmt")),
     Check("study", "4-trial g2-study run through Ray, gpus_per_trial=0.5 (gpu_study.toml)", check_study,
-          (*TRIAL, "ray", "optuna", "mlflow", "sqlalchemy", "pyarrow", "pandas", "matplotlib", "psutil"),
+          (*TRIAL, "ray", "optuna", "mlflow", "sqlalchemy", "cryptography", "pyarrow", "pandas", "matplotlib",
+           "psutil"),   # cryptography: mlflow's SQLite store imports it, mlflow-skinny does not require it
           ("study.cli", "study.runner", "trainables.trainable", "trainables.nmt")),
     Check("ptb-medium", "PTB medium LM, 1 short epoch, fp32 vs bf16", check_ptb_medium,
           TRIAL, ("trainables.trainable", "trainables.lm", "trainables.nmt")),

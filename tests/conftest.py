@@ -1,6 +1,8 @@
 """Shared test fixtures: seeded RNGs, the location of the real corpora, interpreted and compiled Triton kernels."""
+import contextlib
 import importlib.util
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -86,6 +88,25 @@ def healthy(url: str) -> bool:
         return urllib.request.urlopen(url, timeout=2).status == 200
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def mlflow_server_at(root: Path):
+    """A real `mlflow server` on 127.0.0.1 with its store and artifacts under `root`; yields its URI."""
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                               "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+                              env=env, stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
+                              start_new_session=True)   # its own process group: teardown stops its workers too
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: healthy(f"{uri}/health"), 120, "mlflow server")
+        yield uri
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
 
 
 def real_data_dir() -> Path | None:

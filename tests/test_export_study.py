@@ -1,8 +1,6 @@
 """`g2-study export` end to end: a real small study tracked by a real `mlflow server` on 127.0.0.1, its knee exported,
 checked, registered, and loaded back from the server's artifact store as an MLflow model."""
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +18,7 @@ from study.export import EXPORT_TAG, Selection, select_row
 from study.paths import StudyPaths, read_state
 from trainables import export
 
-from conftest import free_port, healthy, study_file, wait_for
+from conftest import mlflow_server_at, study_file
 
 BIN = Path(sys.executable).parent
 SPACE = """
@@ -35,18 +33,8 @@ choices = [8]
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow_export")
-    port = free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-                             "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-                            env=env, stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    wait_for(lambda: healthy(f"{uri}/health"), 120, "mlflow server")
-    yield {"uri": uri, "artifacts": root / "artifacts"}
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(30)
+    with mlflow_server_at(root) as uri:
+        yield {"uri": uri, "artifacts": root / "artifacts"}
 
 
 def g2_study(*args, cwd, timeout=600):

@@ -22,7 +22,7 @@ from ray import tune
 from analysis.pareto import SAME_MODEL
 from study import results
 
-from conftest import free_port, healthy, optuna_trial_states, study_file, wait_for
+from conftest import free_port, mlflow_server_at, optuna_trial_states, study_file, wait_for
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -55,19 +55,8 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-                               "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-                              env=env, stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
-                              start_new_session=True)   # its own process group: teardown stops its workers too
-    uri = f"http://127.0.0.1:{port}"
-    wait_for(lambda: healthy(f"{uri}/health"), 120, "mlflow server")
-    yield uri
-    os.killpg(server.pid, signal.SIGTERM)
-    server.wait(30)
+    with mlflow_server_at(tmp_path_factory.mktemp("mlflow")) as uri:
+        yield uri
 
 
 FAILING_GRID = """
