@@ -258,13 +258,14 @@ def check_bench(shape: str) -> Callable[[argparse.Namespace], Outcome]:
 
 
 STUDY = REPO / "benchmarks" / "gpu_study.toml"
+GRID = ("g2.gate_mode", "seed")
 
 
 def study_plan() -> tuple[int, list[tuple]]:
     """The trials STUDY runs (num_samples, or the study's default) and its grid points, sorted."""
     from study.config import load_study_config
     cfg = load_study_config(STUDY)
-    return cfg.total_samples(), sorted(itertools.product(*(cfg.grid()[n] for n in ("g2.gate_mode", "compress.rank"))))
+    return cfg.total_samples(), sorted(itertools.product(*(cfg.grid()[n] for n in GRID)))
 
 
 def check_study(args: argparse.Namespace) -> Outcome:
@@ -282,8 +283,8 @@ def check_study(args: argparse.Namespace) -> Outcome:
 
     df = results.load(str(work / "studies" / "gpu-check"))
     df = df[df["is_trial_setting"].fillna(False).astype(bool)].drop_duplicates("trial_id")   # the searched point
-    rows = df[["trial_id", "g2.gate_mode", "compress.rank", "status", "device"]].to_dict("records")
-    points = sorted((str(mode), int(rank)) for mode, rank in zip(df["g2.gate_mode"], df["compress.rank"]))
+    rows = df[["trial_id", *GRID, "status", "device"]].to_dict("records")
+    points = sorted((str(mode), int(seed)) for mode, seed in zip(df["g2.gate_mode"], df["seed"]))
     device = "cuda" if on_gpu else "cpu"
     trials, grid = study_plan()
     ok = (len(df) == trials == len(grid) and points == grid and set(df["status"]) == {"ok"}

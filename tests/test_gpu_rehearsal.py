@@ -110,8 +110,8 @@ def test_study_check_runs_its_own_grid_once_through_ray_on_cpu(bare_checkout, ba
     proc = gpu_checks(bare_python, bare_checkout, "--only", "study", "--device", "cpu", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + (tmp_path / "study.err.log").read_text()[-3000:]
     rows = summary(tmp_path)["study"]["rows"]
-    points = sorted((r["g2.gate_mode"], r["compress.rank"]) for r in rows)
-    assert points == [("g2", 0), ("g2", 8), ("lstm", 0), ("lstm", 8)]
+    points = sorted((r["g2.gate_mode"], r["seed"]) for r in rows)
+    assert points == [("g2", 1111), ("g2", 2222), ("lstm", 1111), ("lstm", 2222)]
     assert {r["status"] for r in rows} == {"ok"} and {r["device"] for r in rows} == {"cpu"}
 
 
