@@ -107,8 +107,8 @@ class World:
     def of(cls, table: pd.DataFrame, seed: int) -> World:
         rows = table[table["seed"] == seed].reset_index(drop=True)
         reference = np.array([2.0 * rows["uncompressed_val_metric"].median(), 32.0 * rows[GATE_PARAMS].max()])
-        world = cls(rows, reference, 0.0, sorted(rows.loc[rows["g2.tau"] > 0, "g2.tau"].unique()),
-                    sorted(rows.loc[rows["g2.p"] > 0, "g2.p"].unique()))
+        world = cls(rows, reference, 0.0, sorted(float(v) for v in rows.loc[rows["g2.tau"] > 0, "g2.tau"].unique()),
+                    sorted(float(v) for v in rows.loc[rows["g2.p"] > 0, "g2.p"].unique()))
         world.best = world.volume(rows)
         return world
 
@@ -128,8 +128,8 @@ class World:
                   Param("g2.tau", "categorical", choices=tuple(self.taus), when=only_g2),
                   Param("g2.p", "categorical", choices=tuple(self.ps), when=only_g2))
         if with_compression:
-            params += (Param("compress.rank", "categorical", choices=tuple(sorted(self.rows["compress.rank"].unique()))),
-                       Param("compress.bits", "categorical", choices=tuple(sorted(self.rows["compress.bits"].unique()))))
+            params += tuple(Param(name, "categorical", choices=tuple(sorted(int(v) for v in self.rows[name].unique())))
+                            for name in ("compress.rank", "compress.bits"))
         return params
 
 

@@ -42,13 +42,21 @@ log = logging.getLogger(__name__)
 ANSWERED = "study/answered_from_results"   # MLflow parent metric: suggestions that needed no Ray trial
 
 
+class GridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler, less its `study.stop()` once every point is told: Optuna allows that call only inside
+    `study.optimize`, so in a `study.tell` of ask-and-tell it raises. `StudySearch.suggest` ends a used-up grid."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
+
+
 def make_sampler(cfg: StudyConfig, seed: int):
     if cfg.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
     if cfg.sampler == "gp":
         return optuna.samplers.GPSampler(seed=seed)
     if cfg.sampler == "grid":
-        return optuna.samplers.GridSampler(cfg.grid(), seed=seed)
+        return GridSampler(cfg.grid(), seed=seed)
     return optuna.samplers.TPESampler(seed=seed, multivariate=True)
 
 
@@ -146,6 +154,8 @@ class StudySearch(Searcher):
                     "exhausted": False}
         self.__dict__.update({**fresh.__dict__, **defaults, **state, "_study": None, "_board": None, "_told": None,
                               "_news": [], "unshown": []})
+        if type(self.sampler) is optuna.samplers.GridSampler:   # pickled before GridSampler above: same state
+            self.sampler.__class__ = GridSampler
 
     def save(self, checkpoint_path: str):
         with open(checkpoint_path, "wb") as f:
@@ -178,7 +188,7 @@ class StudySearch(Searcher):
             return Searcher.FINISHED if self.exhausted else None
         board = self.board
         for _ in range(ASKS_PER_SUGGESTION):
-            if isinstance(self.sampler, optuna.samplers.GridSampler) and self.sampler.is_exhausted(self.study):
+            if isinstance(self.sampler, GridSampler) and self.sampler.is_exhausted(self.study):
                 self.exhausted = True   # every grid point asked (the running ones finish): no repeats
                 self._news.append("every point of the grid has been asked for: no more trials")
                 self._record()

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from study import results
 from study.callbacks import StudyCallback
 from study.config import StudyConfig
 from study.front import readable_floats
@@ -165,8 +166,9 @@ def test_a_study_run_into_a_log_prints_plain_lines(real_study):
     assert re.search(r"^trial \S+ epoch 1/2: val ppl \d+\.\d\d \| .* tok/s \| ETA \d+:\d\d$", out, re.M), out[-3000:]
     # what a start line said the trial would do is what it did: a re-scored model ends "(reused model)"
     plans = dict(re.findall(r"^trial (\S+) starts: .+; (trains|re-scores|waits)", out, re.M))
-    reused = set(re.findall(r"^\[\s*\d+/5\] (\S+) ok .*\(reused model\)", out, re.M))
+    reused = set(re.findall(r"^\[\s*\d+/\d+\] (\S+) ok .*\(reused model\)", out, re.M))
     assert plans and all((plans[t] == "trains") == (t not in reused) for t in plans if plans[t] != "waits"), out[-3000:]
     trained = [t for t in plans if t not in reused]
     assert all(re.search(rf"^trial {t} epoch 2/2: ", out, re.M) for t in trained), out[-3000:]   # the last epoch too
-    assert len(re.findall(r"^\[\s*\d+/5\] ", out, re.M)) == 5
+    ends = re.findall(r"^\[\s*\d+/(\d+)\] ", out, re.M)   # one per Ray trial; the search may end before 5
+    assert len(ends) == results.load(str(real_study["dir"]))["trial_id"].nunique() >= 3 and set(ends) == {"5"}

@@ -143,6 +143,20 @@ def test_a_known_suggestion_is_answered_without_a_trial_and_an_exhausted_space_f
     assert "answered from the results of trial t1" in log.lines[0] and "nothing is left" in log.lines[-1]
 
 
+def test_the_last_point_of_a_grid_is_told_and_the_grid_finishes(trial, tmp_path):
+    """Optuna's GridSampler stops the study once its grid is told, which raises outside `study.optimize`: the
+    searcher's tell of the last point must close it (a lost worker's retry reached this), and the next ask ends."""
+    config, reports = trial
+    cfg = study_config(tmp_path, {"g2.gate_mode": {"choices": ["g2"]}}, sampler="grid")
+    search = searcher_for(cfg)
+    end = end_of("t1", search.suggest("t1"), reports)
+    results.write_trial(StudyPaths.of(cfg).root, "t1", list(end.rows))
+    search.tell(end)
+    study = optuna.load_study(study_name="s", storage=StudyPaths.of(cfg).optuna_url(cfg))
+    assert [t.state for t in study.trials if t.user_attrs.get("g2.ray_trial_id") == "t1"] == [TrialState.COMPLETE]
+    assert search.suggest("t2") == "FINISHED"
+
+
 def test_a_suggestion_of_a_model_in_training_waits_for_its_rows_and_a_new_setting_is_scored_alone(trial, tmp_path):
     config, reports = trial
     space = {"g2.gate_mode": {"choices": ["g2"]}, "compress.rank": {"type": "int", "low": 0, "high": 16, "step": 4}}

@@ -206,9 +206,12 @@ def test_killed_study_resumes_without_loss_or_duplicates_and_extends(cluster, tm
         assert (result_dir / f"{trial_id}.parquet").stat().st_mtime_ns == mtime
     optuna_url = f"sqlite:///{storage / 'killed' / 'optuna.db'}"
     assert optuna_states(optuna_url) == {"COMPLETE": 6}      # a trial asked for by the dead driver, if any, FAILED
-    derived = {t.user_attrs["g2.row"] for t in optuna.load_study(study_name="killed", storage=optuna_url).trials
-               if "g2.row" in t.user_attrs}
-    assert len(derived) == len(df[df["status"] == "ok"].drop_duplicates(SAME_MODEL))   # every scored row, once
+    def assert_every_row_once_in_optuna():
+        rows = [t.user_attrs["g2.row"] for t in optuna.load_study(study_name="killed", storage=optuna_url).trials
+                if "g2.row" in t.user_attrs]
+        scored = results.load(str(storage / "killed"))
+        assert len(rows) == len(set(rows)) == len(scored[scored["status"] == "ok"].drop_duplicates(SAME_MODEL))
+    assert_every_row_once_in_optuna()
     client = MlflowClient(tracking_uri=f"sqlite:///{storage / 'killed' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("killed")
     runs = client.search_runs([experiment.experiment_id], "tags.`g2.role` = 'trial'")
@@ -220,6 +223,7 @@ def test_killed_study_resumes_without_loss_or_duplicates_and_extends(cluster, tm
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert results.load(str(storage / "killed"))["trial_id"].nunique() == 8
     assert optuna_states(optuna_url)["COMPLETE"] == 8
+    assert_every_row_once_in_optuna()                        # the extension added its own rows, none twice
 
     proc = g2_study(["results", "killed", "--storage", str(storage), "--front"], cluster, tmp_path, timeout=120)
     assert proc.returncode == 0 and "gate ×" in proc.stdout
@@ -281,8 +285,8 @@ def test_a_search_with_nothing_left_to_ask_ends_and_its_three_fronts_are_one(clu
 
 def study_front_rows(root: Path):
     from study.config import StudyConfig
+    from study.front import study_front
     from study.paths import StudyPaths, read_state
-    from study.report import study_front
 
     cfg = StudyConfig.from_json(read_state(StudyPaths(root)).config)
     return study_front(results.load(str(root)), cfg)
