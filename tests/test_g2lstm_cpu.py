@@ -171,7 +171,7 @@ def test_a_resumed_trial_equals_an_uninterrupted_one_on_the_cpu_path(tmp_path, o
     assert {layer.path(True, torch.device("cpu")) for layer in layers} == {"cpu"}
 
     def curve(reports):
-        return [(r["epoch"], r["train_loss"], r["val_metric"]) for r in reports]
+        return [(r.epoch, r.train["train_loss"], r.val_metric) for r in reports]
 
     full, first, second = [], [], []
     run_trial(cfg, tmp_path / "full", report=lambda m, _: full.append(m))
