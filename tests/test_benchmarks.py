@@ -45,5 +45,6 @@ def test_a_failing_benchmark_candidate_does_not_hide_the_others(monkeypatch, cap
     assert code == 1 and report["failed"] == ["broken"]
     assert "training mode" in report["results"]["broken"]["error"]
     timed = {name for name, r in report["results"].items() if "median_ms" in r}
-    assert timed == {"nn.LSTM", "g2 reference", "lstm via G2LSTM(auto)"}
+    assert timed == {"nn.LSTM", "g2 (auto)", "g2 reference", "lstm via G2LSTM(auto)", "sharpened via G2LSTM(auto)",
+                     "GEMM floor"}
     assert report["results"]["nn.LSTM"]["vs_nn_lstm"] == 1.0 and report["meta"]["tf32"] is False

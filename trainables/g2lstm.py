@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainables import g2lstm_kernels
+from trainables import g2lstm_cpu, g2lstm_kernels
 from trainables.config import IMPLS, PRECISIONS, G2Config, check_choice, check_range
 from trainables.gates import GateMath, logistic_noise
 from trainables.report import GATES, HIGH, HIST_BINS, LOW, gate_column, histogram_key
@@ -40,8 +40,7 @@ def lstm_layer_reference(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Te
     hidden = h.shape[-1]
     xw = F.linear(x, w_ih, b_ih + b_hh)                       # (T, B, 4H), [i, f, g, o]
     steps = xw.shape[0]
-    noise = (logistic_noise((steps, *h.shape[:-1], 2 * hidden), gate.noise_p, device=x.device, dtype=x.dtype)
-             if gate.noise_p > 0 else None)
+    noise = window_noise(x, h, gate)
     noise_steps = noise.unbind(0) if noise is not None else (None,) * steps
     ys, gates = [], []
     for xw_t, noise_t in zip(xw.unbind(0), noise_steps):
@@ -54,6 +53,21 @@ def lstm_layer_reference(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Te
         if record_gates:
             gates.append(gate_if)
     return torch.stack(ys), h, c, (torch.stack(gates) if record_gates else None)
+
+
+def window_noise(x: Tensor, h: Tensor, gate: GateMath) -> Tensor | None:
+    """The L·B of one layer's window, (T, B, 2H) [i, f], or None without noise. Every path but the fused one draws
+    it here, in one call of the same shape and dtype: a seed gives the reference and the CPU path the same noise,
+    and a checkpointed RNG state the same noise after a resume."""
+    if gate.noise_p == 0:
+        return None
+    return logistic_noise((x.shape[0], *h.shape[:-1], 2 * h.shape[-1]), gate.noise_p, device=x.device, dtype=x.dtype)
+
+
+def lstm_layer_cpu(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor,
+                   gate: GateMath, record_gates: bool = False):
+    """The reference's maths and noise on the hand-written backward of `trainables/g2lstm_cpu.py`."""
+    return g2lstm_cpu.cpu_lstm_layer(x, h, c, w_ih, w_hh, b_ih, b_hh, gate, window_noise(x, h, gate), record_gates)
 
 
 def _row_scale(hidden: int, scale: float, like: Tensor) -> Tensor:
@@ -90,8 +104,9 @@ class G2LSTM(nn.Module):
         dropout: dropout on the outputs of every layer but the last (as `nn.LSTM`).
         weight_drop: DropConnect on every `weight_hh`, one mask per forward (AWD-LSTM).
         impl: "auto" (plain-LSTM maths on PyTorch's fused kernel (cuDNN), noisy g2 training on the fused
-            Triton path on CUDA, the reference recurrence elsewhere), "reference" (always the pure-PyTorch
-            recurrence) or "fused" (the Triton path for every non-hard gate; CUDA, or Triton's interpreter).
+            Triton path on CUDA and on the hand-written backward of `trainables/g2lstm_cpu.py` on the CPU, the
+            reference recurrence elsewhere), "reference" (always the pure-PyTorch autograd recurrence, the
+            oracle) or "fused" (the Triton path for every non-hard gate; CUDA, or Triton's interpreter).
         precision: "fp32" or "bf16" GEMM operands on the fused path (cell state, gates, noise stay fp32).
     """
 
@@ -169,7 +184,7 @@ class G2LSTM(nn.Module):
         return x, (torch.stack(h_n), torch.stack(c_n)), all_gates
 
     def path(self, training: bool, device: torch.device) -> str:
-        """Which implementation runs a forward in this mode on `device`: "plain", "fused" or "reference"."""
+        """Which implementation runs a forward in this mode on `device`: "plain", "fused", "cpu" or "reference"."""
         gate = GateMath.of(self.g2, training)
         if self.impl == "reference" or gate.hard:
             return "reference"
@@ -178,7 +193,9 @@ class G2LSTM(nn.Module):
         if self.impl == "fused":
             return "fused"
         # `auto` takes the Triton path on CUDA only; the CPU interpreter is for tests that ask for "fused"
-        return "fused" if device.type == "cuda" and g2lstm_kernels.fused_available(device) else "reference"
+        if device.type == "cuda" and g2lstm_kernels.fused_available(device):
+            return "fused"
+        return "cpu" if device.type == "cpu" else "reference"
 
     def _layer_fn(self, device: torch.device):
         """The function computing one layer in this forward (see `impl`)."""
@@ -187,6 +204,8 @@ class G2LSTM(nn.Module):
             return lstm_layer_plain
         if path == "reference":
             return lstm_layer_reference
+        if path == "cpu":
+            return lstm_layer_cpu
 
         # a fresh noise seed per layer and forward, drawn on the device: it follows torch.manual_seed and
         # the checkpointed RNG state, and stays valid inside a captured CUDA graph

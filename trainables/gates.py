@@ -7,6 +7,7 @@ or 1[a ≥ 0] for hard evaluation gates. ε is `NOISE_EPS` in both, so the two p
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,12 +19,30 @@ NOISE_EPS = 1e-3          # ε of the logistic noise, as in the authors' code
 
 
 def logistic_noise(shape: tuple[int, ...], p: float, *, device=None, dtype=None) -> Tensor:
-    """L·B of docs/design.md §2: logistic noise (a difference of two Gumbels), kept with probability p."""
-    u = torch.rand(shape, device=device, dtype=dtype)
-    noise = torch.log(u + NOISE_EPS) - torch.log1p(NOISE_EPS - u)
-    if p < 1.0:
-        noise = noise * (torch.rand(shape, device=device, dtype=dtype) < p)
-    return noise
+    """L·B of docs/design.md §2: logistic noise (a difference of two Gumbels), kept with probability p.
+
+    Drawn sparsely, as the training paths consume it on the CPU (docs/cpu_speed.md): the kept elements (in row-major
+    order) are a Bernoulli(p) process, so the steps between them are geometric, ⌊log(1−U)/log(1−p)⌋ + 1, and only the
+    ≈ pN kept elements draw their U for L = log(U+ε) − log(1+ε−U). About 2pN uniforms instead of 2N.
+    """
+    n = math.prod(shape)
+    noise = torch.zeros(n, device=device, dtype=dtype)
+    if p <= 0.0 or n == 0:
+        return noise.view(shape)
+    log_miss = math.log1p(-p) if p < 1.0 else -math.inf
+    chunk = int(n * p + 6.0 * math.sqrt(n * p * (1.0 - p))) + 16     # enough steps to pass n but once in ~1e9
+    steps, last = [], -1
+    while last < n:                                                    # the process continues past the last kept
+        u = torch.rand(chunk, device=device, dtype=dtype)
+        step = u.neg_().log1p_().div_(log_miss).floor_().to(torch.int64).add_(1)
+        positions = step.cumsum_(0).add_(last)
+        steps.append(positions)
+        last = int(positions[-1])
+    positions = steps[0] if len(steps) == 1 else torch.cat(steps)
+    positions = positions[:int(torch.searchsorted(positions, n))]
+    u = torch.rand(positions.shape, device=device, dtype=dtype)
+    noise[positions] = torch.add(u, NOISE_EPS).div_(u.neg_().add_(1.0 + NOISE_EPS)).log_()
+    return noise.view(shape)
 
 
 @dataclass(frozen=True)
