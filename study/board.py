@@ -156,7 +156,8 @@ class ProgressBoard:
             slots = min(self.cfg.max_concurrent, self._most_running) if self._most_running else self.cfg.max_concurrent
             pace, rate = self.meter.pace, self.meter.train_rate
             left = running_left(trials, pace, now, rate)
-            eta = study_eta(left, pending, self.pending_shape, pace, slots, rate, passing_epoch_s(trials, pace))
+            eta = study_eta(left, pending, self.pending_shape, pace, slots, rate, passing_epoch_s(trials, pace),
+                            [t.progress.plan for t in trials])
             lines = tuple(RunningLine(t.progress, t.live, left[t.progress.trial_id]) for t in trials)
             study = StudyProgress(total=self.total, done=done, running=len(running),
                                   failed=sum(self.statuses[s] for s in FAILED), front=self.front,

@@ -13,10 +13,11 @@ first slot that frees, and the study ends when the last slot does.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from study.live import LiveProgress
-from study.progress import RESCORES, WAITS, TrialProgress
+from study.progress import RESCORES, TRAINS, WAITS, TrialProgress
 from trainables.pulse import SCORE, TRAIN
 
 # Until an epoch has ended, its validation is taken as this share of its training pass (measured on the
@@ -55,9 +56,11 @@ class Pace:
     def epoch_s(self) -> float | None:
         return _mean(self.epochs)
 
-    def train_share(self) -> float:
-        seen = self.trained + self.reused
-        return self.trained / seen if seen else 1.0
+    def train_share(self, running_plans: Sequence[str] = ()) -> float:
+        """The share of trials that train, over those ended and those running (whose plans are known)."""
+        trained = self.trained + sum(plan == TRAINS for plan in running_plans)
+        seen = self.reused + trained + sum(plan != TRAINS for plan in running_plans)
+        return trained / seen if seen else 1.0
 
     def sweep_s(self, shape: TrialShape, train_tokens_per_s: float | None) -> float | None:
         """A whole sweep: at the measured time per row, else at the training rate's scoring cost, else None."""
@@ -182,15 +185,15 @@ def _start_left(progress: TrialProgress, live: LiveProgress | None, pace: Pace, 
     return max(pace.start_s - (now - progress.started), 0.0)
 
 
-def pending_s(pace: Pace, shape: TrialShape, train_rate: float | None, epoch_s: float | None = None
-              ) -> float | None:
-    """A trial not yet asked for: its start, training as often as the started ones did, and its sweep.
-    `epoch_s`: an epoch's time where none has ended yet (`passing_epoch_s`)."""
+def pending_s(pace: Pace, shape: TrialShape, train_rate: float | None, epoch_s: float | None = None,
+              running_plans: Sequence[str] = ()) -> float | None:
+    """A trial not yet asked for: its start, training as often as the started ones did (ended, and running with
+    `running_plans`), and its sweep. `epoch_s`: an epoch's time where none has ended yet (`passing_epoch_s`)."""
     sweep = pace.sweep_s(shape, train_rate)
     epoch_s = pace.epoch_s or epoch_s
     if sweep is None or pace.start_s is None:
         return None
-    share = pace.train_share()
+    share = pace.train_share(running_plans)
     if share > 0 and epoch_s is None:
         return None
     return pace.start_s + share * shape.epochs * (epoch_s or 0.0) + sweep
@@ -225,11 +228,13 @@ def running_left(running: list[RunningTrial], pace: Pace, now: float, train_rate
 
 
 def study_eta(left: dict[str, float | None], pending: int, pending_shape: TrialShape, pace: Pace, slots: int,
-              train_rate: float | None = None, epoch_s: float | None = None) -> float | None:
-    """Seconds until the study's last trial ends (`left`: `running_left`); None while there is nothing to go on."""
+              train_rate: float | None = None, epoch_s: float | None = None, running_plans: Sequence[str] = ()
+              ) -> float | None:
+    """Seconds until the study's last trial ends (`left`: `running_left`; `running_plans`: the running trials'
+    plans); None while there is nothing to go on."""
     if any(value is None for value in left.values()):
         return None
-    each = pending_s(pace, pending_shape, train_rate, epoch_s) if pending else 0.0
+    each = pending_s(pace, pending_shape, train_rate, epoch_s, running_plans) if pending else 0.0
     if each is None:
         return None
     return schedule_s([v for v in left.values() if v is not None], [each] * pending, slots)
