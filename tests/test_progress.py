@@ -165,11 +165,14 @@ def test_a_study_run_into_a_log_prints_plain_lines(real_study):
     assert re.search(r"^trial \S+ starts: .+; (trains|re-scores the stored model|waits for the model .+)$", out,
                      re.M), out[-3000:]
     assert re.search(r"^trial \S+ epoch 1/2: val ppl \d+\.\d\d \| .* tok/s \| ETA \d+:\d\d$", out, re.M), out[-3000:]
-    # what a start line said the trial would do is what it did: a re-scored model ends "reused", a trained one "ok"
+    # what the start lines said is what happened: a re-scored model ends "reused", and as many models were
+    # trained as start lines said "trains". Which of two trials of one model trains is the workers' race (the
+    # trainable takes the lock, `trainables.store`): the driver's guess may name the other one.
     plans = dict(re.findall(r"^trial (\S+) starts: .+; (trains|re-scores|waits)", out, re.M))
     reused = set(re.findall(r"^\[\s*\d+/\d+\] (\S+) reused ", out, re.M))
-    assert plans and all((plans[t] == "trains") == (t not in reused) for t in plans if plans[t] != "waits"), out[-3000:]
-    trained = [t for t, plan in plans.items() if plan == "trains"]   # one that waits scores another's model
-    assert trained and all(re.search(rf"^trial {t} epoch 2/2: ", out, re.M) for t in trained), out[-3000:]
+    assert plans and all(t in reused for t in plans if plans[t] == "re-scores"), out[-3000:]
+    trained = [t for t in plans if t not in reused]
+    assert len(trained) == list(plans.values()).count("trains") > 0, out[-3000:]
+    assert all(re.search(rf"^trial {t} epoch 2/2: ", out, re.M) for t in trained), out[-3000:]
     ends = re.findall(r"^\[\s*\d+/(\d+)\] ", out, re.M)   # one per Ray trial; the search may end before 5
     assert len(ends) == results.load(str(real_study["dir"]))["trial_id"].nunique() >= 3 and set(ends) == {"5"}
