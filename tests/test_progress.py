@@ -13,8 +13,8 @@ import pytest
 from study import results
 from study.callbacks import StudyCallback
 from study.config import StudyConfig
-from study.front import readable_floats
 from study.console import Console
+from study.front import readable_floats
 from study.progress import (
     RESCORES,
     TRAINS,

@@ -23,7 +23,6 @@ from study.config import StudyConfig
 from study.convergence import ConvergenceLog
 from study.front import study_front
 from study.paths import Experiment, StudyPaths, StudyState
-from study.progress import read_progress
 from study.status import STOPPED, study_status
 from study.tracking import open_tracker
 
