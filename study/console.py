@@ -30,6 +30,10 @@ DEFAULT_COLUMNS = 80        # a terminal that reports 0 columns (a pty without a
 TICK_S = 0.5                # bar redraws: twice a second, so the elapsed time never skips a second
 PLAIN_EVERY_S = 60.0        # without a terminal: one live line per running trial per minute at most
 BAR_WIDTH = 10
+# The console's lines (README.md's sample is checked against these, tests/test_readme.py)
+START_LINE = "trial {trial_id} starts: {knobs}; {plan}"
+LIVE_LINE = "trial {trial_id} epoch {epoch}/{epochs}: {progress} | ETA {eta}"
+BAR_HEAD = "trials {done}/{total} ▕{bar}▏ {timing}"
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,9 @@ class RunningLine:
         if self.live is None:
             return "starting" if self.progress.plan == TRAINS else "waits" if self.progress.plan == WAITS else "loads"
         percent = f"{100 * self.live.fraction():.0f}%"
-        return f"sweep {percent}" if self.live.phase == SCORE else percent
+        if self.live.phase == SCORE:
+            return f"sweep {percent}"
+        return "validating" if self.live.fraction() >= 1 else percent
 
 
 @dataclass(frozen=True)
@@ -76,7 +82,8 @@ def bar_line(snapshot: Snapshot, columns: int) -> str:
     or sweep, then the counts; the trials in short (`1ce5cc6c 17%`) where in full they would not fit."""
     study = snapshot.study
     filled = round(BAR_WIDTH * study.done / study.total) if study.total else 0
-    head = f"trials {study.done}/{study.total} ▕{'█' * filled}{'░' * (BAR_WIDTH - filled)}▏ {study.timing()}"
+    head = BAR_HEAD.format(done=study.done, total=study.total, bar="█" * filled + "░" * (BAR_WIDTH - filled),
+                           timing=study.timing())
     for describe in (RunningLine.describe, RunningLine.brief):
         trials = ", ".join(f"{line.short_id} {describe(line)}" for line in snapshot.running)
         text = " | ".join(part for part in (head, trials, study.counts_text()) if part)
@@ -88,8 +95,8 @@ def bar_line(snapshot: Snapshot, columns: int) -> str:
 def live_line(line: RunningLine) -> str:
     """A running trial's live progress as a plain line."""
     p = line.progress
-    return (f"trial {p.trial_id} epoch {(line.live.epoch if line.live else p.epoch) or 1}/{p.epochs or '?'}: "
-            f"{line.describe()} | ETA {format_duration(line.eta_s)}")
+    return LIVE_LINE.format(trial_id=p.trial_id, epoch=(line.live.epoch if line.live else p.epoch) or 1,
+                            epochs=p.epochs or "?", progress=line.describe(), eta=format_duration(line.eta_s))
 
 
 class Console:
@@ -125,7 +132,7 @@ class Console:
 
     def trial_started(self, trial_id: str, knobs: str, plan: str, waits_for: str | None) -> None:
         if not self.quiet:
-            self._line(f"trial {trial_id} starts: {knobs}; {describe_plan(plan, waits_for)}")
+            self._line(START_LINE.format(trial_id=trial_id, knobs=knobs, plan=describe_plan(plan, waits_for)))
 
     def epoch(self, progress: TrialProgress) -> None:
         if not self.quiet:

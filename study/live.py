@@ -51,11 +51,13 @@ class LiveProgress:
         return max(self.total - self.done, 0) * self.elapsed_s / self.done
 
     def describe(self) -> str:
-        """`batch 312/1327, 10.4k tok/s` or `scoring 5/24`."""
+        """`batch 312/1327, 10.4k tok/s`, `validating` (its pass done), or `scoring 5/24`."""
         from study.progress import format_rate
 
         if self.phase == SCORE:
             return f"scoring {self.done}/{self.total}"
+        if self.total and self.done >= self.total:   # the pass is done: the epoch's validation runs
+            return "validating"
         rate = f", {format_rate(self.tokens_per_s)} tok/s" if self.tokens_per_s else ""
         return f"batch {self.done}/{self.total}{rate}"
 

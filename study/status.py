@@ -54,6 +54,11 @@ from trainables.report import (
     VAL_METRIC,
 )
 
+# The table's head and the front's title (README.md's sample is checked against these, tests/test_readme.py)
+HEAD_LINE = "study {name} ({root}): {state}{driver}"
+COUNTS_LINE = "{total} trial(s): {counts} | time used {elapsed}{eta}"
+FRONT_LINE = "Pareto {front_word} ({points} point(s)):"
+
 
 @dataclass
 class TrialStatus:
@@ -126,10 +131,10 @@ class StudyStatus:
 
     def to_table(self) -> str:
         counts = count_text(self.counts()) or "no trial yet"
-        lines = [f"study {self.name} ({self.root}): {self.state}"
-                 + (f", driver {self.driver}" if self.driver else ""),
-                 f"{self.total} trial(s): {counts} | time used {format_duration(self.elapsed_s)}"
-                 + (f", ETA {format_duration(self.eta_s)}" if self.state == RUNNING else "")]
+        lines = [HEAD_LINE.format(name=self.name, root=self.root, state=self.state,
+                                  driver=f", driver {self.driver}" if self.driver else ""),
+                 COUNTS_LINE.format(total=self.total, counts=counts, elapsed=format_duration(self.elapsed_s),
+                                    eta=f", ETA {format_duration(self.eta_s)}" if self.state == RUNNING else "")]
         if self.state == STOPPED:
             lines.append(f"  no driver runs it: continue with `g2-study resume {self.name} --storage "
                          f"{self.root.parent}`")
@@ -145,7 +150,7 @@ class StudyStatus:
             lines.append(f"  … and {self.pending} pending trial(s), not asked for yet")
         if self.answered:
             lines.append(f"  {self.answered} suggestion(s) of the search answered from the results, with no trial")
-        lines += ["", f"Pareto {front_word(self.state == 'finished')} ({len(self.front)} point(s)):"]
+        lines += ["", FRONT_LINE.format(front_word=front_word(self.state == "finished"), points=len(self.front))]
         lines.append(format_front(self.front, self.metric_name))
         return "\n".join(lines)
 

@@ -77,6 +77,9 @@ def test_the_bar_leads_with_the_clock_and_shows_each_trials_progress_within_its_
     short = bar_line(Snapshot(study(), (running_line(), running_line(SCORE, 5))), columns=125)
     assert short == ("trials 1/4 ▕██░░░░░░░░▏ 1:15 elapsed, ETA 3:20 | 00002 24%, 00002 sweep 21% | "
                      "ok 1, running 1, pending 2 | front so far 3")   # in full it would not fit: in short
+    passed = (running_line(done=1327), running_line(done=1327))   # its pass done: the validation runs
+    assert "| 00002 validating | " in bar_line(Snapshot(study(), passed[:1]), columns=200)
+    assert "| 00002 validating, 00002 validating | " in bar_line(Snapshot(study(), passed), columns=100)
     narrow = bar_line(Snapshot(study(), (running_line(),)), columns=40)
     assert len(narrow) <= 40 and narrow.startswith("trials 1/4 ▕██░░░░░░░░▏ 1:15 elapsed") and narrow.endswith("…")
 
