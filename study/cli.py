@@ -7,6 +7,7 @@
     g2-study ui NAME                                    (the MLflow UI on 127.0.0.1)
     g2-study check CONFIG.toml                          (validate only)
     g2-study export NAME (--trial ID | --where EXPR | --knee) --output DIR   (a row's packed model; study/export.py)
+    g2-study mlflow-server --storage DIR [--host H] [--port P]   (MLflow with authentication, for a cluster)
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import pyarrow as pa
 
 from analysis import fidelity
 from study import export as export_command
-from study import results
+from study import mlflow_server, results
 from study.claim import StudyBusyError
 from study.config import DEFAULT_STORAGE, StudyConfig, load_study_config
 from study.front import format_front, front_plot, metric_name_of, readable_floats, study_front
@@ -103,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--storage", default=DEFAULT_STORAGE)
     ui.add_argument("--port", type=int, default=UI_PORT)
     export_command.add_parser(sub)
+    mlflow_server.add_parser(sub)
     return parser
 
 
@@ -260,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_compare(args)
         if args.command == "export":
             return export_command.run(args)
+        if args.command == "mlflow-server":
+            return mlflow_server.run(args)
         return cmd_ui(args)
     except (ValueError, FilterError, StudyStateError, StudyBusyError) as err:
         print(f"g2-study {args.command}: error: {err}", file=sys.stderr)

@@ -31,7 +31,7 @@ from study.front import close_study
 from study.paths import Experiment, SearchLog, StudyPaths, StudyState, StudyStateError, read_state
 from study.search import StudySearch, fail_orphaned_trials, make_searcher
 from study.tags import STORAGE_TAG
-from study.tracking import open_tracker
+from study.tracking import check_tracking_access, open_tracker
 from trainables.report import TRIAL_ID
 
 # Tune pickles the searcher with the experiment, under the module it was defined in: experiments saved before
@@ -262,6 +262,7 @@ def _start_ray(cfg: StudyConfig, claim: DriverClaim) -> None:
 def run_study(cfg: StudyConfig, *, printer: Printer = print, quiet: bool = False) -> StudyOutcome:
     """Start a new study, or extend a finished one by `cfg.total_samples()` trials."""
     paths = StudyPaths.of(cfg)
+    check_tracking_access(paths.tracking_uri(cfg))   # before anything is written
     with DriverClaim(paths.root, cfg.name, printer) as claim:
         state = StudyState.read(paths.state)
         if state is not None and state.pending() is not None:
@@ -294,7 +295,8 @@ def resume_study(name: str, storage: str = DEFAULT_STORAGE, *, printer: Printer 
                  ) -> StudyOutcome:
     """Continue an interrupted study: finished trials stay, interrupted ones continue from their checkpoints."""
     paths = StudyPaths.named(storage, name)
-    read_state(paths)   # a clear error, and no directory made, for a study that does not exist
+    # a clear error, and no directory made, for a study that does not exist or a server that refuses us
+    check_tracking_access(paths.tracking_uri(StudyConfig.from_json(read_state(paths).config)))
     with DriverClaim(paths.root, name, printer) as claim:
         state = read_state(paths)
         cfg = StudyConfig.from_json(state.config)
