@@ -8,6 +8,9 @@
     g2-study check CONFIG.toml                          (validate only)
     g2-study export NAME (--trial ID | --where EXPR | --knee) --output DIR   (a row's packed model; study/export.py)
     g2-study mlflow-server --storage DIR [--host H] [--port P]   (MLflow with authentication, for a cluster)
+    g2-study submit CONFIG.toml --address http://HEAD:8265 --storage DIR   (a Ray Job; study/jobs.py)
+    g2-study status NAME --address http://HEAD:8265     (a submitted study, from the laptop)
+    g2-study logs NAME --address http://HEAD:8265 [--follow]
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import pyarrow as pa
 
 from analysis import fidelity
 from study import export as export_command
-from study import mlflow_server, results
+from study import jobs, mlflow_server, results
 from study.claim import StudyBusyError
 from study.config import DEFAULT_STORAGE, StudyConfig, load_study_config
 from study.front import format_front, front_plot, metric_name_of, readable_floats, study_front
@@ -42,18 +45,24 @@ EXIT_BAD_INPUT = 2          # invalid config, or the study cannot be run now (fi
 EXIT_INTERRUPTED = 130      # Ctrl-C, as a shell reports SIGINT: the study can be resumed
 
 
-def _config_args(parser: argparse.ArgumentParser, config_required: bool) -> None:
+def _config_args(parser: argparse.ArgumentParser, config_required: bool,
+                 address_help: str = "Ray address ('auto' joins the running cluster); default: local Ray") -> None:
     parser.add_argument("config", type=Path, nargs=None if config_required else "?",
                         help="study TOML" + ("" if config_required else " (default: the quickstart study)"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field: study.num_samples=4, g2.p=0.5 (a fixed trial field), "
                              "space.g2.tau.high=2.0; repeatable")
-    parser.add_argument("--address", help="Ray address ('auto' joins the running cluster); default: local Ray")
+    parser.add_argument("--address", help=address_help)
     parser.add_argument("--storage", help="where studies live: a path shared by all nodes (default: ./studies)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI, e.g. http://127.0.0.1:5000 "
                                                "(default: sqlite in the study directory)")
     parser.add_argument("--num-samples", type=int, help="trials to run (on a finished study: how many to add)")
     parser.add_argument("--smoke", action="store_true", help="4 trials of 2 short epochs and a small sweep (CI)")
+
+
+def _executable_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--executable", default="g2-study", metavar="PATH",
+                        help="g2-study on the head (default: the one on the PATH of the head's `ray start`)")
 
 
 def _quiet_arg(parser: argparse.ArgumentParser) -> None:
@@ -79,6 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--storage", default=DEFAULT_STORAGE)
     status.add_argument("--format", choices=["table", "json"], default="table")
     status.add_argument("--ids", action="store_true", help="each trial's Optuna trial number and MLflow run too")
+    status.add_argument("--address", help="the Ray job server of a submitted study (http://HEAD:8265): the status "
+                                          "of its job, and of the study as the head sees it")
+    _executable_arg(status)
+    submit = sub.add_parser("submit", help="run a study on a cluster as a Ray Job, from a laptop")
+    _config_args(submit, config_required=True, address_help="the Ray job server, e.g. http://127.0.0.1:8265 "
+                                                            "(the head's dashboard port, through an SSH tunnel)")
+    _executable_arg(submit)
+    logs = sub.add_parser("logs", help="the driver's output of a submitted study")
+    logs.add_argument("name")
+    logs.add_argument("--address", required=True, help="the Ray job server, e.g. http://127.0.0.1:8265")
+    logs.add_argument("--follow", action="store_true", help="keep printing until the job ends")
     res = sub.add_parser("results", help="print or export a study's results")
     res.add_argument("name")
     res.add_argument("--storage", default=DEFAULT_STORAGE)
@@ -143,9 +163,10 @@ def runner():
     return study.runner
 
 
-def load_from_args(args: argparse.Namespace):
+def load_from_args(args: argparse.Namespace, address: str | None = None):
+    """The study the arguments name; `address` replaces --address (a submitted study's driver joins its cluster)."""
     overrides = (STUDY_SMOKE if args.smoke else []) + args.overrides
-    cli = {"address": args.address, "storage": args.storage, "tracking_uri": args.tracking_uri,
+    cli = {"address": address or args.address, "storage": args.storage, "tracking_uri": args.tracking_uri,
            "num_samples": args.num_samples}
     return load_study_config(args.config or (QUICKSTART if args.command == "run" else None), overrides, **cli)
 
@@ -208,8 +229,26 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.address:
+        extra = ["--format", args.format, *(["--ids"] if args.ids else [])]
+        job, output = jobs.remote_status(args.address, args.name, args.executable, extra)
+        print(job.line() + ("" if args.format == "json" else "\n"), file=sys.stderr if args.format == "json" else
+              sys.stdout, flush=True)
+        sys.stdout.write(output)
+        sys.stdout.flush()
+        return 0
     status = study_status(args.storage, args.name, ids=args.ids)
     print(json.dumps(status.to_json(), indent=1) if args.format == "json" else status.to_table(), flush=True)
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    jobs.job_server_url(args.address)
+    cfg = load_from_args(args, address="auto")      # refused here, before anything reaches the cluster
+    submission_id = jobs.submit(cfg, args.config, args.address, args.overrides, args.num_samples,
+                                args.smoke, args.executable)
+    print(f"submitted study {cfg.name} as Ray Job {submission_id}; it runs on the cluster to the end. Follow it "
+          f"with:\n{jobs.follow_hint(args.address, cfg.name)}")
     return 0
 
 
@@ -262,6 +301,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_compare(args)
         if args.command == "export":
             return export_command.run(args)
+        if args.command == "submit":
+            return cmd_submit(args)
+        if args.command == "logs":
+            return jobs.print_logs(args.address, args.name, args.follow)
         if args.command == "mlflow-server":
             return mlflow_server.run(args)
         return cmd_ui(args)

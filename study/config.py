@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -46,6 +47,7 @@ from trainables.report import (
 
 SAMPLERS = ("tpe", "nsga2", "gp", "grid")
 DEFAULT_STORAGE = "studies"               # relative to where g2-study runs
+STDIN = "-"                               # the config path that reads the TOML from standard input
 SCHEDULERS = ("none", "asha")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -203,7 +205,7 @@ def flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def load_study_config(path: Path | None, overrides: list[str] = (), **cli: Any) -> StudyConfig:
-    """Read a TOML file (None: the defaults), apply `--set key=value` overrides and explicit CLI options.
+    """Read a TOML file (None: the defaults; "-": standard input), apply `--set key=value` overrides and explicit CLI options.
 
     Overrides address any field: `study.num_samples=4`, `trial.g2.p=0.5`, `space.g2.tau.high=2.0`; a bare
     TrialConfig field (`g2.p=0.5`) is a fixed trial override.
@@ -211,10 +213,10 @@ def load_study_config(path: Path | None, overrides: list[str] = (), **cli: Any) 
     doc: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
+        if str(path) != STDIN and not path.is_file():
             raise ValueError(f"config file {path} does not exist")
         try:
-            doc = tomllib.loads(path.read_text())
+            doc = tomllib.loads(sys.stdin.read() if str(path) == STDIN else path.read_text())
         except tomllib.TOMLDecodeError as err:
             raise ValueError(f"{path}: invalid TOML: {err}") from None
     unknown = sorted(set(doc) - {"study", "trial", "space"})

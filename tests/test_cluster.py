@@ -1,9 +1,10 @@
 """A study on a two-node Ray cluster on this machine: a head and a worker node, one CPU each, on loopback.
 
 Each trial takes one CPU, so two concurrent trials must land on both nodes. The study is submitted as a Ray Job
-(as from a laptop), a study no node can hold is refused before it starts, and the worker node is killed
+(as from a laptop, with `g2-study submit`, and followed by name), a study no node can hold is refused before it starts, and the worker node is killed
 mid-trial: its trial must finish on the head from its checkpoint.
 """
+import json
 import os
 import re
 import secrets
@@ -82,7 +83,8 @@ def cluster():
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"},
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0",
            # a lost node is noticed in ~3 s instead of ~15 s
-           "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+           "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}   # the head's `ray start` sees g2-study
     port, dashboard = free_port(), free_port()
     head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={port}",
                              "--node-ip-address=127.0.0.2", "--num-cpus=1", "--include-dashboard=true",
@@ -138,35 +140,25 @@ def test_a_study_no_node_can_hold_is_refused_before_any_trial(cluster, tmp_path)
     assert not (storage / "toobig" / "study.json").exists() and not (storage / "toobig" / "results").exists()
 
 
-def test_a_study_submitted_as_a_ray_job_runs_on_both_nodes_to_the_end(cluster, tmp_path):
+def test_a_study_submitted_from_a_laptop_runs_on_both_nodes_and_is_followed_by_name(cluster, tmp_path):
     storage, name = tmp_path / "studies", "job"
     config = study_file(tmp_path, name, num_samples=4, epochs=2)
-    ray = [str(BIN / "ray"), "job"]
-    command = [*ray, "submit", "--address", cluster["jobs"], "--submission-id", "g2-job", "--no-wait",
-               "--", str(BIN / "g2-study"), "run", str(config), "--address", "auto", "--storage", str(storage)]
-    submitted = []
+    address = ["--address", cluster["jobs"]]
+    submitted = g2_study(["submit", str(config), *address, "--storage", str(storage)], cluster, tmp_path, timeout=300)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr        # the client is gone
+    (submission_id,) = re.findall(r"as Ray Job (\S+);", submitted.stdout)
+    assert f"g2-study logs {name} --address {cluster['jobs']} --follow" in submitted.stdout
 
-    def submit() -> bool:
-        """A head just started answers "No available agent to submit job" until its job agent is up: try again."""
-        proc = subprocess.run(command, env=cluster["env"], capture_output=True, text=True, timeout=120)
-        submitted.append(proc)
-        return proc.returncode == 0 or "No available agent" not in proc.stderr
+    logs = g2_study(["logs", name, *address, "--follow"], cluster, tmp_path, timeout=600)   # returns when it ends
+    following = g2_study(["status", name, *address], cluster, tmp_path, timeout=300)
+    assert following.returncode == 0, following.stderr
+    assert re.search(rf"job {submission_id}: (PENDING|RUNNING|SUCCEEDED)", following.stdout), following.stdout
+    assert f"study {name}" in following.stdout, following.stdout                # the head's `g2-study status`
 
-    wait_for(submit, 300, "the job server", poll=2)   # ~10 s on an idle machine; minutes on a loaded one
-    assert submitted[-1].returncode == 0, submitted[-1].stdout + submitted[-1].stderr   # the client is gone
-
-    def job_status() -> str:
-        """'' while it runs; `ray job status` says "Job 'ID' succeeded" (or failed, stopped) once it has ended."""
-        proc = subprocess.run([*ray, "status", "--address", cluster["jobs"], "g2-job"], env=cluster["env"],
-                              capture_output=True, text=True, timeout=60)
-        ended = re.search(r"Job 'g2-job' (succeeded|failed|stopped)", proc.stdout + proc.stderr)
-        return ended[1] if ended else ""
-
-    wait_for(lambda: job_status() != "", 300, "the Ray Job", poll=2)
-    logs = subprocess.run([*ray, "logs", "--address", cluster["jobs"], "g2-job"], env=cluster["env"],
-                          capture_output=True, text=True, timeout=60).stdout
-    assert job_status() == "succeeded", logs[-3000:]
-    assert "Pareto front" in logs
+    assert logs.returncode == 0 and "Pareto front" in logs.stdout, logs.stdout[-3000:] + logs.stderr
+    ended = g2_study(["status", name, *address, "--format", "json"], cluster, tmp_path, timeout=300)
+    assert f"job {submission_id}: SUCCEEDED" in ended.stderr, ended.stderr
+    assert json.loads(ended.stdout)["study"] == name
 
     proc = g2_study(["results", name, "--storage", str(storage)], cluster, tmp_path, timeout=120)
     assert proc.returncode == 0 and "gate_bits" in proc.stdout, proc.stderr
@@ -177,7 +169,20 @@ def test_a_study_submitted_as_a_ray_job_runs_on_both_nodes_to_the_end(cluster, t
     nodes = df.drop_duplicates("trial_id")["node_id"]
     assert nodes.notna().all(), "every report carries the Ray node that ran it"
     assert nodes.nunique() == 2, f"trials ran on both nodes: {nodes.tolist()}"
-    print(f"\nRay Job: {counts}; trials per node {dict(Counter(nodes.str[:8]))}")
+    print(f"\nRay Job {submission_id}: {counts}; trials per node {dict(Counter(nodes.str[:8]))}")
+
+
+def test_submit_refuses_bad_input_before_anything_reaches_the_cluster(cluster, tmp_path):
+    config = study_file(tmp_path, "refused", num_samples=2, epochs=1)
+    for args, message in (
+            (["--storage", "relative/dir"], "--storage must be an absolute path on the cluster"),
+            (["--storage", str(tmp_path), "--set", "study.num_samples=0"], "study.num_samples must be"),
+            (["--storage", str(tmp_path), "--address", "127.0.0.2:6379"], "--address must be the Ray job server")):
+        proc = g2_study(["submit", str(config), "--address", cluster["jobs"], *args], cluster, tmp_path, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    jobs = subprocess.run([str(BIN / "ray"), "job", "list", "--address", cluster["jobs"]], env=cluster["env"],
+                          capture_output=True, text=True, timeout=60).stdout
+    assert "refused" not in jobs
 
 
 def test_a_lost_node_s_trial_finishes_on_the_other_node_from_its_checkpoint(cluster, tmp_path):
