@@ -63,9 +63,11 @@ class StudyCallback(tune.Callback):
             setattr(self, name, state[name])
         self._open(None)
 
-    def attach(self, searcher: StudySearch | None, printer: Callable[[str], None], quiet: bool) -> None:
-        """A restored experiment brings this callback back unpickled: this driver's searcher and console."""
-        self.printer, self.quiet = printer, quiet
+    def attach(self, cfg: StudyConfig, root: str, searcher: StudySearch | None, printer: Callable[[str], None],
+               quiet: bool) -> None:
+        """A restored experiment brings this callback back unpickled: this driver's config (its cluster and MLflow
+        server may be new ones), study directory, searcher and console."""
+        self.cfg, self.root, self.printer, self.quiet = cfg, root, printer, quiet
         self._open(searcher)
 
     @property

@@ -1,7 +1,7 @@
 """`g2-study`: launch, resume and inspect G2-LSTM compression studies.
 
     g2-study run [CONFIG.toml] [--set key=value ...] [--quiet]   (no config: study/configs/quickstart.toml)
-    g2-study resume NAME [--quiet]                      (after Ctrl-C, a killed driver, a crash)
+    g2-study resume NAME [--address A] [--quiet]        (after Ctrl-C, a killed driver or cluster, a crash)
     g2-study status NAME [--format table|json]          (while it runs, after it finished or crashed)
     g2-study results NAME [--front] [--where EXPR] [--columns a,b] [--format table|csv|json|parquet]
     g2-study ui NAME                                    (the MLflow UI on 127.0.0.1)
@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     resume = sub.add_parser("resume", help="continue an interrupted study")
     resume.add_argument("name")
     resume.add_argument("--storage", default=DEFAULT_STORAGE)
+    resume.add_argument("--address", help="the Ray cluster to continue on, when it is not the one the study "
+                                          "started on ('auto': the running one)")
+    resume.add_argument("--tracking-uri", help="the MLflow server, when it moved (the same runs' store)")
     _quiet_arg(resume)
     status = sub.add_parser("status", help="every trial's state, the front so far, time used and ETA")
     status.add_argument("name")
@@ -292,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             return _exit_code(runner().run_study(cfg, quiet=args.quiet))
         if args.command == "resume":
-            return _exit_code(runner().resume_study(args.name, args.storage, quiet=args.quiet))
+            return _exit_code(runner().resume_study(args.name, args.storage, address=args.address,
+                                                        tracking_uri=args.tracking_uri, quiet=args.quiet))
         if args.command == "results":
             return cmd_results(args)
         if args.command == "status":

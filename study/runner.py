@@ -11,7 +11,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -242,13 +242,17 @@ def bridge_checkpoint_rotation(exp_dir: Path) -> list[Path]:
     return made
 
 
-def attach_restored(tuner, printer: Printer, quiet: bool) -> None:
+def attach_restored(tuner, cfg: StudyConfig, paths: StudyPaths, printer: Printer, quiet: bool) -> None:
     """A restored experiment brings back the callback and searcher pickled with it: link them again (the callback
-    tells the searcher each end), with this driver's console settings in place of the first driver's."""
+    tells the searcher each end), with this driver's config and console settings in place of the first driver's
+    (a study resumed on a new cluster tracks to the MLflow server it was given, not the one it started with)."""
     searcher = ray_tune.restored_searcher(tuner)
+    if isinstance(searcher, StudySearch):
+        searcher.place(cfg, str(paths.root))
     for callback in ray_tune.restored_callbacks(tuner):
         if isinstance(callback, StudyCallback):
-            callback.attach(searcher if isinstance(searcher, StudySearch) else None, printer, quiet)
+            callback.attach(cfg, str(paths.root), searcher if isinstance(searcher, StudySearch) else None, printer,
+                            quiet)
 
 
 def _start_ray(cfg: StudyConfig, claim: DriverClaim) -> None:
@@ -291,15 +295,21 @@ def run_study(cfg: StudyConfig, *, printer: Printer = print, quiet: bool = False
         return _finish(cfg, paths, state, experiment, started, printer)
 
 
-def resume_study(name: str, storage: str = DEFAULT_STORAGE, *, printer: Printer = print, quiet: bool = False
-                 ) -> StudyOutcome:
-    """Continue an interrupted study: finished trials stay, interrupted ones continue from their checkpoints."""
+def resume_study(name: str, storage: str = DEFAULT_STORAGE, *, address: str | None = None,
+                 tracking_uri: str | None = None, printer: Printer = print, quiet: bool = False) -> StudyOutcome:
+    """Continue an interrupted study: finished trials stay, interrupted ones continue from their checkpoints.
+
+    `address` and `tracking_uri` replace the stored ones, for a study whose cluster or MLflow server was replaced
+    (the same storage, on new machines); the study then remembers them.
+    """
     paths = StudyPaths.named(storage, name)
+    moved = {k: v for k, v in (("address", address), ("tracking_uri", tracking_uri)) if v is not None}
+    cfg = replace(StudyConfig.from_json(read_state(paths).config), **moved)
     # a clear error, and no directory made, for a study that does not exist or a server that refuses us
-    check_tracking_access(paths.tracking_uri(StudyConfig.from_json(read_state(paths).config)))
+    check_tracking_access(paths.tracking_uri(cfg))
     with DriverClaim(paths.root, name, printer) as claim:
         state = read_state(paths)
-        cfg = StudyConfig.from_json(state.config)
+        cfg = replace(StudyConfig.from_json(state.config), **moved)
         pending = state.pending()
         if pending is None:
             raise StudyStateError(f"study {name!r} has finished; run it again with --num-samples N to extend it")
@@ -307,6 +317,9 @@ def resume_study(name: str, storage: str = DEFAULT_STORAGE, *, printer: Printer 
         exp_dir = paths.ray / experiment
         started = time.time()
         _start_ray(cfg, claim)
+        if moved:   # remembered once the new cluster answered
+            state = replace(state, config=cfg.to_json())
+            state.write(paths.state)
         open_tracker(cfg, str(paths.root)).start(cfg.to_flat())
         bridges: list[Path] = []
         if not tune.Tuner.can_restore(str(exp_dir)):
@@ -318,7 +331,7 @@ def resume_study(name: str, storage: str = DEFAULT_STORAGE, *, printer: Printer 
             bridges = bridge_checkpoint_rotation(exp_dir)
             tuner = tune.Tuner.restore(str(exp_dir), trainable=make_trainable(cfg, paths), resume_unfinished=True,
                                        resume_errored=False, restart_errored=False)
-            attach_restored(tuner, printer, quiet)
+            attach_restored(tuner, cfg, paths, printer, quiet)
         ended, over = _fit(tuner, paths, num_samples)
         if not over:
             return _interrupted(cfg, paths, ended, num_samples, started, printer)   # a next resume may need them

@@ -140,7 +140,8 @@ class StudySearch(Searcher):
     # ----------------------------------------------------------------- state
 
     def __getstate__(self):
-        return {**self.__dict__, "_study": None, "_board": None, "_told": None, "_news": [], "unshown": []}
+        return {**self.__dict__, "_study": None, "_board": None, "_told": None, "_news": [], "unshown": [],
+                "_placed": None}
 
     def __setstate__(self, state):
         if "_ot_trials" in state:   # pickled by the OptunaSearch-based searcher of earlier versions
@@ -162,8 +163,17 @@ class StudySearch(Searcher):
             pickle.dump(self.__getstate__(), f)
 
     def restore(self, checkpoint_path: str):
+        placed = self.__dict__.get("_placed")
         with open(checkpoint_path, "rb") as f:
             self.__setstate__(pickle.load(f))
+        if placed is not None:
+            self.place(*placed)
+
+    def place(self, cfg: StudyConfig, root: str) -> None:
+        """This driver's study config and directory, kept when Tune restores its saved state over this searcher:
+        a study resumed on a new cluster may have a new MLflow server or Optuna storage."""
+        self.study_cfg, self.root = cfg, root
+        self._placed = (cfg, root)
 
     @property
     def study(self) -> optuna.Study:
