@@ -14,21 +14,14 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from study.config import StudyConfig
+from trainables.durable import write_json
 
 STATE_FILE = "study.json"
-
-
-def write_json(path: Path, value: Any) -> None:
-    """Write aside, then rename: a killed driver leaves the old file or the new one, never a part of one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
