@@ -150,6 +150,10 @@ class StudyStateError(RuntimeError):
     """The study directory says this cannot be done (resume a finished study, run over an interrupted one)."""
 
 
+class StudyStoppedError(RuntimeError):
+    """The driver stopped the study, resumably, because a file could not be written (a full disk)."""
+
+
 def read_state(paths: StudyPaths) -> StudyState:
     """The study's saved state; a clear error when there is no study there."""
     state = StudyState.read(paths.state)

@@ -16,6 +16,8 @@ Temporary names start with '.', which the study's readers skip (`study/results/f
 """
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import shutil
@@ -31,6 +33,23 @@ class FileNotWrittenError(OSError):
 
     def __str__(self) -> str:
         return f"could not write {self.filename}: {self.strerror or 'error'}"
+
+
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)   # no space, over the file-size limit, over the quota
+
+
+def not_written(err: BaseException) -> FileNotWrittenError | None:
+    """The write failure behind `err` (its causes and contexts too) if a full disk caused it, else None: others'
+    code (Ray Tune's state, torch) raises a plain OSError, or wraps it."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, FileNotWrittenError):
+            return err
+        if isinstance(err, OSError) and err.errno in DISK_FULL:
+            return FileNotWrittenError(err.errno, err.strerror, err.filename or "a file of the study")
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def fsync_path(path: Path) -> None:
@@ -99,7 +118,7 @@ def writing_directory(path: str | os.PathLike) -> Iterator[Path]:
         raise _not_written(path, err) from err
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> None:
     with writing(path) as tmp:
         tmp.write_bytes(data)
 
@@ -115,8 +134,13 @@ def write_json(path: str | os.PathLike, value: Any, indent: int | None = 2) -> N
 
 
 def save_torch(obj: Any, path: str | os.PathLike) -> None:
-    """`torch.save` of state dicts and plain containers (checkpoints, stored models)."""
+    """`torch.save` of state dicts and plain containers (checkpoints, stored models).
+
+    Serialised in memory first: torch's writer turns a failed write (EFBIG, ENOSPC) into a RuntimeError that does
+    not say the disk is full, while Python's own write raises the OSError. The study's models are small.
+    """
     import torch  # lazily: `study/results/files.py` writes through this module and does not import torch
 
-    with writing(path) as tmp:
-        torch.save(obj, tmp)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes(path, buffer.getbuffer())
