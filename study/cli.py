@@ -32,17 +32,19 @@ from study.claim import StudyBusyError
 from study.config import DEFAULT_STORAGE, StudyConfig, load_study_config
 from study.front import format_front, front_plot, metric_name_of, readable_floats, study_front
 from study.links import trial_ids, with_ids
-from study.paths import StudyPaths, StudyStateError, read_state
+from study.paths import StudyPaths, StudyStateError, StudyStoppedError, read_state
 from study.results.filters import FilterError
 from study.status import study_status
 from study.tracking import UI_PORT, find_experiment_id, runs_view_url, ui_server
 from trainables.config import SMOKE
+from trainables.durable import not_written
 from trainables.report import HIGHER_IS_BETTER
 
 QUICKSTART = Path(__file__).resolve().parent / "configs" / "quickstart.toml"
 STUDY_SMOKE = ["study.num_samples=4", *(f"{field}={json.dumps(value)}" for field, value in SMOKE.items())]
 EXIT_BAD_INPUT = 2          # invalid config, or the study cannot be run now (finished, being run by another driver)
 EXIT_INTERRUPTED = 130      # Ctrl-C, as a shell reports SIGINT: the study can be resumed
+EXIT_NOT_WRITTEN = 74       # sysexits' EX_IOERR: a file could not be written (a full disk); a study can be resumed
 
 
 def _config_args(parser: argparse.ArgumentParser, config_required: bool,
@@ -315,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FilterError, StudyStateError, StudyBusyError) as err:
         print(f"g2-study {args.command}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except StudyStoppedError as err:
+        print(f"g2-study {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_NOT_WRITTEN
     except BrokenPipeError:   # `g2-study status NAME | head`: the reader took what it wanted and left
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit's flush
         return 0
@@ -324,6 +329,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"g2-study {args.command}: interrupted; continue the study with `g2-study resume {where}`",
                   file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as err:   # a full disk anywhere (Ray Tune's state, a database): one line, not a traceback
+        if (unwritten := not_written(err)) is None:
+            raise
+        resume = f"; once there is space, continue the study with `g2-study resume {args.name} --storage " \
+                 f"{args.storage}`" if args.command == "resume" else ""
+        print(f"g2-study {args.command}: error: {unwritten}{resume}", file=sys.stderr)
+        return EXIT_NOT_WRITTEN
 
 
 def _exit_code(outcome) -> int:

@@ -14,21 +14,14 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from study.config import StudyConfig
+from trainables.durable import write_json
 
 STATE_FILE = "study.json"
-
-
-def write_json(path: Path, value: Any) -> None:
-    """Write aside, then rename: a killed driver leaves the old file or the new one, never a part of one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -155,6 +148,10 @@ class SearchLog:
 
 class StudyStateError(RuntimeError):
     """The study directory says this cannot be done (resume a finished study, run over an interrupted one)."""
+
+
+class StudyStoppedError(RuntimeError):
+    """The driver stopped the study, resumably, because a file could not be written (a full disk)."""
 
 
 def read_state(paths: StudyPaths) -> StudyState:

@@ -28,7 +28,15 @@ from study.claim import DriverClaim
 from study.config import DEFAULT_STORAGE, StudyConfig
 from study.entrypoints import train_lm, train_nmt
 from study.front import close_study
-from study.paths import Experiment, SearchLog, StudyPaths, StudyState, StudyStateError, read_state
+from study.paths import (
+    Experiment,
+    SearchLog,
+    StudyPaths,
+    StudyState,
+    StudyStateError,
+    StudyStoppedError,
+    read_state,
+)
 from study.search import StudySearch, fail_orphaned_trials, make_searcher
 from study.tags import STORAGE_TAG
 from study.tracking import check_tracking_access, open_tracker
@@ -189,6 +197,11 @@ def _fit(tuner, paths: StudyPaths, num_samples: int) -> tuple[int, bool]:
     trial ended, and either all `num_samples` were asked for or the search had nothing left to ask (`SearchLog`).
     """
     grid = tuner.fit()
+    for callback in ray_tune.restored_callbacks(tuner):
+        if isinstance(callback, StudyCallback) and callback.not_written:
+            raise StudyStoppedError(f"study {paths.root.name} stopped: {callback.not_written}. Nothing is lost: once "
+                                    f"there is space, continue it with `g2-study resume {paths.root.name} "
+                                    f"--storage {paths.root.parent}`")
     trials = tune.ExperimentAnalysis(grid.experiment_path).trials
     ended = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
     return ended, ended == len(trials) and (ended >= num_samples or SearchLog.read(paths.search_log).exhausted)
