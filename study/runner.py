@@ -29,7 +29,7 @@ from study.config import DEFAULT_STORAGE, StudyConfig
 from study.entrypoints import train_lm, train_nmt
 from study.front import close_study
 from study.paths import Experiment, SearchLog, StudyPaths, StudyState, StudyStateError, read_state
-from study.search import StudySearch, fail_orphaned_trials, make_searcher
+from study.search import StudySearch, check_optuna_storage, fail_orphaned_trials, make_searcher, shown_url
 from study.tags import STORAGE_TAG
 from study.tracking import check_tracking_access, open_tracker
 from trainables.report import TRIAL_ID
@@ -263,6 +263,7 @@ def run_study(cfg: StudyConfig, *, printer: Printer = print, quiet: bool = False
     """Start a new study, or extend a finished one by `cfg.total_samples()` trials."""
     paths = StudyPaths.of(cfg)
     check_tracking_access(paths.tracking_uri(cfg))   # before anything is written
+    check_optuna_storage(cfg, paths)
     with DriverClaim(paths.root, cfg.name, printer) as claim:
         state = StudyState.read(paths.state)
         if state is not None and state.pending() is not None:
@@ -271,6 +272,11 @@ def run_study(cfg: StudyConfig, *, printer: Printer = print, quiet: bool = False
         if state is not None and StudyConfig.from_json(state.config).task != cfg.task:
             raise StudyStateError(f"study {cfg.name!r} in {paths.root} is a "
                                   f"{StudyConfig.from_json(state.config).task} study; pick another study.name")
+        saved = StudyConfig.from_json(state.config) if state is not None else cfg
+        if saved.optuna_storage != cfg.optuna_storage:   # elsewhere, an extension's sampler would start afresh
+            raise StudyStateError(f"study {cfg.name!r} in {paths.root} keeps its Optuna study in "
+                                  f"{shown_url(paths.optuna_url(saved))}; extend it with that study.optuna_storage, "
+                                  f"not {shown_url(paths.optuna_url(cfg))}")
         started = time.time()
         _start_ray(cfg, claim)   # before the study records an experiment that could not start
         k = len(state.experiments) if state is not None else 0
@@ -296,7 +302,9 @@ def resume_study(name: str, storage: str = DEFAULT_STORAGE, *, printer: Printer 
     """Continue an interrupted study: finished trials stay, interrupted ones continue from their checkpoints."""
     paths = StudyPaths.named(storage, name)
     # a clear error, and no directory made, for a study that does not exist or a server that refuses us
-    check_tracking_access(paths.tracking_uri(StudyConfig.from_json(read_state(paths).config)))
+    saved = StudyConfig.from_json(read_state(paths).config)
+    check_tracking_access(paths.tracking_uri(saved))
+    check_optuna_storage(saved, paths)
     with DriverClaim(paths.root, name, printer) as claim:
         state = read_state(paths)
         cfg = StudyConfig.from_json(state.config)
