@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import optuna
@@ -99,8 +100,8 @@ def g2_study(args, cwd: Path, timeout: float = 600) -> subprocess.CompletedProce
 
 
 def study_file(tmp_path: Path, name: str) -> Path:
-    """test_interruptions' study: 4 trials of 3 epochs of seconds, 5 rows each."""
-    return conftest.study_file(tmp_path, name, sampler_seed=3, num_samples=4, epochs=3, max_batches=6,
+    """test_interruptions' study, shorter: 4 trials of 2 epochs of 4 batches, 5 rows each."""
+    return conftest.study_file(tmp_path, name, sampler_seed=3, num_samples=4, epochs=2, max_batches=4,
                                max_eval_batches=3)
 
 
@@ -113,6 +114,7 @@ def test_a_study_in_postgresql_stops_resumes_and_extends_with_every_trial_once(p
     monkeypatch.setenv(USERNAME_VAR, ADMIN)   # this process reads the server too (study_counts)
     monkeypatch.setenv(PASSWORD_VAR, PASSWORD)
     local_ray: list[psutil.Process] = []
+    took = {"start": time.monotonic()}
     try:
         log = tmp_path / "driver.log"
         driver = subprocess.Popen([str(BIN / "g2-study"), "run", str(config), "--storage", str(storage), *stores],
@@ -123,6 +125,7 @@ def test_a_study_in_postgresql_stops_resumes_and_extends_with_every_trial_once(p
         finished = {p.stem: p.stat().st_mtime_ns for p in (storage / name / "results").glob("*.parquet")}
         os.killpg(driver.pid, signal.SIGINT)                   # Ctrl-C in the driver's terminal
         assert driver.wait(120) == 130, log.read_text()[-3000:]
+        took["ctrl-c"] = time.monotonic()
         interrupted = study_counts(storage / name, name, mlflow_server, optuna_url)
         assert "FAIL" not in interrupted["optuna"] and interrupted["optuna"].get("RUNNING", 0) >= 1, interrupted
         assert interrupted["optuna"].get("COMPLETE", 0) == interrupted["trials"] >= len(finished)
@@ -130,6 +133,7 @@ def test_a_study_in_postgresql_stops_resumes_and_extends_with_every_trial_once(p
         # resume names neither store: both come from the study's study.json
         proc = g2_study(["resume", name, "--storage", storage], tmp_path)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        took["resume"] = time.monotonic()
         resumed = study_counts(storage / name, name, mlflow_server, optuna_url)
         assert resumed == {"trials": 4, "rows": 20, "duplicate_rows": 0, "statuses": {"ok": 4},
                            "mlflow_runs": {"FINISHED": 4}, "mlflow_trials": 4, "optuna": {"COMPLETE": 4}}, resumed
@@ -140,22 +144,26 @@ def test_a_study_in_postgresql_stops_resumes_and_extends_with_every_trial_once(p
         proc = g2_study(["run", config, "--storage", storage, "--tracking-uri", mlflow_server, "--num-samples", 2],
                         tmp_path, timeout=120)
         assert proc.returncode == 2 and f"keeps its Optuna study in {optuna_url}" in proc.stderr, proc.stderr
-        proc = g2_study(["run", config, "--storage", storage, *stores, "--num-samples", 2], tmp_path)
+        took["refused"] = time.monotonic()
+        proc = g2_study(["run", config, "--storage", storage, *stores, "--num-samples", 1], tmp_path)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        took["extend"] = time.monotonic()
         extended = study_counts(storage / name, name, mlflow_server, optuna_url)
-        assert extended == {"trials": 6, "rows": 30, "duplicate_rows": 0, "statuses": {"ok": 6},
-                            "mlflow_runs": {"FINISHED": 6}, "mlflow_trials": 6, "optuna": {"COMPLETE": 6}}, extended
+        assert extended == {"trials": 5, "rows": 25, "duplicate_rows": 0, "statuses": {"ok": 5},
+                            "mlflow_runs": {"FINISHED": 5}, "mlflow_trials": 5, "optuna": {"COMPLETE": 5}}, extended
     finally:
         for proc in alive(local_ray):   # a driver that died before it stopped its local Ray
             proc.kill()
     assert experiments(storage / name) == [{"name": name, "num_samples": 4, "finished": True},
-                                           {"name": f"{name}-ext1", "num_samples": 2, "finished": True}]
+                                           {"name": f"{name}-ext1", "num_samples": 1, "finished": True}]
     client = MlflowClient(tracking_uri=mlflow_server)
     parents = client.search_runs([client.get_experiment_by_name(name).experiment_id],
                                  f"tags.`{ROLE_TAG}` = '{PARENT_ROLE}'")
     assert [p.info.status for p in parents] == ["FINISHED"]   # one parent run, reopened by resume and extension
     assert not {"optuna.db", "mlflow.db"} & {p.name for p in (storage / name).iterdir()}   # nothing fell back
-    print(f"\nPostgreSQL: at Ctrl-C {interrupted}; resumed {resumed}; extended {extended}")
+    phases = list(took)
+    print(f"\nPostgreSQL: at Ctrl-C {interrupted}; resumed {resumed}; extended {extended}; seconds: "
+          + ", ".join(f"{b} {took[b] - took[a]:.0f}" for a, b in zip(phases, phases[1:])))
 
 
 def test_a_new_study_is_refused_a_name_that_another_study_directory_holds_in_the_database(postgres, tmp_path):
