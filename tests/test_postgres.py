@@ -168,7 +168,8 @@ def test_a_study_in_postgresql_stops_resumes_and_extends_with_every_trial_once(p
 
 def test_a_new_study_is_refused_a_name_that_another_study_directory_holds_in_the_database(postgres, tmp_path):
     optuna_url = postgres("optuna")
-    optuna.create_study(storage=optuna_url, study_name="taken")   # the study of some other --storage
+    # the study of some other --storage, with the directions this one's objectives have: Optuna would just join it
+    optuna.create_study(storage=optuna_url, study_name="taken", directions=["minimize", "minimize"])
     config = study_file(tmp_path, "taken")
     proc = g2_study(["run", config, "--storage", tmp_path / "studies", "--set", f"study.optuna_storage={optuna_url}"],
                     tmp_path, timeout=120)
