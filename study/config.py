@@ -25,6 +25,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
 from study.space import Param, default_space, parse_space
 from trainables.config import (
     TASKS,
@@ -107,6 +110,13 @@ class StudyConfig:
         if not self.storage or "://" in self.storage:
             raise ValueError(f"study.storage must be a directory path (on a cluster, one that every node mounts), "
                              f"got {self.storage!r}; object-store URIs are not supported for the study directory")
+        if self.optuna_storage:
+            try:
+                make_url(self.optuna_storage)
+            except ArgumentError:
+                raise ValueError(f"study.optuna_storage must be an SQLAlchemy database URL, e.g. "
+                                 f"postgresql+psycopg://USER@HOST/DB (\"\" keeps SQLite in the study directory), "
+                                 f"got {self.optuna_storage!r}") from None
         check_range("study.cpus_per_trial", self.cpus_per_trial, 0.0, 1024.0, lo_open=True)
         check_range("study.gpus_per_trial", self.gpus_per_trial, 0.0, 64.0)
         check_choice("study.scheduler", self.scheduler, SCHEDULERS)

@@ -1,7 +1,7 @@
 """The study directory: where everything of one study lives, and what has been run for it.
 
     <storage>/<name>/study.json   the StudyConfig and the Tune experiments run for it (so `resume NAME` needs no config)
-                     optuna.db    the persistent Optuna study
+                     optuna.db    the persistent Optuna study, unless study.optuna_storage names a database
                      mlflow.db    the default MLflow store, artifacts in mlartifacts/
                      results/ curves/ gates/   the Parquet datasets (study.results)
                      models/      the best weights of every trained configuration, keyed by its training knobs

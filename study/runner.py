@@ -37,7 +37,7 @@ from study.paths import (
     StudyStoppedError,
     read_state,
 )
-from study.search import StudySearch, fail_orphaned_trials, make_searcher
+from study.search import StudySearch, check_optuna_storage, fail_orphaned_trials, make_searcher, shown_url
 from study.tags import STORAGE_TAG
 from study.tracking import check_tracking_access, open_tracker
 from trainables.report import TRIAL_ID
@@ -280,6 +280,7 @@ def run_study(cfg: StudyConfig, *, printer: Printer = print, quiet: bool = False
     """Start a new study, or extend a finished one by `cfg.total_samples()` trials."""
     paths = StudyPaths.of(cfg)
     check_tracking_access(paths.tracking_uri(cfg))   # before anything is written
+    check_optuna_storage(cfg, paths)
     with DriverClaim(paths.root, cfg.name, printer) as claim:
         state = StudyState.read(paths.state)
         if state is not None and state.pending() is not None:
@@ -288,6 +289,11 @@ def run_study(cfg: StudyConfig, *, printer: Printer = print, quiet: bool = False
         if state is not None and StudyConfig.from_json(state.config).task != cfg.task:
             raise StudyStateError(f"study {cfg.name!r} in {paths.root} is a "
                                   f"{StudyConfig.from_json(state.config).task} study; pick another study.name")
+        saved = StudyConfig.from_json(state.config) if state is not None else cfg
+        if saved.optuna_storage != cfg.optuna_storage:   # elsewhere, an extension's sampler would start afresh
+            raise StudyStateError(f"study {cfg.name!r} in {paths.root} keeps its Optuna study in "
+                                  f"{shown_url(paths.optuna_url(saved))}; extend it with that study.optuna_storage, "
+                                  f"not {shown_url(paths.optuna_url(cfg))}")
         started = time.time()
         _start_ray(cfg, claim)   # before the study records an experiment that could not start
         k = len(state.experiments) if state is not None else 0
@@ -320,6 +326,7 @@ def resume_study(name: str, storage: str = DEFAULT_STORAGE, *, address: str | No
     cfg = replace(StudyConfig.from_json(read_state(paths).config), **moved)
     # a clear error, and no directory made, for a study that does not exist or a server that refuses us
     check_tracking_access(paths.tracking_uri(cfg))
+    check_optuna_storage(cfg, paths)
     with DriverClaim(paths.root, name, printer) as claim:
         state = read_state(paths)
         cfg = replace(StudyConfig.from_json(state.config), **moved)

@@ -79,13 +79,16 @@ def ray_descendants(pid: int) -> list[psutil.Process]:
     return found
 
 
-def study_counts(study_dir: Path, name: str) -> dict:
-    """Trials, rows and duplicates in the results; MLflow trial runs by status; Optuna trials by state."""
+def study_counts(study_dir: Path, name: str, tracking_uri: str = "", optuna_url: str = "") -> dict:
+    """Trials, rows and duplicates in the results; MLflow trial runs by status; Optuna trials by state.
+
+    MLflow and Optuna are read from the study directory's SQLite files unless `tracking_uri` / `optuna_url` say where.
+    """
     df = results.load(str(study_dir))
-    client = MlflowClient(tracking_uri=f"sqlite:///{study_dir / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=tracking_uri or f"sqlite:///{study_dir / 'mlflow.db'}")
     experiment = client.get_experiment_by_name(name)
     runs = client.search_runs([experiment.experiment_id], "tags.`g2.role` = 'trial'")
-    study = optuna.load_study(study_name=name, storage=f"sqlite:///{study_dir / 'optuna.db'}")
+    study = optuna.load_study(study_name=name, storage=optuna_url or f"sqlite:///{study_dir / 'optuna.db'}")
     return {"trials": df["trial_id"].nunique(), "rows": len(df),
             "duplicate_rows": int(df.duplicated(["trial_id", "method", "compress.rank", "compress.bits", "g2.eval_gate"]).sum()),
             "statuses": dict(Counter(df.drop_duplicates("trial_id")["status"])),
