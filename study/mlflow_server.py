@@ -2,13 +2,15 @@
 
     g2-study mlflow-server --storage /shared/g2-studies [--host 127.0.0.1] [--port 5000]
 
-The credentials come from the environment the driver reads too (`MLFLOW_TRACKING_USERNAME`,
-`MLFLOW_TRACKING_PASSWORD`): on first start MLflow creates that user as its admin; nothing secret is written to a
-config file or passed on a command line (`ps` shows command lines to every user of the machine). The server's own
+The credentials are the ones the driver's MLflow client reads too: `MLFLOW_TRACKING_USERNAME` and
+`MLFLOW_TRACKING_PASSWORD` from the environment, else MLflow's own `~/.mlflow/credentials` (a file only its owner
+reads; what `ray up` and Ray Jobs need, having no terminal). On first start MLflow creates that user as its admin;
+nothing secret is passed on a command line (`ps` shows command lines to every user of the machine). The server's own
 files live in the storage: `mlflow.db` (runs), `mlartifacts/` (artifacts, proxied), `mlflow-auth/` (users).
 """
 from __future__ import annotations
 
+import configparser
 import ipaddress
 import os
 import secrets
@@ -27,6 +29,15 @@ default_permission = READ
 database_uri = {database_uri}
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 """
+
+
+def credentials(environ: dict[str, str]) -> tuple[str, str]:
+    """(user, password) as MLflow's client finds them: the environment first, then ~/.mlflow/credentials."""
+    stored = configparser.ConfigParser()
+    stored.read(Path(environ.get("HOME", "~")).expanduser() / ".mlflow" / "credentials")
+    section = stored["mlflow"] if stored.has_section("mlflow") else {}
+    return (environ.get(USERNAME_VAR) or section.get(USERNAME_VAR.lower(), ""),
+            environ.get(PASSWORD_VAR) or section.get(PASSWORD_VAR.lower(), ""))
 
 
 def is_loopback(host: str) -> bool:
@@ -51,11 +62,10 @@ def server_launch(storage: str | Path, host: str = "127.0.0.1", port: int = DEFA
                   backend_store_uri: str | None = None, environ: dict[str, str] | None = None) -> ServerLaunch:
     """The authenticated server of `storage`; a ValueError naming the variable when the credentials are missing."""
     environ = dict(os.environ if environ is None else environ)
-    username, password = environ.get(USERNAME_VAR, ""), environ.get(PASSWORD_VAR, "")
+    username, password = credentials(environ)
     if not username or not password:
         raise ValueError(f"set {USERNAME_VAR} and {PASSWORD_VAR} (the server's admin user, and the driver's "
-                         f"credentials): e.g. `export {USERNAME_VAR}=admin; read -rs {PASSWORD_VAR}; "
-                         f"export {PASSWORD_VAR}`")
+                         f"credentials), in the environment or in ~/.mlflow/credentials (README, On a cluster)")
     if len(password) < MIN_PASSWORD_LENGTH:
         raise ValueError(f"{PASSWORD_VAR} must be at least {MIN_PASSWORD_LENGTH} characters (MLflow's rule), "
                          f"got {len(password)}")

@@ -30,7 +30,7 @@ from mlflow.utils.validation import (
 )
 
 from study.config import StudyConfig, flatten
-from study.mlflow_server import PASSWORD_VAR, USERNAME_VAR
+from study.mlflow_server import PASSWORD_VAR, USERNAME_VAR, credentials
 from study.mlflow_values import code_version, json_safe, metric_name, param_values, text_value, valid_metrics
 from study.paths import StudyPaths
 from study.tags import (
@@ -122,10 +122,11 @@ def check_tracking_access(tracking_uri: str, timeout_s: float = 10.0) -> None:
     except MlflowException as err:
         if err.error_code not in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
             raise
-        who = os.environ.get(USERNAME_VAR)
+        who = credentials(dict(os.environ))[0]
         given = f"as user {who!r}" if who else f"without credentials ({USERNAME_VAR} is not set)"
-        raise TrackingAccessError(f"the MLflow server at {tracking_uri} refused this driver {given}: "
-                                  f"set {USERNAME_VAR} and {PASSWORD_VAR} to a user of that server") from None
+        raise TrackingAccessError(f"the MLflow server at {tracking_uri} refused this driver {given}: set "
+                                  f"{USERNAME_VAR} and {PASSWORD_VAR} (or ~/.mlflow/credentials) to a user of "
+                                  f"that server") from None
 
 
 def find_experiment_id(tracking_uri: str, experiment: str) -> str | None:

@@ -2,15 +2,19 @@
 loopback that refuses requests without credentials, a study tracked to it, and wrong credentials refused before
 anything is written."""
 import os
+import re
 import signal
+import stat
 import subprocess
 import sys
+import textwrap
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from study.mlflow_server import PASSWORD_VAR, USERNAME_VAR, server_launch
@@ -118,3 +122,39 @@ def test_listening_beyond_loopback_is_asked_for_and_flagged(tmp_path):
     assert not server_launch(tmp_path, host="::1", environ=env).exposed
     exposed = server_launch(tmp_path, host="0.0.0.0", environ=env)
     assert exposed.exposed and exposed.argv[exposed.argv.index("--host") + 1] == "0.0.0.0"
+
+
+def test_mlflow_s_credentials_file_serves_the_server_and_the_driver(server, tmp_path):
+    """`ray up` and Ray Jobs have no terminal to type a password in: ~/.mlflow/credentials (MLflow's own file)."""
+    home = tmp_path / "home"
+    (home / ".mlflow").mkdir(parents=True)
+    (home / ".mlflow" / "credentials").write_text(
+        f"[mlflow]\nmlflow_tracking_username = {ADMIN}\nmlflow_tracking_password = {PASSWORD}\n")
+    launch = server_launch(tmp_path, environ={"HOME": str(home)})
+    assert launch.env["MLFLOW_AUTH_ADMIN_USERNAME"] == ADMIN and launch.env["MLFLOW_AUTH_ADMIN_PASSWORD"] == PASSWORD
+    check = [sys.executable, "-c", f"from study.tracking import check_tracking_access; "
+                                   f"check_tracking_access({server['uri']!r})"]
+    for own_home, ok in ((home, True), (tmp_path, False)):
+        env = {**credentials(None, None), "HOME": str(own_home)}
+        proc = subprocess.run(check, env=env, capture_output=True, text=True, timeout=120)
+        assert (proc.returncode == 0) is ok, proc.stderr[-2000:]
+    assert "refused this driver without credentials" in proc.stderr
+
+
+def test_the_readme_s_credentials_recipe_writes_a_file_only_its_owner_reads(tmp_path):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    recipe = re.search(r"^ *\(umask 077;.*?credentials\)$", readme, re.S | re.M)[0]
+    proc = subprocess.run(["bash", "-c", textwrap.dedent(recipe)], input=f"{PASSWORD}\n", text=True,
+                          env={"HOME": str(tmp_path), "PATH": os.environ["PATH"]}, capture_output=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    written = tmp_path / ".mlflow" / "credentials"
+    assert stat.S_IMODE(written.stat().st_mode) == 0o600
+    assert server_launch(tmp_path / "s", environ={"HOME": str(tmp_path)}).env["MLFLOW_AUTH_ADMIN_PASSWORD"] == PASSWORD
+
+
+def test_the_cluster_recipe_starts_no_server_beyond_loopback():
+    recipe = yaml.safe_load((Path(__file__).resolve().parents[1] / "study" / "cluster.yaml").read_text())
+    head = " ".join(recipe["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
+    assert "g2-study mlflow-server --storage" in head and "mlflow server" not in head   # the authenticated one
+    assert PASSWORD_VAR not in head and "password" not in head.lower()
