@@ -30,7 +30,7 @@ from study.config import DEFAULT_STORAGE, StudyConfig
 from study.front import front_objectives, study_front
 from study.mlflow_values import code_version, json_safe
 from study.paths import StudyPaths, read_state
-from study.tracking import check_tracking_access
+from study.preflight import check_tracking_access
 from trainables.config import EVAL_GATES, TrialConfig
 from trainables.report import (
     ACCOUNTING,

@@ -37,9 +37,10 @@ from study.paths import (
     StudyStoppedError,
     read_state,
 )
-from study.search import StudySearch, check_optuna_storage, fail_orphaned_trials, make_searcher, shown_url
+from study.preflight import check_optuna_storage, check_tracking_access, shown_url
+from study.search import StudySearch, fail_orphaned_trials, make_searcher
 from study.tags import STORAGE_TAG
-from study.tracking import check_tracking_access, open_tracker
+from study.tracking import open_tracker
 from trainables.report import TRIAL_ID
 
 # Tune pickles the searcher with the experiment, under the module it was defined in: experiments saved before
@@ -188,7 +189,7 @@ class StudyOutcome:
         return self.trials > 0 and self.failed == self.trials
 
 
-def _fit(tuner, paths: StudyPaths, num_samples: int) -> tuple[int, bool]:
+def _fit(tuner, paths: StudyPaths, exp_dir: Path, num_samples: int) -> tuple[int, bool]:
     """Run the experiment; how many of its trials ended (finished, failed or stopped early), and whether it is over.
 
     On Ctrl-C `Tuner.fit()` saves the experiment and returns normally, with trials still running, pending or not
@@ -196,7 +197,8 @@ def _fit(tuner, paths: StudyPaths, num_samples: int) -> tuple[int, bool]:
     state it saved just before says what they were, so only that state tells whether the experiment is over: every
     trial ended, and either all `num_samples` were asked for or the search had nothing left to ask (`SearchLog`).
     """
-    grid = tuner.fit()
+    with ray_tune.keeping_good_state(exp_dir):
+        grid = tuner.fit()
     for callback in ray_tune.restored_callbacks(tuner):
         if isinstance(callback, StudyCallback) and callback.not_written:
             raise StudyStoppedError(f"study {paths.root.name} stopped: {callback.not_written}. Nothing is lost: once "
@@ -308,7 +310,7 @@ def run_study(cfg: StudyConfig, *, printer: Printer = print, quiet: bool = False
         printer(f"  study directory {paths.root}\n  MLflow {paths.tracking_uri(cfg)}")
         SearchLog().write(paths.search_log)   # this run's answers
         tuner = make_tuner(cfg, paths, experiment, num_samples, cfg.sampler_seed + k, printer, quiet)
-        ended, over = _fit(tuner, paths, num_samples)
+        ended, over = _fit(tuner, paths, paths.ray / experiment, num_samples)
         if not over:
             return _interrupted(cfg, paths, ended, num_samples, started, printer)
         return _finish(cfg, paths, state, experiment, started, printer)
@@ -342,6 +344,8 @@ def resume_study(name: str, storage: str = DEFAULT_STORAGE, *, address: str | No
             state.write(paths.state)
         open_tracker(cfg, str(paths.root)).start(cfg.to_flat())
         bridges: list[Path] = []
+        for state in ray_tune.repair_experiment_state(exp_dir):
+            printer(f"  {state.name} was cut by the driver's end: restoring from its last complete copy")
         if not tune.Tuner.can_restore(str(exp_dir)):
             # the driver died before Tune saved anything: nothing ran, so start this experiment afresh
             printer(f"nothing to restore in {exp_dir}; starting its {num_samples} trial(s) again")
@@ -352,7 +356,7 @@ def resume_study(name: str, storage: str = DEFAULT_STORAGE, *, address: str | No
             tuner = tune.Tuner.restore(str(exp_dir), trainable=make_trainable(cfg, paths), resume_unfinished=True,
                                        resume_errored=False, restart_errored=False)
             attach_restored(tuner, cfg, paths, printer, quiet)
-        ended, over = _fit(tuner, paths, num_samples)
+        ended, over = _fit(tuner, paths, exp_dir, num_samples)
         if not over:
             return _interrupted(cfg, paths, ended, num_samples, started, printer)   # a next resume may need them
         for copy in bridges:   # those Tune restored from it rotated away; the others it never named

@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import sqlalchemy
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
 from study import results
 from study.config import StudyConfig
-from study.paths import SearchLog, StudyPaths, StudyState
+from study.paths import SearchLog, StudyPaths
 from study.progress import describe_trial
 from study.scoreboard import Scoreboard, ScoredPoint, derived_trial, keyed, row_key, scoring_key, told_rows
 from study.space import DefineByRun
@@ -61,52 +60,6 @@ def make_sampler(cfg: StudyConfig, seed: int):
     if cfg.sampler == "grid":
         return GridSampler(cfg.grid(), seed=seed)
     return optuna.samplers.TPESampler(seed=seed, multivariate=True)
-
-
-class OptunaStorageError(ValueError):
-    """`study.optuna_storage` cannot be used: no driver for its database, no server answering, or a name taken."""
-
-
-def shown_url(url: str) -> str:
-    """A database URL as messages show it: without its password."""
-    return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-
-
-def check_optuna_storage(cfg: StudyConfig, paths: StudyPaths, timeout_s: int = 10) -> None:
-    """Refuse, before the driver writes anything, a `study.optuna_storage` it cannot use.
-
-    The database's driver module must be installed and its server must answer (else Optuna fails only after the
-    study has recorded an experiment, which then needs a `resume`). A new study must not find its name taken: one
-    database serves the studies of every study directory, and Optuna would silently join the other study's trials.
-    The default, SQLite in the study directory, needs no check.
-    """
-    if not cfg.optuna_storage:
-        return
-    url, shown = cfg.optuna_storage, shown_url(cfg.optuna_storage)
-    # libpq waits for an unreachable host as long as TCP does (minutes) unless told otherwise
-    libpq = sqlalchemy.engine.make_url(url).drivername in ("postgresql", "postgresql+psycopg", "postgresql+psycopg2")
-    timeout = {"connect_timeout": timeout_s} if libpq else {}
-    try:
-        engine = sqlalchemy.create_engine(url, connect_args=timeout)
-    except ImportError as err:
-        raise OptunaStorageError(f"study.optuna_storage {shown}: its database driver is not installed ({err}); for "
-                                 f"postgresql+psycopg:// install the postgres extra: pip install -e \".[postgres]\""
-                                 ) from None
-    except sqlalchemy.exc.ArgumentError as err:   # a dialect SQLAlchemy does not know
-        raise OptunaStorageError(f"study.optuna_storage {shown}: {err}") from None
-    try:
-        with engine.connect():
-            pass
-    except sqlalchemy.exc.DBAPIError as err:
-        reason = " ".join(str(err.orig).split())
-        raise OptunaStorageError(f"cannot reach the Optuna storage study.optuna_storage={shown}: {reason}") from None
-    finally:
-        engine.dispose()
-    if StudyState.read(paths.state) is None and cfg.name in optuna.get_all_study_names(url):
-        raise OptunaStorageError(
-            f"study.optuna_storage {shown} already holds an Optuna study named {cfg.name!r}, but {paths.root} holds "
-            f"no study: that one belongs to another study directory (or to one deleted since). Pick another "
-            f"study.name, or delete it: optuna delete-study --study-name {cfg.name} --storage URL")
 
 
 def open_optuna_study(cfg: StudyConfig, url: str, seed: int):

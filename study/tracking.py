@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,7 +27,6 @@ from mlflow.utils.validation import (
 )
 
 from study.config import StudyConfig, flatten
-from study.mlflow_server import PASSWORD_VAR, USERNAME_VAR, credentials
 from study.mlflow_values import code_version, json_safe, metric_name, param_values, text_value, valid_metrics
 from study.paths import StudyPaths
 from study.tags import (
@@ -98,35 +94,7 @@ def run_url(server: str, experiment_id: str, run_id: str) -> str:
     return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
-class TrackingAccessError(ValueError):
-    """The MLflow server cannot be reached, or refuses this driver's credentials."""
 
-
-def check_tracking_access(tracking_uri: str, timeout_s: float = 10.0) -> None:
-    """Fail fast, before a study records anything, when a tracking server is down or refuses us.
-
-    MLflow's client retries a refused connection for minutes and reports a refused login deep inside the first
-    trial's logging; here both become one error naming what to fix. A local store needs no check.
-    """
-    if not tracking_uri.startswith(("http://", "https://")):
-        return
-    try:
-        urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=timeout_s)
-    except urllib.error.HTTPError:   # it answered (a proxy in front may want credentials even here)
-        pass
-    except OSError as err:   # URLError, HTTPError and timeouts are all OSErrors
-        raise TrackingAccessError(f"cannot reach the MLflow server at {tracking_uri} (--tracking-uri): "
-                                  f"{getattr(err, 'reason', err)}") from None
-    try:
-        MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1)
-    except MlflowException as err:
-        if err.error_code not in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
-            raise
-        who = credentials(dict(os.environ))[0]
-        given = f"as user {who!r}" if who else f"without credentials ({USERNAME_VAR} is not set)"
-        raise TrackingAccessError(f"the MLflow server at {tracking_uri} refused this driver {given}: set "
-                                  f"{USERNAME_VAR} and {PASSWORD_VAR} (or ~/.mlflow/credentials) to a user of "
-                                  f"that server") from None
 
 
 def find_experiment_id(tracking_uri: str, experiment: str) -> str | None:

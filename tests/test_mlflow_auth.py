@@ -132,7 +132,7 @@ def test_mlflow_s_credentials_file_serves_the_server_and_the_driver(server, tmp_
         f"[mlflow]\nmlflow_tracking_username = {ADMIN}\nmlflow_tracking_password = {PASSWORD}\n")
     launch = server_launch(tmp_path, environ={"HOME": str(home)})
     assert launch.env["MLFLOW_AUTH_ADMIN_USERNAME"] == ADMIN and launch.env["MLFLOW_AUTH_ADMIN_PASSWORD"] == PASSWORD
-    check = [sys.executable, "-c", f"from study.tracking import check_tracking_access; "
+    check = [sys.executable, "-c", f"from study.preflight import check_tracking_access; "
                                    f"check_tracking_access({server['uri']!r})"]
     for own_home, ok in ((home, True), (tmp_path, False)):
         env = {**credentials(None, None), "HOME": str(own_home)}
