@@ -23,7 +23,7 @@ from study.console import Console, RunningLine, Snapshot
 from study.eta import PaceMeter, RunningTrial, TrialShape, passing_epoch_s, running_left, study_eta, trial_shape
 from study.front import study_front
 from study.live import LiveProgress, read_live
-from study.paths import StudyPaths, write_json
+from study.paths import StudyPaths
 from study.progress import (
     TRAINS,
     StudyProgress,
@@ -37,6 +37,7 @@ from study.progress import (
 )
 from study.trial_end import TrialEnd
 from study.vocabulary import ended_word
+from trainables.durable import write_json
 from trainables.report import FAILED, OK, RUNNING, EpochReport
 
 log = logging.getLogger(__name__)

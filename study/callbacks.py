@@ -10,6 +10,8 @@ pickles its settings only and opens its writer, tracker, console and ledger agai
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,11 +20,12 @@ from ray import tune
 from study.board import ProgressBoard
 from study.config import StudyConfig
 from study.convergence import ConvergenceLog
-from study.entrypoints import error_message
+from study.entrypoints import NOT_WRITTEN, error_message
 from study.results import ResultsWriter
 from study.search import StudySearch
 from study.tracking import StudyTracker, open_tracker, ui_server
 from study.trial_end import TrialEnd, TrialLedger
+from trainables.durable import FileNotWrittenError
 from trainables.report import ERROR
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,7 @@ class StudyCallback(tune.Callback):
         self._writer: ResultsWriter | None = None
         self._tracker: StudyTracker | None = None
         self._earlier: dict[str, list[dict] | None] = {}   # trial id -> rows recorded by an earlier driver
+        self.not_written: str | None = None   # why this driver stopped the study: a file that could not be written
 
     def __getstate__(self):
         return {name: getattr(self, name) for name in SETTINGS}
@@ -63,9 +67,11 @@ class StudyCallback(tune.Callback):
             setattr(self, name, state[name])
         self._open(None)
 
-    def attach(self, searcher: StudySearch | None, printer: Callable[[str], None], quiet: bool) -> None:
-        """A restored experiment brings this callback back unpickled: this driver's searcher and console."""
-        self.printer, self.quiet = printer, quiet
+    def attach(self, cfg: StudyConfig, root: str, searcher: StudySearch | None, printer: Callable[[str], None],
+               quiet: bool) -> None:
+        """A restored experiment brings this callback back unpickled: this driver's config (its cluster and MLflow
+        server may be new ones), study directory, searcher and console."""
+        self.cfg, self.root, self.printer, self.quiet = cfg, root, printer, quiet
         self._open(searcher)
 
     @property
@@ -114,12 +120,19 @@ class StudyCallback(tune.Callback):
             self.board.started(trial, trials)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get(NOT_WRITTEN):
+            self.stop_study(result[NOT_WRITTEN])
+            return
         if self._recorded_before(trial) is not None:   # what it says again was recorded already
             return
         report = self.ledger.report(trial.trial_id, trial.config, result)
         if report.status == ERROR:   # the trial's own exception (study.entrypoints): recorded at its end
             return
-        self.writer.record_report(trial.trial_id, trial.config, report)
+        try:
+            self.writer.record_report(trial.trial_id, trial.config, report)
+        except FileNotWrittenError as err:   # the trial runs on in Tune's state: resume reports this epoch again
+            self.stop_study(str(err))
+            return
         self.tracker.log_epoch(trial.trial_id, report)
         self.board.reported(trial, report, trials)
 
@@ -139,6 +152,13 @@ class StudyCallback(tune.Callback):
         self.board.console.notice(f"[  -/{self.total}] {trial.trial_id} lost its worker "
                                   f"({error_message(trial_error_text(trial))}); retrying from its last checkpoint "
                                   f"(failure {failures} of {self.cfg.max_failures} allowed)")
+
+    def stop_study(self, message: str) -> None:
+        """Stop the study as Ctrl-C does (Tune saves its state with the running trials running, to be resumed);
+        the runner then says `message`. SIGUSR1 is Tune's stop signal besides SIGINT."""
+        if self.not_written is None:
+            self.not_written = message
+            os.kill(os.getpid(), signal.SIGUSR1)
 
     def on_experiment_end(self, trials, **info):
         self.board.close()

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from study.paths import write_json
+from trainables.durable import write_json
 
 log = logging.getLogger(__name__)
 LOCK_FILE, CLAIM_FILE = "driver.lock", "driver.json"
@@ -57,7 +57,7 @@ class DriverInfo:
             return cls(**json.loads(path.read_text()))
         except FileNotFoundError:
             return None
-        except (ValueError, TypeError) as err:   # cut short by a crash mid-write (writes are atomic, but be sure)
+        except (ValueError, TypeError) as err:   # written by something else (writes are whole and fsynced)
             log.warning("ignoring unreadable %s: %s", path, err)
             return None
 

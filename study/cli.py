@@ -1,12 +1,16 @@
 """`g2-study`: launch, resume and inspect G2-LSTM compression studies.
 
     g2-study run [CONFIG.toml] [--set key=value ...] [--quiet]   (no config: study/configs/quickstart.toml)
-    g2-study resume NAME [--quiet]                      (after Ctrl-C, a killed driver, a crash)
+    g2-study resume NAME [--address A] [--quiet]        (after Ctrl-C, a killed driver or cluster, a crash)
     g2-study status NAME [--format table|json]          (while it runs, after it finished or crashed)
     g2-study results NAME [--front] [--where EXPR] [--columns a,b] [--format table|csv|json|parquet]
     g2-study ui NAME                                    (the MLflow UI on 127.0.0.1)
     g2-study check CONFIG.toml                          (validate only)
     g2-study export NAME (--trial ID | --where EXPR | --knee) --output DIR   (a row's packed model; study/export.py)
+    g2-study mlflow-server --storage DIR [--host H] [--port P]   (MLflow with authentication, for a cluster)
+    g2-study submit CONFIG.toml --address http://HEAD:8265 --storage DIR   (a Ray Job; study/jobs.py)
+    g2-study status NAME --address http://HEAD:8265     (a submitted study, from the laptop)
+    g2-study logs NAME --address http://HEAD:8265 [--follow]
 """
 from __future__ import annotations
 
@@ -23,36 +27,44 @@ import pyarrow as pa
 
 from analysis import fidelity
 from study import export as export_command
-from study import results
+from study import jobs, mlflow_server, results
 from study.claim import StudyBusyError
 from study.config import DEFAULT_STORAGE, StudyConfig, load_study_config
 from study.front import format_front, front_plot, metric_name_of, readable_floats, study_front
 from study.links import trial_ids, with_ids
-from study.paths import StudyPaths, StudyStateError, read_state
+from study.paths import StudyPaths, StudyStateError, StudyStoppedError, read_state
 from study.results.filters import FilterError
 from study.status import study_status
 from study.tracking import UI_PORT, find_experiment_id, runs_view_url, ui_server
 from trainables.config import SMOKE
+from trainables.durable import not_written
 from trainables.report import HIGHER_IS_BETTER
 
 QUICKSTART = Path(__file__).resolve().parent / "configs" / "quickstart.toml"
 STUDY_SMOKE = ["study.num_samples=4", *(f"{field}={json.dumps(value)}" for field, value in SMOKE.items())]
 EXIT_BAD_INPUT = 2          # invalid config, or the study cannot be run now (finished, being run by another driver)
 EXIT_INTERRUPTED = 130      # Ctrl-C, as a shell reports SIGINT: the study can be resumed
+EXIT_NOT_WRITTEN = 74       # sysexits' EX_IOERR: a file could not be written (a full disk); a study can be resumed
 
 
-def _config_args(parser: argparse.ArgumentParser, config_required: bool) -> None:
+def _config_args(parser: argparse.ArgumentParser, config_required: bool,
+                 address_help: str = "Ray address ('auto' joins the running cluster); default: local Ray") -> None:
     parser.add_argument("config", type=Path, nargs=None if config_required else "?",
                         help="study TOML" + ("" if config_required else " (default: the quickstart study)"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field: study.num_samples=4, g2.p=0.5 (a fixed trial field), "
                              "space.g2.tau.high=2.0; repeatable")
-    parser.add_argument("--address", help="Ray address ('auto' joins the running cluster); default: local Ray")
+    parser.add_argument("--address", help=address_help)
     parser.add_argument("--storage", help="where studies live: a path shared by all nodes (default: ./studies)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI, e.g. http://127.0.0.1:5000 "
                                                "(default: sqlite in the study directory)")
     parser.add_argument("--num-samples", type=int, help="trials to run (on a finished study: how many to add)")
     parser.add_argument("--smoke", action="store_true", help="4 trials of 2 short epochs and a small sweep (CI)")
+
+
+def _executable_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--executable", default="g2-study", metavar="PATH",
+                        help="g2-study on the head (default: the one on the PATH of the head's `ray start`)")
 
 
 def _quiet_arg(parser: argparse.ArgumentParser) -> None:
@@ -72,12 +84,26 @@ def build_parser() -> argparse.ArgumentParser:
     resume = sub.add_parser("resume", help="continue an interrupted study")
     resume.add_argument("name")
     resume.add_argument("--storage", default=DEFAULT_STORAGE)
+    resume.add_argument("--address", help="the Ray cluster to continue on, when it is not the one the study "
+                                          "started on ('auto': the running one)")
+    resume.add_argument("--tracking-uri", help="the MLflow server, when it moved (the same runs' store)")
     _quiet_arg(resume)
     status = sub.add_parser("status", help="every trial's state, the front so far, time used and ETA")
     status.add_argument("name")
     status.add_argument("--storage", default=DEFAULT_STORAGE)
     status.add_argument("--format", choices=["table", "json"], default="table")
     status.add_argument("--ids", action="store_true", help="each trial's Optuna trial number and MLflow run too")
+    status.add_argument("--address", help="the Ray job server of a submitted study (http://HEAD:8265): the status "
+                                          "of its job, and of the study as the head sees it")
+    _executable_arg(status)
+    submit = sub.add_parser("submit", help="run a study on a cluster as a Ray Job, from a laptop")
+    _config_args(submit, config_required=True, address_help="the Ray job server, e.g. http://127.0.0.1:8265 "
+                                                            "(the head's dashboard port, through an SSH tunnel)")
+    _executable_arg(submit)
+    logs = sub.add_parser("logs", help="the driver's output of a submitted study")
+    logs.add_argument("name")
+    logs.add_argument("--address", required=True, help="the Ray job server, e.g. http://127.0.0.1:8265")
+    logs.add_argument("--follow", action="store_true", help="keep printing until the job ends")
     res = sub.add_parser("results", help="print or export a study's results")
     res.add_argument("name")
     res.add_argument("--storage", default=DEFAULT_STORAGE)
@@ -103,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--storage", default=DEFAULT_STORAGE)
     ui.add_argument("--port", type=int, default=UI_PORT)
     export_command.add_parser(sub)
+    mlflow_server.add_parser(sub)
     return parser
 
 
@@ -141,9 +168,10 @@ def runner():
     return study.runner
 
 
-def load_from_args(args: argparse.Namespace):
+def load_from_args(args: argparse.Namespace, address: str | None = None):
+    """The study the arguments name; `address` replaces --address (a submitted study's driver joins its cluster)."""
     overrides = (STUDY_SMOKE if args.smoke else []) + args.overrides
-    cli = {"address": args.address, "storage": args.storage, "tracking_uri": args.tracking_uri,
+    cli = {"address": address or args.address, "storage": args.storage, "tracking_uri": args.tracking_uri,
            "num_samples": args.num_samples}
     return load_study_config(args.config or (QUICKSTART if args.command == "run" else None), overrides, **cli)
 
@@ -206,8 +234,26 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.address:
+        extra = ["--format", args.format, *(["--ids"] if args.ids else [])]
+        job, output = jobs.remote_status(args.address, args.name, args.executable, extra)
+        print(job.line() + ("" if args.format == "json" else "\n"), file=sys.stderr if args.format == "json" else
+              sys.stdout, flush=True)
+        sys.stdout.write(output)
+        sys.stdout.flush()
+        return 0
     status = study_status(args.storage, args.name, ids=args.ids)
     print(json.dumps(status.to_json(), indent=1) if args.format == "json" else status.to_table(), flush=True)
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    jobs.job_server_url(args.address)
+    cfg = load_from_args(args, address="auto")      # refused here, before anything reaches the cluster
+    submission_id = jobs.submit(cfg, args.config, args.address, args.overrides, args.num_samples,
+                                args.smoke, args.executable)
+    print(f"submitted study {cfg.name} as Ray Job {submission_id}; it runs on the cluster to the end. Follow it "
+          f"with:\n{jobs.follow_hint(args.address, cfg.name)}")
     return 0
 
 
@@ -251,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             return _exit_code(runner().run_study(cfg, quiet=args.quiet))
         if args.command == "resume":
-            return _exit_code(runner().resume_study(args.name, args.storage, quiet=args.quiet))
+            return _exit_code(runner().resume_study(args.name, args.storage, address=args.address,
+                                                        tracking_uri=args.tracking_uri, quiet=args.quiet))
         if args.command == "results":
             return cmd_results(args)
         if args.command == "status":
@@ -260,10 +307,19 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_compare(args)
         if args.command == "export":
             return export_command.run(args)
+        if args.command == "submit":
+            return cmd_submit(args)
+        if args.command == "logs":
+            return jobs.print_logs(args.address, args.name, args.follow)
+        if args.command == "mlflow-server":
+            return mlflow_server.run(args)
         return cmd_ui(args)
     except (ValueError, FilterError, StudyStateError, StudyBusyError) as err:
         print(f"g2-study {args.command}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except StudyStoppedError as err:
+        print(f"g2-study {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_NOT_WRITTEN
     except BrokenPipeError:   # `g2-study status NAME | head`: the reader took what it wanted and left
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit's flush
         return 0
@@ -273,6 +329,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"g2-study {args.command}: interrupted; continue the study with `g2-study resume {where}`",
                   file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as err:   # a full disk anywhere (Ray Tune's state, a database): one line, not a traceback
+        if (unwritten := not_written(err)) is None:
+            raise
+        resume = f"; once there is space, continue the study with `g2-study resume {args.name} --storage " \
+                 f"{args.storage}`" if args.command == "resume" else ""
+        print(f"g2-study {args.command}: error: {unwritten}{resume}", file=sys.stderr)
+        return EXIT_NOT_WRITTEN
 
 
 def _exit_code(outcome) -> int:

@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from study.space import Param, default_space, parse_space
 from trainables.config import (
@@ -46,6 +50,7 @@ from trainables.report import (
 
 SAMPLERS = ("tpe", "nsga2", "gp", "grid")
 DEFAULT_STORAGE = "studies"               # relative to where g2-study runs
+STDIN = "-"                               # the config path that reads the TOML from standard input
 SCHEDULERS = ("none", "asha")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -105,6 +110,13 @@ class StudyConfig:
         if not self.storage or "://" in self.storage:
             raise ValueError(f"study.storage must be a directory path (on a cluster, one that every node mounts), "
                              f"got {self.storage!r}; object-store URIs are not supported for the study directory")
+        if self.optuna_storage:
+            try:
+                make_url(self.optuna_storage)
+            except ArgumentError:
+                raise ValueError(f"study.optuna_storage must be an SQLAlchemy database URL, e.g. "
+                                 f"postgresql+psycopg://USER@HOST/DB (\"\" keeps SQLite in the study directory), "
+                                 f"got {self.optuna_storage!r}") from None
         check_range("study.cpus_per_trial", self.cpus_per_trial, 0.0, 1024.0, lo_open=True)
         check_range("study.gpus_per_trial", self.gpus_per_trial, 0.0, 64.0)
         check_choice("study.scheduler", self.scheduler, SCHEDULERS)
@@ -203,7 +215,7 @@ def flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def load_study_config(path: Path | None, overrides: list[str] = (), **cli: Any) -> StudyConfig:
-    """Read a TOML file (None: the defaults), apply `--set key=value` overrides and explicit CLI options.
+    """Read a TOML file (None: the defaults; "-": standard input), apply `--set key=value` overrides and explicit CLI options.
 
     Overrides address any field: `study.num_samples=4`, `trial.g2.p=0.5`, `space.g2.tau.high=2.0`; a bare
     TrialConfig field (`g2.p=0.5`) is a fixed trial override.
@@ -211,10 +223,10 @@ def load_study_config(path: Path | None, overrides: list[str] = (), **cli: Any) 
     doc: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
+        if str(path) != STDIN and not path.is_file():
             raise ValueError(f"config file {path} does not exist")
         try:
-            doc = tomllib.loads(path.read_text())
+            doc = tomllib.loads(sys.stdin.read() if str(path) == STDIN else path.read_text())
         except tomllib.TOMLDecodeError as err:
             raise ValueError(f"{path}: invalid TOML: {err}") from None
     unknown = sorted(set(doc) - {"study", "trial", "space"})

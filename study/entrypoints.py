@@ -9,7 +9,8 @@ error, whatever the cause. Two causes look alike to it and must not be treated a
   study should record it as data and go on.
 
 So an exception of the trial's own code becomes its final report, `status="error"` with its message, and the
-function returns normally. Tune then sees only real losses as failures, and `study.max_failures` retries exactly
+function returns normally. A file the trial cannot write (a full disk) is neither: the trial reports `NOT_WRITTEN`
+and waits, and the driver stops the study as Ctrl-C does (`study.callbacks`), so `resume` continues the trial. Tune then sees only real losses as failures, and `study.max_failures` retries exactly
 those. `BaseException`s pass: Tune stops a trial's thread with `SystemExit`, and a KeyboardInterrupt is not the
 trial's failure.
 """
@@ -17,11 +18,15 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 import traceback
 from pathlib import Path
 from typing import Any
 
+from trainables.durable import not_written
 from trainables.report import ERROR, EpochReport
+
+NOT_WRITTEN = "g2.not_written"   # a report's key: the file this trial could not write, the disk's fault, not its own
 
 
 def train_lm(config: dict[str, Any], model_store: str | None = None, live_dir: str | None = None) -> None:
@@ -69,7 +74,13 @@ def run_tune_trial(task: str, config: dict[str, Any], model_store: str | None, l
             with checkpoint.as_directory() as resume_dir:
                 run_trial(cfg, work_dir, report=report, resume=Path(resume_dir), **where)
     except Exception as err:
-        report(error_report(err, node_id), None)
+        if (unwritten := not_written(err)) is None:
+            report(error_report(err, node_id), None)
+        else:
+            # a returned trial would end in Tune's saved state; one waiting is stopped running and resumed
+            tune.report({NOT_WRITTEN: str(unwritten)})
+            while True:
+                time.sleep(60)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
 

@@ -30,6 +30,7 @@ from study.config import DEFAULT_STORAGE, StudyConfig
 from study.front import front_objectives, study_front
 from study.mlflow_values import code_version, json_safe
 from study.paths import StudyPaths, read_state
+from study.preflight import check_tracking_access
 from trainables.config import EVAL_GATES, TrialConfig
 from trainables.report import (
     ACCOUNTING,
@@ -119,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
                           method=args.method, eval_gate=args.eval_gate)
     paths = StudyPaths.named(args.storage, args.name)
     cfg = StudyConfig.from_json(read_state(paths).config)
+    if not args.no_mlflow:
+        check_tracking_access(paths.tracking_uri(cfg))   # before the files are written, not after
     row = select_row(str(paths.root), cfg, selection)
     manifest = export_row(paths, row, args.output)
     print(summary(row, manifest, args.output))

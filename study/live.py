@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from study.paths import write_json
+from trainables.durable import write_json
 from trainables.pulse import SCORE, TRAIN, Pulse
 
 WRITE_INTERVAL_S = 2.0   # a few seconds: often enough for a bar, rare enough to cost nothing on a shared disk

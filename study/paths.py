@@ -1,7 +1,7 @@
 """The study directory: where everything of one study lives, and what has been run for it.
 
     <storage>/<name>/study.json   the StudyConfig and the Tune experiments run for it (so `resume NAME` needs no config)
-                     optuna.db    the persistent Optuna study
+                     optuna.db    the persistent Optuna study, unless study.optuna_storage names a database
                      mlflow.db    the default MLflow store, artifacts in mlartifacts/
                      results/ curves/ gates/   the Parquet datasets (study.results)
                      models/      the best weights of every trained configuration, keyed by its training knobs
@@ -14,21 +14,14 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from study.config import StudyConfig
+from trainables.durable import write_json
 
 STATE_FILE = "study.json"
-
-
-def write_json(path: Path, value: Any) -> None:
-    """Write aside, then rename: a killed driver leaves the old file or the new one, never a part of one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -155,6 +148,10 @@ class SearchLog:
 
 class StudyStateError(RuntimeError):
     """The study directory says this cannot be done (resume a finished study, run over an interrupted one)."""
+
+
+class StudyStoppedError(RuntimeError):
+    """The driver stopped the study, resumably, because a file could not be written (a full disk)."""
 
 
 def read_state(paths: StudyPaths) -> StudyState:

@@ -17,10 +17,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from study.paths import StudyPaths, write_json
+from study.paths import StudyPaths
 from study.trial_end import TrialEnd
 from study.vocabulary import PENDING, count_text, ended_word, front_word, metric_label
 from trainables.config import TrialConfig
+from trainables.durable import write_json
 from trainables.report import OK, RUNNING, TRAIN_TOKENS, EpochReport
 
 TRAINS, RESCORES, WAITS = "trains", "re-scores", "waits"   # what a starting trial does with its training knobs

@@ -11,7 +11,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,16 @@ from study.claim import DriverClaim
 from study.config import DEFAULT_STORAGE, StudyConfig
 from study.entrypoints import train_lm, train_nmt
 from study.front import close_study
-from study.paths import Experiment, SearchLog, StudyPaths, StudyState, StudyStateError, read_state
+from study.paths import (
+    Experiment,
+    SearchLog,
+    StudyPaths,
+    StudyState,
+    StudyStateError,
+    StudyStoppedError,
+    read_state,
+)
+from study.preflight import check_optuna_storage, check_tracking_access, shown_url
 from study.search import StudySearch, fail_orphaned_trials, make_searcher
 from study.tags import STORAGE_TAG
 from study.tracking import open_tracker
@@ -180,7 +189,7 @@ class StudyOutcome:
         return self.trials > 0 and self.failed == self.trials
 
 
-def _fit(tuner, paths: StudyPaths, num_samples: int) -> tuple[int, bool]:
+def _fit(tuner, paths: StudyPaths, exp_dir: Path, num_samples: int) -> tuple[int, bool]:
     """Run the experiment; how many of its trials ended (finished, failed or stopped early), and whether it is over.
 
     On Ctrl-C `Tuner.fit()` saves the experiment and returns normally, with trials still running, pending or not
@@ -188,7 +197,13 @@ def _fit(tuner, paths: StudyPaths, num_samples: int) -> tuple[int, bool]:
     state it saved just before says what they were, so only that state tells whether the experiment is over: every
     trial ended, and either all `num_samples` were asked for or the search had nothing left to ask (`SearchLog`).
     """
-    grid = tuner.fit()
+    with ray_tune.keeping_good_state(exp_dir):
+        grid = tuner.fit()
+    for callback in ray_tune.restored_callbacks(tuner):
+        if isinstance(callback, StudyCallback) and callback.not_written:
+            raise StudyStoppedError(f"study {paths.root.name} stopped: {callback.not_written}. Nothing is lost: once "
+                                    f"there is space, continue it with `g2-study resume {paths.root.name} "
+                                    f"--storage {paths.root.parent}`")
     trials = tune.ExperimentAnalysis(grid.experiment_path).trials
     ended = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
     return ended, ended == len(trials) and (ended >= num_samples or SearchLog.read(paths.search_log).exhausted)
@@ -242,13 +257,17 @@ def bridge_checkpoint_rotation(exp_dir: Path) -> list[Path]:
     return made
 
 
-def attach_restored(tuner, printer: Printer, quiet: bool) -> None:
+def attach_restored(tuner, cfg: StudyConfig, paths: StudyPaths, printer: Printer, quiet: bool) -> None:
     """A restored experiment brings back the callback and searcher pickled with it: link them again (the callback
-    tells the searcher each end), with this driver's console settings in place of the first driver's."""
+    tells the searcher each end), with this driver's config and console settings in place of the first driver's
+    (a study resumed on a new cluster tracks to the MLflow server it was given, not the one it started with)."""
     searcher = ray_tune.restored_searcher(tuner)
+    if isinstance(searcher, StudySearch):
+        searcher.place(cfg, str(paths.root))
     for callback in ray_tune.restored_callbacks(tuner):
         if isinstance(callback, StudyCallback):
-            callback.attach(searcher if isinstance(searcher, StudySearch) else None, printer, quiet)
+            callback.attach(cfg, str(paths.root), searcher if isinstance(searcher, StudySearch) else None, printer,
+                            quiet)
 
 
 def _start_ray(cfg: StudyConfig, claim: DriverClaim) -> None:
@@ -262,6 +281,8 @@ def _start_ray(cfg: StudyConfig, claim: DriverClaim) -> None:
 def run_study(cfg: StudyConfig, *, printer: Printer = print, quiet: bool = False) -> StudyOutcome:
     """Start a new study, or extend a finished one by `cfg.total_samples()` trials."""
     paths = StudyPaths.of(cfg)
+    check_tracking_access(paths.tracking_uri(cfg))   # before anything is written
+    check_optuna_storage(cfg, paths)
     with DriverClaim(paths.root, cfg.name, printer) as claim:
         state = StudyState.read(paths.state)
         if state is not None and state.pending() is not None:
@@ -270,6 +291,11 @@ def run_study(cfg: StudyConfig, *, printer: Printer = print, quiet: bool = False
         if state is not None and StudyConfig.from_json(state.config).task != cfg.task:
             raise StudyStateError(f"study {cfg.name!r} in {paths.root} is a "
                                   f"{StudyConfig.from_json(state.config).task} study; pick another study.name")
+        saved = StudyConfig.from_json(state.config) if state is not None else cfg
+        if saved.optuna_storage != cfg.optuna_storage:   # elsewhere, an extension's sampler would start afresh
+            raise StudyStateError(f"study {cfg.name!r} in {paths.root} keeps its Optuna study in "
+                                  f"{shown_url(paths.optuna_url(saved))}; extend it with that study.optuna_storage, "
+                                  f"not {shown_url(paths.optuna_url(cfg))}")
         started = time.time()
         _start_ray(cfg, claim)   # before the study records an experiment that could not start
         k = len(state.experiments) if state is not None else 0
@@ -284,20 +310,28 @@ def run_study(cfg: StudyConfig, *, printer: Printer = print, quiet: bool = False
         printer(f"  study directory {paths.root}\n  MLflow {paths.tracking_uri(cfg)}")
         SearchLog().write(paths.search_log)   # this run's answers
         tuner = make_tuner(cfg, paths, experiment, num_samples, cfg.sampler_seed + k, printer, quiet)
-        ended, over = _fit(tuner, paths, num_samples)
+        ended, over = _fit(tuner, paths, paths.ray / experiment, num_samples)
         if not over:
             return _interrupted(cfg, paths, ended, num_samples, started, printer)
         return _finish(cfg, paths, state, experiment, started, printer)
 
 
-def resume_study(name: str, storage: str = DEFAULT_STORAGE, *, printer: Printer = print, quiet: bool = False
-                 ) -> StudyOutcome:
-    """Continue an interrupted study: finished trials stay, interrupted ones continue from their checkpoints."""
+def resume_study(name: str, storage: str = DEFAULT_STORAGE, *, address: str | None = None,
+                 tracking_uri: str | None = None, printer: Printer = print, quiet: bool = False) -> StudyOutcome:
+    """Continue an interrupted study: finished trials stay, interrupted ones continue from their checkpoints.
+
+    `address` and `tracking_uri` replace the stored ones, for a study whose cluster or MLflow server was replaced
+    (the same storage, on new machines); the study then remembers them.
+    """
     paths = StudyPaths.named(storage, name)
-    read_state(paths)   # a clear error, and no directory made, for a study that does not exist
+    moved = {k: v for k, v in (("address", address), ("tracking_uri", tracking_uri)) if v is not None}
+    cfg = replace(StudyConfig.from_json(read_state(paths).config), **moved)
+    # a clear error, and no directory made, for a study that does not exist or a server that refuses us
+    check_tracking_access(paths.tracking_uri(cfg))
+    check_optuna_storage(cfg, paths)
     with DriverClaim(paths.root, name, printer) as claim:
         state = read_state(paths)
-        cfg = StudyConfig.from_json(state.config)
+        cfg = replace(StudyConfig.from_json(state.config), **moved)
         pending = state.pending()
         if pending is None:
             raise StudyStateError(f"study {name!r} has finished; run it again with --num-samples N to extend it")
@@ -305,8 +339,13 @@ def resume_study(name: str, storage: str = DEFAULT_STORAGE, *, printer: Printer 
         exp_dir = paths.ray / experiment
         started = time.time()
         _start_ray(cfg, claim)
+        if moved:   # remembered once the new cluster answered
+            state = replace(state, config=cfg.to_json())
+            state.write(paths.state)
         open_tracker(cfg, str(paths.root)).start(cfg.to_flat())
         bridges: list[Path] = []
+        for state in ray_tune.repair_experiment_state(exp_dir):
+            printer(f"  {state.name} was cut by the driver's end: restoring from its last complete copy")
         if not tune.Tuner.can_restore(str(exp_dir)):
             # the driver died before Tune saved anything: nothing ran, so start this experiment afresh
             printer(f"nothing to restore in {exp_dir}; starting its {num_samples} trial(s) again")
@@ -316,8 +355,8 @@ def resume_study(name: str, storage: str = DEFAULT_STORAGE, *, printer: Printer 
             bridges = bridge_checkpoint_rotation(exp_dir)
             tuner = tune.Tuner.restore(str(exp_dir), trainable=make_trainable(cfg, paths), resume_unfinished=True,
                                        resume_errored=False, restart_errored=False)
-            attach_restored(tuner, printer, quiet)
-        ended, over = _fit(tuner, paths, num_samples)
+            attach_restored(tuner, cfg, paths, printer, quiet)
+        ended, over = _fit(tuner, paths, exp_dir, num_samples)
         if not over:
             return _interrupted(cfg, paths, ended, num_samples, started, printer)   # a next resume may need them
         for copy in bridges:   # those Tune restored from it rotated away; the others it never named

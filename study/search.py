@@ -6,6 +6,7 @@ history; optuna-dashboard reads the same storage, with the objective names and t
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import warnings
 from pathlib import Path
@@ -35,6 +36,7 @@ from study.tags import (
 from study.tracking import open_tracker
 from study.trial_end import TrialEnd
 from trainables.config import TrialConfig
+from trainables.durable import write_bytes
 from trainables.report import EVAL_GATE, OK, TRAINING_KEY
 from trainables.trainable import sweep_gates
 
@@ -140,7 +142,8 @@ class StudySearch(Searcher):
     # ----------------------------------------------------------------- state
 
     def __getstate__(self):
-        return {**self.__dict__, "_study": None, "_board": None, "_told": None, "_news": [], "unshown": []}
+        return {**self.__dict__, "_study": None, "_board": None, "_told": None, "_news": [], "unshown": [],
+                "_placed": None}
 
     def __setstate__(self, state):
         if "_ot_trials" in state:   # pickled by the OptunaSearch-based searcher of earlier versions
@@ -158,12 +161,24 @@ class StudySearch(Searcher):
             self.sampler.__class__ = GridSampler
 
     def save(self, checkpoint_path: str):
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.__getstate__(), f)
+        write_bytes(checkpoint_path, pickle.dumps(self.__getstate__()))
+
+    def save_to_dir(self, checkpoint_dir: str, session_str: str = "default"):
+        """Tune's own save_to_dir renames without an fsync: write the state file durably in its place."""
+        self.save(os.path.join(checkpoint_dir, self.CKPT_FILE_TMPL.format(session_str)))
 
     def restore(self, checkpoint_path: str):
+        placed = self.__dict__.get("_placed")
         with open(checkpoint_path, "rb") as f:
             self.__setstate__(pickle.load(f))
+        if placed is not None:
+            self.place(*placed)
+
+    def place(self, cfg: StudyConfig, root: str) -> None:
+        """This driver's study config and directory, kept when Tune restores its saved state over this searcher:
+        a study resumed on a new cluster may have a new MLflow server or Optuna storage."""
+        self.study_cfg, self.root = cfg, root
+        self._placed = (cfg, root)
 
     @property
     def study(self) -> optuna.Study:

@@ -94,6 +94,9 @@ def run_url(server: str, experiment_id: str, run_id: str) -> str:
     return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
+
+
+
 def find_experiment_id(tracking_uri: str, experiment: str) -> str | None:
     """The id of an existing experiment, None if there is none (nothing is created)."""
     found = MlflowClient(tracking_uri=tracking_uri).get_experiment_by_name(experiment)

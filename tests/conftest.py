@@ -246,3 +246,51 @@ def optuna_trial_states(study) -> dict[str, int]:
     rows = [t.user_attrs["g2.row"] for t in study.trials if "g2.row" in t.user_attrs]
     assert len(rows) == len(set(rows)), "a scored row reached Optuna twice"
     return dict(Counter(t.state.name for t in study.trials if "g2.ray_trial_id" in t.user_attrs))
+
+
+class DiskLog:
+    """The fsyncs and renames this process made, in order: ("fsync", path) and ("replace", source, target)."""
+
+    def __init__(self):
+        self.events: list[tuple] = []
+
+    def assert_replaced_durably(self, path: Path) -> None:
+        """`path` was renamed into place from a temporary file beside it that was fsynced first, and its
+        directory was fsynced after (`trainables/durable.py`)."""
+        path = Path(path)
+        renames = [i for i, e in enumerate(self.events) if e[0] == "replace" and Path(e[2]) == path]
+        assert renames, f"{path} was never renamed into place: {self.events}"
+        at = renames[-1]
+        temp = Path(self.events[at][1])
+        assert temp.parent == path.parent and temp.name.startswith(f".{path.name}."), temp
+        assert ("fsync", str(temp)) in self.events[:at], f"{temp} renamed to {path} without an fsync: {self.events}"
+        assert ("fsync", str(path.parent)) in self.events[at + 1:], f"{path.parent} not fsynced after the rename"
+
+    def assert_directory_replaced_durably(self, path: Path) -> None:
+        """`path` was renamed into place from a staging directory whose files, and itself, were fsynced first."""
+        self.assert_replaced_durably(path)
+        at = max(i for i, e in enumerate(self.events) if e[0] == "replace" and Path(e[2]) == Path(path))
+        staging = Path(self.events[at][1])
+        before = {Path(e[1]) for e in self.events[:at] if e[0] == "fsync"}
+        for file in Path(path).rglob("*"):
+            if file.is_file():
+                assert staging / file.relative_to(path) in before, f"{file} not fsynced before the rename"
+
+
+@pytest.fixture
+def disk_log(monkeypatch) -> DiskLog:
+    """Records every `os.fsync` (the path of its fd) and `os.replace` of this process, and does them."""
+    log = DiskLog()
+    fsync, replace = os.fsync, os.replace
+
+    def recorded_fsync(fd):
+        log.events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def recorded_replace(source, target, **kwargs):
+        log.events.append(("replace", os.fspath(source), os.fspath(target)))
+        replace(source, target, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "replace", recorded_replace)
+    return log

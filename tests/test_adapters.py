@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import optuna
 import pytest
@@ -82,3 +83,23 @@ def test_a_real_experiment_state_names_each_trials_checkpoint(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ((trial_dir, names, on_disk),) = json.loads(proc.stdout.splitlines()[-1])
     assert trial_dir.startswith(str(tmp_path / "e")) and names == on_disk == ["checkpoint_000002"]
+
+
+def test_a_state_cut_by_a_killed_driver_is_put_back_from_its_last_complete_copy(tmp_path):
+    state = tmp_path / "experiment_state-2026-12-04_21-25-20.json"
+    whole = json.dumps({"trial_data": [["{}", "{}"]], "runner_data": {}})
+    with ray_tune.keeping_good_state(tmp_path, period_s=0.02):
+        state.write_text(whole)
+        time.sleep(0.2)
+        state.write_text(whole[:7])                 # Tune's next upload, cut: never copied over the good one
+        time.sleep(0.2)
+    state.write_text("")                            # the kill, mid-copy
+    assert ray_tune.repair_experiment_state(tmp_path) == [state]
+    assert state.read_text() == whole
+    assert sorted(p.name for p in tmp_path.glob(ray_tune.STATE_GLOB)) == [state.name]   # Tune sees one state
+    assert ray_tune.repair_experiment_state(tmp_path) == []          # a whole state is left alone
+
+
+def test_a_cut_state_without_a_copy_is_left_for_tune_to_judge(tmp_path):
+    (tmp_path / "experiment_state-x.json").write_text("")
+    assert ray_tune.repair_experiment_state(tmp_path) == []

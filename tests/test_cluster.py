@@ -1,9 +1,10 @@
 """A study on a two-node Ray cluster on this machine: a head and a worker node, one CPU each, on loopback.
 
 Each trial takes one CPU, so two concurrent trials must land on both nodes. The study is submitted as a Ray Job
-(as from a laptop), a study no node can hold is refused before it starts, and the worker node is killed
+(as from a laptop, with `g2-study submit`, and followed by name), a study no node can hold is refused before it starts, and the worker node is killed
 mid-trial: its trial must finish on the head from its checkpoint.
 """
+import json
 import os
 import re
 import secrets
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
@@ -23,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from study import results
 
 import conftest
-from conftest import alive, free_port, wait_for
+from conftest import alive, free_port, healthy, wait_for
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -66,14 +68,14 @@ def training_on(node: subprocess.Popen) -> bool:
         return False
 
 
-@pytest.fixture(scope="module")
-def cluster():
+@contextmanager
+def ray_cluster():
     """A token-authenticated head (with the job server) and a worker node; the driver gets the token by env.
 
     Ray keeps a node on 127.0.0.1 only with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, and then refuses to add a second node;
     with clusters enabled it replaces 127.0.0.1 by the machine's outward address. Other loopback addresses are kept
     as given: the head advertises 127.0.0.2, the worker 127.0.0.3 (some of their servers then listen on every
-    interface, as on a real cluster; the token guards them).
+    interface, as on a real cluster; the token guards them). Each cluster has its own ports, token and temp dir.
     """
     temp = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))          # Ray's unix sockets want a short path
     token = temp / "token"
@@ -82,7 +84,8 @@ def cluster():
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"},
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0",
            # a lost node is noticed in ~3 s instead of ~15 s
-           "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+           "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}   # the head's `ray start` sees g2-study
     port, dashboard = free_port(), free_port()
     head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={port}",
                              "--node-ip-address=127.0.0.2", "--num-cpus=1", "--include-dashboard=true",
@@ -100,7 +103,7 @@ def cluster():
         wait_for(lambda: "/2.0 CPU" in subprocess.run(status, env=env, capture_output=True, text=True).stdout, 90,
                  "the worker node")
         yield {"address": f"127.0.0.2:{port}", "jobs": f"http://127.0.0.1:{dashboard}", "env": env,
-               "worker": worker, "temp": temp}
+               "head": head, "worker": worker, "temp": temp}
     finally:
         if worker is not None:
             stop(worker)
@@ -108,20 +111,27 @@ def cluster():
         shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def cluster():
+    with ray_cluster() as started:
+        yield started
+
+
 def g2_study(args, cluster, tmp_path, timeout=600) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "g2-study"), *args], env=cluster["env"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=timeout)
 
 
-def study_counts(study_dir: Path, name: str) -> dict:
+def study_counts(study_dir: Path, name: str, mlflow_db: Path | None = None) -> dict:
     df = results.load(str(study_dir))
-    client = MlflowClient(tracking_uri=f"sqlite:///{study_dir / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{mlflow_db or study_dir / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name(name).experiment_id], "tags.`g2.role` = 'trial'")
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{study_dir / 'optuna.db'}")
     return {"trials": df["trial_id"].nunique(), "rows": len(df),
             "duplicate_rows": int(df.duplicated(["trial_id", "method", "compress.rank", "compress.bits"]).sum()),
             "statuses": dict(Counter(df.drop_duplicates("trial_id")["status"])),
             "mlflow_runs": dict(Counter(r.info.status for r in runs)),
+            "mlflow_trials": len({r.data.tags["g2.trial_id"] for r in runs}),
             "optuna": conftest.optuna_trial_states(study)}
 
 
@@ -138,46 +148,49 @@ def test_a_study_no_node_can_hold_is_refused_before_any_trial(cluster, tmp_path)
     assert not (storage / "toobig" / "study.json").exists() and not (storage / "toobig" / "results").exists()
 
 
-def test_a_study_submitted_as_a_ray_job_runs_on_both_nodes_to_the_end(cluster, tmp_path):
+def test_a_study_submitted_from_a_laptop_runs_on_both_nodes_and_is_followed_by_name(cluster, tmp_path):
     storage, name = tmp_path / "studies", "job"
     config = study_file(tmp_path, name, num_samples=4, epochs=2)
-    ray = [str(BIN / "ray"), "job"]
-    command = [*ray, "submit", "--address", cluster["jobs"], "--submission-id", "g2-job", "--no-wait",
-               "--", str(BIN / "g2-study"), "run", str(config), "--address", "auto", "--storage", str(storage)]
-    submitted = []
+    address = ["--address", cluster["jobs"]]
+    submitted = g2_study(["submit", str(config), *address, "--storage", str(storage)], cluster, tmp_path, timeout=300)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr        # the client is gone
+    (submission_id,) = re.findall(r"as Ray Job (\S+);", submitted.stdout)
+    assert f"g2-study logs {name} --address {cluster['jobs']} --follow" in submitted.stdout
 
-    def submit() -> bool:
-        """A head just started answers "No available agent to submit job" until its job agent is up: try again."""
-        proc = subprocess.run(command, env=cluster["env"], capture_output=True, text=True, timeout=120)
-        submitted.append(proc)
-        return proc.returncode == 0 or "No available agent" not in proc.stderr
+    logs = g2_study(["logs", name, *address, "--follow"], cluster, tmp_path, timeout=600)   # returns when it ends
+    following = g2_study(["status", name, *address], cluster, tmp_path, timeout=300)
+    assert following.returncode == 0, following.stderr
+    assert re.search(rf"job {submission_id}: (PENDING|RUNNING|SUCCEEDED)", following.stdout), following.stdout
+    assert f"study {name}" in following.stdout, following.stdout                # the head's `g2-study status`
 
-    wait_for(submit, 300, "the job server", poll=2)   # ~10 s on an idle machine; minutes on a loaded one
-    assert submitted[-1].returncode == 0, submitted[-1].stdout + submitted[-1].stderr   # the client is gone
-
-    def job_status() -> str:
-        """'' while it runs; `ray job status` says "Job 'ID' succeeded" (or failed, stopped) once it has ended."""
-        proc = subprocess.run([*ray, "status", "--address", cluster["jobs"], "g2-job"], env=cluster["env"],
-                              capture_output=True, text=True, timeout=60)
-        ended = re.search(r"Job 'g2-job' (succeeded|failed|stopped)", proc.stdout + proc.stderr)
-        return ended[1] if ended else ""
-
-    wait_for(lambda: job_status() != "", 300, "the Ray Job", poll=2)
-    logs = subprocess.run([*ray, "logs", "--address", cluster["jobs"], "g2-job"], env=cluster["env"],
-                          capture_output=True, text=True, timeout=60).stdout
-    assert job_status() == "succeeded", logs[-3000:]
-    assert "Pareto front" in logs
+    assert logs.returncode == 0 and "Pareto front" in logs.stdout, logs.stdout[-3000:] + logs.stderr
+    ended = g2_study(["status", name, *address, "--format", "json"], cluster, tmp_path, timeout=300)
+    assert f"job {submission_id}: SUCCEEDED" in ended.stderr, ended.stderr
+    assert json.loads(ended.stdout)["study"] == name
 
     proc = g2_study(["results", name, "--storage", str(storage)], cluster, tmp_path, timeout=120)
     assert proc.returncode == 0 and "gate_bits" in proc.stdout, proc.stderr
     counts = study_counts(storage / name, name)
     assert counts == {"trials": 4, "rows": 20, "duplicate_rows": 0, "statuses": {"ok": 4},
-                      "mlflow_runs": {"FINISHED": 4}, "optuna": {"COMPLETE": 4}}, counts
+                      "mlflow_runs": {"FINISHED": 4}, "mlflow_trials": 4, "optuna": {"COMPLETE": 4}}, counts
     df = results.load(str(storage / name))
     nodes = df.drop_duplicates("trial_id")["node_id"]
     assert nodes.notna().all(), "every report carries the Ray node that ran it"
     assert nodes.nunique() == 2, f"trials ran on both nodes: {nodes.tolist()}"
-    print(f"\nRay Job: {counts}; trials per node {dict(Counter(nodes.str[:8]))}")
+    print(f"\nRay Job {submission_id}: {counts}; trials per node {dict(Counter(nodes.str[:8]))}")
+
+
+def test_submit_refuses_bad_input_before_anything_reaches_the_cluster(cluster, tmp_path):
+    config = study_file(tmp_path, "refused", num_samples=2, epochs=1)
+    for args, message in (
+            (["--storage", "relative/dir"], "--storage must be an absolute path on the cluster"),
+            (["--storage", str(tmp_path), "--set", "study.num_samples=0"], "study.num_samples must be"),
+            (["--storage", str(tmp_path), "--address", "127.0.0.2:6379"], "--address must be the Ray job server")):
+        proc = g2_study(["submit", str(config), "--address", cluster["jobs"], *args], cluster, tmp_path, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    jobs = subprocess.run([str(BIN / "ray"), "job", "list", "--address", cluster["jobs"]], env=cluster["env"],
+                          capture_output=True, text=True, timeout=60).stdout
+    assert "refused" not in jobs
 
 
 def test_a_lost_node_s_trial_finishes_on_the_other_node_from_its_checkpoint(cluster, tmp_path):
@@ -202,7 +215,7 @@ def test_a_lost_node_s_trial_finishes_on_the_other_node_from_its_checkpoint(clus
     assert len(retries) == 1, out[-3000:]
     counts = study_counts(storage / name, name)
     assert counts == {"trials": 2, "rows": 10, "duplicate_rows": 0, "statuses": {"ok": 2},
-                      "mlflow_runs": {"FINISHED": 2}, "optuna": {"COMPLETE": 2}}, counts
+                      "mlflow_runs": {"FINISHED": 2}, "mlflow_trials": 2, "optuna": {"COMPLETE": 2}}, counts
     df = results.load(str(storage / name)).drop_duplicates("trial_id")
     lost = next(t for t in df["trial_id"] if t in retries[0])
     assert df["node_id"].nunique() == 1                        # both finished on the head, the one node left
@@ -214,3 +227,76 @@ def test_a_lost_node_s_trial_finishes_on_the_other_node_from_its_checkpoint(clus
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_metric")) == [1, 2, 3, 4, 5]
     assert not alive(killed)
     print(f"\nlost node: {len(killed)} process(es) killed, none left; trial {lost} retried once; {counts}")
+
+
+@contextmanager
+def mlflow_server(storage: Path, env: dict[str, str]):
+    """The cluster recipe's `g2-study mlflow-server` on loopback, its store in the shared storage; yields its URI."""
+    port = free_port()
+    proc = subprocess.Popen([str(BIN / "g2-study"), "mlflow-server", "--storage", str(storage), "--port", str(port)],
+                            env=env, stdout=open(storage / f"mlflow-{port}.log", "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: healthy(f"{uri}/health"), 120, "the authenticated mlflow server")
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
+def test_a_study_whose_whole_cluster_died_completes_on_a_new_cluster(tmp_path):
+    """Head, worker, driver and MLflow server all SIGKILLed mid-study; new ones (ports, token) resume it."""
+    storage, name = tmp_path / "shared", "outlived"
+    storage.mkdir()
+    config = study_file(tmp_path, name, num_samples=4, epochs=4, max_batches=60)   # epochs of seconds
+    credentials = {"MLFLOW_TRACKING_USERNAME": "g2admin", "MLFLOW_TRACKING_PASSWORD": secrets.token_hex(12)}
+    study_dir = storage / name
+    log = tmp_path / "driver.log"
+    with ray_cluster() as first:
+        env = {**first["env"], **credentials}
+        with mlflow_server(storage, env) as uri:
+            driver = subprocess.Popen([str(BIN / "g2-study"), "run", str(config), "--address", first["address"],
+                                       "--storage", str(storage), "--tracking-uri", uri], env=env, cwd=tmp_path,
+                                      stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                finished = lambda: list((study_dir / "results").glob("*.parquet"))           # noqa: E731
+                in_progress = lambda: len(list((study_dir / "curves").glob("*.parquet"))) > len(finished())  # noqa
+                wait_for(lambda: finished() and in_progress() or driver.poll() is not None, 600,
+                         "a finished trial, and another past its first epoch")
+                assert driver.poll() is None, log.read_text()[-3000:]
+                os.killpg(driver.pid, signal.SIGKILL)                 # the driver, on the head, goes with it
+                killed = kill_tree(first["worker"]) + kill_tree(first["head"])
+            finally:
+                if driver.poll() is None:
+                    os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait(30)
+            assert not alive(killed)
+            done_before = {p.stem: p.stat().st_mtime_ns for p in finished()}
+            interrupted = study_counts(study_dir, name, storage / "mlflow.db")
+    assert interrupted["optuna"].get("RUNNING", 0) >= 1, interrupted
+
+    with ray_cluster() as second:
+        env = {**second["env"], **credentials}
+        with mlflow_server(storage, env) as new_uri:
+            assert new_uri != uri and second["address"] != first["address"]
+            proc = subprocess.run([str(BIN / "g2-study"), "resume", name, "--storage", str(storage), "--address",
+                                   second["address"], "--tracking-uri", new_uri], env=env, cwd=tmp_path,
+                                  capture_output=True, text=True, timeout=600)
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            status = g2_study(["status", name, "--storage", str(storage)], second, tmp_path, timeout=120)
+            assert "finished" in status.stdout.splitlines()[0], status.stdout
+    counts = study_counts(study_dir, name, storage / "mlflow.db")
+    assert counts == {"trials": 4, "rows": 20, "duplicate_rows": 0, "statuses": {"ok": 4},
+                      "mlflow_runs": {"FINISHED": 4}, "mlflow_trials": 4, "optuna": {"COMPLETE": 4}}, counts
+    for trial_id, mtime in done_before.items():                    # finished before the loss: not trained again
+        assert (study_dir / "results" / f"{trial_id}.parquet").stat().st_mtime_ns == mtime
+    curve = results.load_curves(str(study_dir))
+    assert curve.groupby("trial_id")["epoch"].apply(sorted).tolist() == [[1, 2, 3, 4]] * 4
+    client = MlflowClient(tracking_uri=f"sqlite:///{storage / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id], "tags.`g2.role` = 'trial'")
+    for run in runs:   # continued from a checkpoint: no epoch measured twice (from scratch would log epoch 1 again)
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_metric")) == [1, 2, 3, 4]
+    assert json.loads((study_dir / "study.json").read_text())["config"]["address"] == second["address"]
+    print(f"\nwhole cluster lost: {len(killed)} process(es) killed; at the loss {interrupted}; "
+          f"{len(done_before)} finished before; after resume on a new cluster {counts}")

@@ -223,6 +223,13 @@ def test_an_export_refuses_a_used_directory_and_a_row_of_another_setting(lm, tmp
     assert not (tmp_path / "other").exists()
 
 
+
+def test_an_export_is_fsynced_file_by_file_and_renamed_whole(lm, tmp_path, disk_log):
+    (tmp_path / "out").mkdir()   # an empty directory the user made is replaced
+    lm.export(tmp_path / "out", "quant", 0, 4)
+    disk_log.assert_directory_replaced_durably(tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]   # no staging directory left
+
 # --------------------------------------------------------------------------- translation
 
 @pytest.fixture(scope="module")

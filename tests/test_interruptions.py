@@ -79,13 +79,16 @@ def ray_descendants(pid: int) -> list[psutil.Process]:
     return found
 
 
-def study_counts(study_dir: Path, name: str) -> dict:
-    """Trials, rows and duplicates in the results; MLflow trial runs by status; Optuna trials by state."""
+def study_counts(study_dir: Path, name: str, tracking_uri: str = "", optuna_url: str = "") -> dict:
+    """Trials, rows and duplicates in the results; MLflow trial runs by status; Optuna trials by state.
+
+    MLflow and Optuna are read from the study directory's SQLite files unless `tracking_uri` / `optuna_url` say where.
+    """
     df = results.load(str(study_dir))
-    client = MlflowClient(tracking_uri=f"sqlite:///{study_dir / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=tracking_uri or f"sqlite:///{study_dir / 'mlflow.db'}")
     experiment = client.get_experiment_by_name(name)
     runs = client.search_runs([experiment.experiment_id], "tags.`g2.role` = 'trial'")
-    study = optuna.load_study(study_name=name, storage=f"sqlite:///{study_dir / 'optuna.db'}")
+    study = optuna.load_study(study_name=name, storage=optuna_url or f"sqlite:///{study_dir / 'optuna.db'}")
     return {"trials": df["trial_id"].nunique(), "rows": len(df),
             "duplicate_rows": int(df.duplicated(["trial_id", "method", "compress.rank", "compress.bits", "g2.eval_gate"]).sum()),
             "statuses": dict(Counter(df.drop_duplicates("trial_id")["status"])),
@@ -254,3 +257,48 @@ def test_a_lost_worker_is_retried_from_its_checkpoint_and_a_trials_own_error_is_
     # resumed from its checkpoint: every epoch was measured once (a restart from scratch logs epoch 1 twice)
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_metric")) == [1, 2, 3, 4, 5]
     print(f"\nlost worker: {len(retries)} retry; {counts}; leftover processes 0")
+
+
+FILE_SIZE_LIMIT = 50_000   # bytes: over the toy corpus, study.json and a results file; under a checkpoint (~74 kB)
+
+
+def test_a_full_disk_stops_the_study_naming_the_file_and_resume_completes_it(tmp_path, processes):
+    """RLIMIT_FSIZE as the trials' full disk: a write past it fails with EFBIG (Python ignores SIGXFSZ).
+
+    The limit is set on the driver's raylet and Ray workers once the first trial has ended, so the next trial's
+    checkpoint does not fit. A limit on the whole driver from the start is no test of the study: Ray's own files
+    (its plasma store, logs) outgrow any limit a checkpoint outgrows and Ray does not start, and the driver's
+    Tune state (~170 kB) and mlflow.db (~1 MB) fail before any file of the study.
+    """
+    import resource
+
+    storage, name = tmp_path / "studies", "full"
+    config = study_file(tmp_path, name, num_samples=2, epochs=2, max_batches=4, concurrent=1)
+    driver = start_driver(["run", str(config), "--storage", str(storage)], tmp_path, processes)
+    wait_for_results(storage / name, 1, driver, tmp_path / "driver.log")
+    (first,) = (storage / name / "results").glob("*.parquet")
+    before = first.read_bytes()
+    local_ray = ray_descendants(driver.pid)
+    processes.extend(local_ray)
+    for proc in local_ray:   # every process the trials run in, and the raylet that starts new ones
+        if proc.cmdline()[:1] != [sys.executable] or "raylet" in proc.cmdline()[0]:
+            resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT, FILE_SIZE_LIMIT))
+    assert driver.wait(300) == 74, (tmp_path / "driver.log").read_text()[-3000:]
+    out = (tmp_path / "driver.log").read_text()
+    stopped = [line for line in out.splitlines() if "could not write" in line]
+    assert len(stopped) == 1 and "Traceback" not in out, out[-3000:]
+    assert re.fullmatch(rf"g2-study run: error: study {name} stopped: could not write "
+                        rf"\S+/(best_model|checkpoint)\.pt: File too large\. Nothing is lost: once there is space, continue it "
+                        rf"with `g2-study resume {name} --storage {re.escape(str(storage))}`", stopped[0]), stopped
+    assert first.read_bytes() == before and results.load(str(storage / name))["trial_id"].nunique() == 1
+    assert experiments(storage / name) == [{"name": name, "num_samples": 2, "finished": False}]
+    wait_for(lambda: not alive(local_ray), 30, "the stopped driver's local Ray to exit")
+    assert not (storage / name / "driver.json").exists()
+
+    proc = g2_study(["resume", name, "--storage", str(storage)], tmp_path)   # space again: no limit
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    counts = study_counts(storage / name, name)
+    assert counts == {"trials": 2, "rows": 10, "duplicate_rows": 0, "statuses": {"ok": 2},
+                      "mlflow_runs": {"FINISHED": 2}, "mlflow_trials": 2, "optuna": {"COMPLETE": 2}}, counts
+    assert first.read_bytes() == before   # the trial that ended before the disk filled is not run again
+    print(f"\nfull disk: {stopped[0]}; after resume {counts}")

@@ -1,38 +1,23 @@
 """Checkpoints that resume a trial exactly: state dicts, the flat config, loop state and every RNG state.
 
 Only tensors and plain containers are stored, never a pickled module, so loading uses `weights_only=True`.
+Files are replaced whole and fsynced (`trainables/durable.py`): a crash or power cut leaves the previous one.
 Everything loads to the CPU first and reaches the model's device through `load_state_dict`: a checkpoint saved
 on one device resumes on another, RNG states stay the CPU ByteTensors `torch.set_rng_state` wants, and the
 optimiser's `step` counters stay on the host (one on the GPU costs a sync per step).
 """
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from trainables.durable import save_torch
+
 CHECKPOINT_FILE = "checkpoint.pt"
 BEST_MODEL_FILE = "best_model.pt"
-
-
-@contextmanager
-def written_aside(path: Path) -> Iterator[Path]:
-    """Yields a temporary path beside `path` to write, then renames it into place: a killed process never
-    leaves a half-written file, and a concurrent reader sees the old file or the new one, never a part."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    yield tmp
-    os.replace(tmp, path)
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    with written_aside(path) as tmp:
-        torch.save(obj, tmp)
 
 
 def save_checkpoint(directory: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, config: dict,
@@ -41,7 +26,7 @@ def save_checkpoint(directory: Path, *, model: nn.Module, optimizer: torch.optim
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / CHECKPOINT_FILE
-    atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": config,
+    save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": config,
                  "epoch": epoch, "loop": loop, "task": task, "rng": rng}, path)
     return path
 
@@ -52,7 +37,7 @@ def load_checkpoint(directory: Path) -> dict[str, Any]:
 
 def save_model(path: Path, model: nn.Module, config: dict) -> None:
     """The best weights alone (what the compression sweep and checkpoint reuse need)."""
-    atomic_save({"model": model.state_dict(), "config": config}, path)
+    save_torch({"model": model.state_dict(), "config": config}, path)
 
 
 def load_model(path: Path, model: nn.Module) -> dict[str, Any]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from torch import Tensor, nn
 
 from trainables.compress import FLOAT_BITS, _target_columns, account, gate_rows, recurrent_layers
 from trainables.config import G2Config, TrialConfig
+from trainables.durable import writing_directory
 from trainables.g2lstm import G2LSTM
 from trainables.gates import GateMath
 from trainables.packing import BlockCode, decode_block, encode_block
@@ -160,29 +160,24 @@ def export_model(directory: str | os.PathLike, model: nn.Module, cfg: TrialConfi
         raise ValueError(f"the row says gate_bits {said.gate_bits}, model_bits {said.model_bits}; packing "
                          f"{cfg.compress.method} stores {packed_accounting.gate_bits} and {packed_accounting.model_bits}"
                          ": the row was scored under another setting or by another compression code")
-    staging = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    safetensors.torch.save_file(tensors, staging / TENSORS_FILE, metadata={"format": EXPORT_FORMAT})
-    hard, scale = _gate_scale(cfg.g2)
-    manifest = Manifest(
-        task=cfg.task, config=cfg.to_flat(),
-        gates={"gate_mode": cfg.g2.gate_mode, "tau": cfg.g2.tau, "p": cfg.g2.p, "sharpen_tau": cfg.g2.sharpen_tau,
-               "eval_gate": cfg.g2.eval_gate, "inference": "binary" if hard else "sigmoid",
-               "folded_scale": 1.0 if hard else scale},
-        source=source, tokenizer=_write_tokenizer(staging, cfg.task, tokenizer), parameters=parameters,
-        blocks=blocks,
-        tensors={name: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "sha256": _sha256(t)}
-                 for name, t in sorted(tensors.items())},
-        sizes={"tensors_file_bytes": (staging / TENSORS_FILE).stat().st_size,
-               "payload_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
-               "accounted_bytes": said.model_bits // 8})
-    (staging / MANIFEST_FILE).write_text(json.dumps(_manifest_json(manifest), indent=1, sort_keys=False))
-    os.chmod(staging / TENSORS_FILE, (staging / MANIFEST_FILE).stat().st_mode)   # safetensors writes it 0600
-    if out.exists():
-        out.rmdir()
     out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(staging, out)
+    with writing_directory(out) as staging:   # fsynced and renamed whole: a crash leaves no half export
+        safetensors.torch.save_file(tensors, staging / TENSORS_FILE, metadata={"format": EXPORT_FORMAT})
+        hard, scale = _gate_scale(cfg.g2)
+        manifest = Manifest(
+            task=cfg.task, config=cfg.to_flat(),
+            gates={"gate_mode": cfg.g2.gate_mode, "tau": cfg.g2.tau, "p": cfg.g2.p, "sharpen_tau": cfg.g2.sharpen_tau,
+                   "eval_gate": cfg.g2.eval_gate, "inference": "binary" if hard else "sigmoid",
+                   "folded_scale": 1.0 if hard else scale},
+            source=source, tokenizer=_write_tokenizer(staging, cfg.task, tokenizer), parameters=parameters,
+            blocks=blocks,
+            tensors={name: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "sha256": _sha256(t)}
+                     for name, t in sorted(tensors.items())},
+            sizes={"tensors_file_bytes": (staging / TENSORS_FILE).stat().st_size,
+                   "payload_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+                   "accounted_bytes": said.model_bits // 8})
+        (staging / MANIFEST_FILE).write_text(json.dumps(_manifest_json(manifest), indent=1, sort_keys=False))
+        os.chmod(staging / TENSORS_FILE, (staging / MANIFEST_FILE).stat().st_mode)   # safetensors writes it 0600
     return manifest
 
 

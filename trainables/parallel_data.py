@@ -18,8 +18,8 @@ import sentencepiece as spm
 import torch
 from torch import Tensor
 
-from trainables.checkpoint import written_aside
 from trainables.corpora import SPLITS, read_lines
+from trainables.durable import write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,7 @@ def train_bpe(train_pairs: Sequence[tuple[str, str]], vocab_size: int, cache_dir
         hard_vocab_limit=False, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, minloglevel=2,
     )
     model_path.parent.mkdir(parents=True, exist_ok=True)
-    with written_aside(model_path) as tmp:     # concurrent trials never read a half-written model
-        tmp.write_bytes(buffer.getvalue())
+    write_bytes(model_path, buffer.getvalue())     # replaced whole: concurrent trials never read half a model
     sp = spm.SentencePieceProcessor(model_proto=buffer.getvalue())
     log.info("BPE: trained %d pieces (asked %d) on %d sentences -> %s",
              len(sp), vocab_size, len(sentences), model_path)

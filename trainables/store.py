@@ -29,7 +29,8 @@ from typing import Any
 
 from torch import nn
 
-from trainables.checkpoint import BEST_MODEL_FILE, load_model, save_model, written_aside
+from trainables.checkpoint import BEST_MODEL_FILE, load_model, save_model
+from trainables.durable import write_json
 
 log = logging.getLogger(__name__)
 META_FILE, DIVERGED_FILE = "meta.json", "diverged.json"
@@ -49,10 +50,9 @@ class ModelStore:
         return json.loads(path.read_text()) if path.exists() else None
 
     def _write(self, key: str, name: str, content: dict[str, Any]) -> None:
-        """Written aside then renamed: a reader sees the whole file or none. NaN stays NaN (Python's JSON)."""
+        """Replaced whole (`trainables/durable.py`): a reader sees the whole file or none."""
         (self.root / key).mkdir(parents=True, exist_ok=True)
-        with written_aside(self.root / key / name) as tmp:
-            tmp.write_text(json.dumps(content))
+        write_json(self.root / key / name, content, indent=None)
 
     def meta(self, key: str) -> dict[str, Any] | None:
         """What the run that trained `key` recorded, or None if no complete model is stored under it."""

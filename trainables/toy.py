@@ -6,14 +6,14 @@ concurrent trials may ask for it at the same time.
 """
 from __future__ import annotations
 
-import os
+import errno
 import random
-import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Literal
 
 from trainables.corpora import SPLITS
+from trainables.durable import FileNotWrittenError, writing_directory
 
 GRAMMAR = {
     "det_sg": ("the", "a", "every"), "det_pl": ("the", "some", "many"),
@@ -98,13 +98,14 @@ def toy_parallel_corpus(out_dir: Path, seed: int, task: Literal["copy", "reverse
 
 def generate_once(target: Path, write: Callable[[Path], Path]) -> Path:
     """A generated corpus at `target`, written by `write(dir)` only if absent. Concurrent trials each write
-    aside and rename into place, so no reader ever sees a half-written corpus."""
+    aside and rename into place (`trainables/durable.py`), so no reader ever sees a half-written corpus."""
     target = Path(target)
     if not target.exists():
-        tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-        write(tmp)
         try:
-            tmp.rename(target)
-        except OSError:        # another trial got there first; its corpus is the same (same seed)
-            shutil.rmtree(tmp, ignore_errors=True)
+            with writing_directory(target) as staging:
+                write(staging)
+        except FileNotWrittenError as err:
+            # another trial got there first (the rename found its corpus); it is the same one (same seed)
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not target.is_dir():
+                raise
     return target

@@ -11,7 +11,8 @@ Rows are made from the trials' typed reports (`study.results.rows`), every file 
 reading them back.
 
 Every file is written beside its final name under a name starting with '.', which readers skip, and renamed into
-place (an object store publishes an upload whole by itself), so a killed writer leaves the previous file whole. A
+place (an object store publishes an upload whole by itself), so a killed writer leaves the previous file whole; on
+a local disk the file and its directory are fsynced too (`trainables/durable.py`), so a power cut does as well. A
 file damaged anyway (a bad copy, a disk fault) is a `CorruptFileError` naming it, never a silently shorter table.
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ import pyarrow.parquet as pq
 from study.results.filters import filter_table
 from study.results.rows import curve_rows, gate_rows
 from study.results.schema import SETTING_KNOBS, curves_schema, gates_schema, results_schema
+from trainables.durable import writing
 from trainables.report import METHOD, STATUS, STATUSES, TRIAL_ID, EpochReport, is_gate_column
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,10 @@ def _write(study_dir: str | os.PathLike, sub: str, trial_id: str, table: pa.Tabl
     if fs.type_name in ("s3", "gcs", "abfs"):
         # An object store publishes an upload atomically, and its "move" is a copy and a delete: write in place.
         pq.write_table(table, final, filesystem=fs)
+        return final
+    if fs.type_name == "local":   # fsynced, renamed, the directory fsynced: whole after a power cut too
+        with writing(final) as temp:
+            pq.write_table(table, str(temp), filesystem=fs)
         return final
     temp = f"{folder}/.{trial_id}.{uuid.uuid4().hex}.tmp"
     try:
