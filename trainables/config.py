@@ -19,7 +19,9 @@ from trainables.presets import PRESETS
 
 GATE_MODES = ("lstm", "sharpened", "g2")
 EVAL_GATES = ("soft", "tempered", "hard")
-PAPER_MODES = ("none", "round", "round_clip")
+# The paper's rounding at absolute steps, and the same at steps relative to each block's RMS (`_rel`), which
+# quantise every gate mode's weights at one relative error whatever their scale
+PAPER_MODES = ("none", "round", "round_clip", "round_rel", "round_clip_rel")
 TARGETS = ("both", "recurrent", "input", "recurrent+context")
 FULL_PRECISION_BITS = 32
 
@@ -85,9 +87,13 @@ class CompressConfig:
 
     rank: int = 0               # truncated-SVD rank of each i/f block; 0 = no low-rank factorisation
     bits: int = 32              # bits per stored weight (per-row symmetric quantisation); 32 = float
-    paper: Literal["none", "round", "round_clip"] = "none"   # the paper's rounding (Li et al. §5)
+    paper: Literal["none", "round", "round_clip", "round_rel", "round_clip_rel"] = "none"   # the paper's rounding
     step: float = 0.2           # rounding step r of the paper's modes (LM 0.2, NMT 0.5)
     clip: float = 0.4           # clip c of round_clip (LM 0.4, NMT 1.0)
+    # The `_rel` modes: step and clip as multiples of each block's RMS. At 0.5 / 2.0 a Gaussian block keeps 9
+    # levels (4 bits), about 20 % of its weights round to 0 and 5 % are clipped
+    rel_step: float = 0.5
+    rel_clip: float = 2.0
     # Which matrices' i/f blocks: W_ih and W_hh, one of them, or (the authors' NMT choice, the NMT presets'
     # default) W_hh plus the input columns a translation decoder reads its attention context through.
     targets: Literal["both", "recurrent", "input", "recurrent+context"] = "both"
@@ -100,6 +106,8 @@ class CompressConfig:
         check_choice("compress.paper", self.paper, PAPER_MODES)
         check_range("compress.step", self.step, 0.0, 100.0, lo_open=True)
         check_range("compress.clip", self.clip, 0.0, 100.0, lo_open=True)
+        check_range("compress.rel_step", self.rel_step, 0.0, 100.0, lo_open=True)
+        check_range("compress.rel_clip", self.rel_clip, 0.0, 100.0, lo_open=True)
         check_choice("compress.targets", self.targets, TARGETS)
         if self.paper != "none" and (self.rank or self.bits != FULL_PRECISION_BITS):
             raise ValueError(f"compress.paper={self.paper!r} stands alone: set compress.rank=0 and "

@@ -124,6 +124,7 @@ class Accounting:
     gate_compression: float    # 32 · gate_params / gate_bits
     model_compression: float   # 32 · model_params / model_bits
     relative_error: float      # ‖W − Ŵ‖_F / ‖W‖_F over the compressed blocks (0 when nothing changed)
+    fraction_zeroed: float = 0.0   # share of the compressed blocks' nonzero weights that became exactly 0
 
 
 ACCOUNTING = tuple(f.name for f in fields(Accounting))
