@@ -263,7 +263,7 @@ STRATEGIES: dict[str, Strategy] = {
 # --------------------------------------------------------------------------- the report
 
 def run(table: pd.DataFrame, repeats: int, max_trainings: float) -> str:
-    seeds = sorted(table["seed"].unique())
+    seeds = sorted(int(s) for s in table["seed"].unique())
     worlds = {s: World.of(table, s) for s in seeds}
     unit = float(table.drop_duplicates([*MODEL, "seed"])["train_time_s"].mean())
     budget = max_trainings * unit

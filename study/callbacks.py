@@ -10,39 +10,20 @@ pickles its settings only and opens its writer, tracker, console and ledger agai
 from __future__ import annotations
 
 import logging
-import os
-import socket
-import time
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-import pandas as pd
 from ray import tune
 
+from study.board import ProgressBoard
 from study.config import StudyConfig
 from study.convergence import ConvergenceLog
 from study.entrypoints import error_message
-from study.front import study_front
-from study.paths import StudyPaths
-from study.progress import (
-    TRAINS,
-    Console,
-    StudyProgress,
-    TrialProgress,
-    describe_trial,
-    epoch_progress,
-    finished_line,
-    study_eta,
-    total_epochs,
-    training_plan,
-    trial_config,
-)
 from study.results import ResultsWriter
 from study.search import StudySearch
-from study.tracking import StudyTracker, open_tracker
+from study.tracking import StudyTracker, open_tracker, ui_server
 from study.trial_end import TrialEnd, TrialLedger
-from trainables.report import ERROR, FAILED, OK, RUNNING, EpochReport
+from trainables.report import ERROR
 
 log = logging.getLogger(__name__)
 SETTINGS = ("cfg", "root", "total", "printer", "quiet")   # what is pickled; everything else is this driver's
@@ -57,7 +38,7 @@ def trial_error_text(trial) -> str:
 
 class StudyCallback(tune.Callback):
     """Records reports and trial ends (results, MLflow, Optuna through `searcher`, `<study>/progress/`); shows them
-    on the console (`study.progress.Console`: trial starts, epochs and ends, or, `quiet`, the ends only)."""
+    on the console (`study.console.Console`: trial starts, epochs and ends, or, `quiet`, the ends only)."""
 
     def __init__(self, cfg: StudyConfig, root: str, *, total: int, printer: Callable[[str], None] = print,
                  quiet: bool = False, searcher: StudySearch | None = None):
@@ -126,10 +107,10 @@ class StudyCallback(tune.Callback):
                 self.board.console.search(line)
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.board.first_start = self.board.first_start or time.time()
         if self._recorded_before(trial) is None:
+            number = self.searcher.asked.get(trial.trial_id) if self.searcher is not None else None
             self.tracker.trial_run_id(trial.trial_id, params={k: v for k, v in trial.config.items()
-                                                              if not k.startswith("_")})
+                                                              if not k.startswith("_")}, optuna_number=number)
             self.board.started(trial, trials)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -160,7 +141,7 @@ class StudyCallback(tune.Callback):
                                   f"(failure {failures} of {self.cfg.max_failures} allowed)")
 
     def on_experiment_end(self, trials, **info):
-        self.board.console.close()
+        self.board.close()
         self.tracker.mark_stale_runs()
 
     # ----------------------------------------------------------------------- a trial's end, to every record
@@ -171,7 +152,9 @@ class StudyCallback(tune.Callback):
         An end an earlier driver recorded keeps its files; its MLflow run is closed if that driver died first.
         """
         if self.searcher is not None:
-            self.searcher.tell(end, mlflow_run_id=self.tracker.find_trial_run_id(end.trial_id))
+            run_id = self.tracker.find_trial_run_id(end.trial_id)
+            link = self.tracker.run_url(ui_server(self.tracker.tracking_uri), run_id) if run_id else None
+            self.searcher.tell(end, mlflow_run_id=run_id, mlflow_link=link)
         if not end.recorded_before:
             self.writer.record_end(end.trial_id, trial.config, end.rows)
         if not end.recorded_before or not self.tracker.is_trial_closed(end.trial_id):
@@ -186,83 +169,3 @@ class StudyCallback(tune.Callback):
             self.convergence.update(self.tracker)
         except Exception as err:   # MLflow down, a plot failing: the trial's own records are written already
             log.warning("could not chart the study's progress on MLflow: %s", err)
-
-
-class ProgressBoard:
-    """What the study shows while it runs: the console's lines and bar, and one progress file per trial."""
-
-    def __init__(self, cfg: StudyConfig, root: str, total: int, printer: Callable[[str], None], quiet: bool):
-        self.root, self.total, self.cfg = root, total, cfg
-        self.console = Console(total, quiet=quiet, printer=printer)
-        self.progress: dict[str, TrialProgress] = {}   # trial id -> what the console and `g2-study status` show
-        self.training: dict[str, str] = {}   # trial id -> training key, of the trials this driver saw start training
-        self.first_start: float | None = None   # this driver's first trial start
-        self.ended_earlier = 0   # trials an earlier driver finished: no measure of this driver's pace
-        self.carried = 0.0   # the epochs (in trials) earlier drivers trained of the trials this one went on with
-        self.statuses: Counter = Counter()
-        self.ok_rows: list[dict] = []   # the results rows of the ok trials finished so far
-        self.front = 0
-
-    @property
-    def progress_dir(self) -> Path:
-        return StudyPaths(Path(self.root)).progress
-
-    def started(self, trial, trials) -> None:
-        """What the trial does with its training knobs, on the console and in its progress file."""
-        cfg = trial_config(trial.config)
-        key = cfg.training_key() if cfg is not None else None
-        running = {t.trial_id for t in trials if t.status == "RUNNING"}
-        training_now = {t: k for t, k in self.training.items() if t in running and t != trial.trial_id}
-        plan, waits_for = training_plan(key, StudyPaths(Path(self.root)).models, training_now)
-        if plan == TRAINS and key is not None:
-            self.training[trial.trial_id] = key
-        earlier = TrialProgress.read(self.progress_dir / f"{trial.trial_id}.json")   # a driver before a restart
-        resumed_at = earlier.epoch if earlier else 0
-        progress = TrialProgress(trial.trial_id, describe_trial(trial.config), plan, waits_for,
-                                 epoch=resumed_at, resumed_at=resumed_at, epochs=total_epochs(cfg),
-                                 started=time.time(), updated=time.time(), host=socket.gethostname(),
-                                 driver_pid=os.getpid())
-        self.progress[trial.trial_id] = progress
-        self.carried += progress.carried()
-        self._write(progress)
-        self.console.trial_started(trial.trial_id, progress.knobs, plan, waits_for)
-        self._show(trials)
-
-    def reported(self, trial, report: EpochReport, trials) -> None:
-        if (progress := self.progress.get(trial.trial_id)) is None:
-            return
-        self._write(epoch_progress(progress, report, time.time()))
-        if report.status == RUNNING or (report.status == OK and not report.reused_checkpoint):
-            self.console.epoch(progress)   # the last epoch too, then its end line; a re-scored model trained none
-        self._show(trials)
-
-    def ended(self, trial, end: TrialEnd, trials) -> None:
-        self.statuses[end.status] += 1
-        self.ended_earlier += end.recorded_before
-        if end.status == OK:
-            self.ok_rows.extend(end.rows)
-            self.front = len(study_front(pd.DataFrame(self.ok_rows), self.cfg))   # what `close_study` prints
-        if (progress := self.progress.pop(trial.trial_id, None)) is not None:
-            progress.state, progress.updated = end.status, time.time()
-            self._write(progress)
-        self.console.trial_finished(finished_line(
-            end, trial.config, done=sum(self.statuses.values()), total=self.total, statuses=self.statuses,
-            running=sum(1 for t in trials if t.status == "RUNNING"), front=self.front))
-        self._show(trials)
-
-    def _write(self, progress: TrialProgress) -> None:
-        try:
-            progress.write(self.progress_dir)
-        except OSError as err:   # a full disk must not end the study; `status` then shows less
-            log.warning("could not write the progress of trial %s: %s", progress.trial_id, err)
-
-    def _show(self, trials) -> None:
-        """The study-wide bar (on a terminal): counts, front, elapsed and ETA at this driver's pace."""
-        elapsed = time.time() - (self.first_start or time.time())
-        done = sum(self.statuses.values())
-        eta = study_eta(elapsed, self.total - self.ended_earlier, done - self.ended_earlier,
-                        [p.fraction() for p in self.progress.values()], self.carried)
-        self.console.update(StudyProgress(total=self.total, done=done,
-                                          running=sum(1 for t in trials if t.status == "RUNNING"),
-                                          failed=sum(self.statuses[s] for s in FAILED), front=self.front,
-                                          elapsed_s=elapsed, eta_s=eta))

@@ -27,11 +27,13 @@ from study import results
 from study.claim import StudyBusyError
 from study.config import DEFAULT_STORAGE, StudyConfig, load_study_config
 from study.front import format_front, front_plot, metric_name_of, readable_floats, study_front
+from study.links import trial_ids, with_ids
 from study.paths import StudyPaths, StudyStateError, read_state
 from study.results.filters import FilterError
 from study.status import study_status
-from study.tracking import find_experiment_id, runs_view_url
+from study.tracking import UI_PORT, find_experiment_id, runs_view_url, ui_server
 from trainables.config import SMOKE
+from trainables.report import HIGHER_IS_BETTER
 
 QUICKSTART = Path(__file__).resolve().parent / "configs" / "quickstart.toml"
 STUDY_SMOKE = ["study.num_samples=4", *(f"{field}={json.dumps(value)}" for field, value in SMOKE.items())]
@@ -75,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("name")
     status.add_argument("--storage", default=DEFAULT_STORAGE)
     status.add_argument("--format", choices=["table", "json"], default="table")
+    status.add_argument("--ids", action="store_true", help="each trial's Optuna trial number and MLflow run too")
     res = sub.add_parser("results", help="print or export a study's results")
     res.add_argument("name")
     res.add_argument("--storage", default=DEFAULT_STORAGE)
@@ -89,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="json: a list of records, one per row; png: the front per gate mode, drawn over the "
                           "selected rows (needs --output)")
     res.add_argument("--output", type=Path, help="file to write (required for parquet)")
+    res.add_argument("--ids", action="store_true",
+                     help="add each row's Optuna trial number, MLflow run id and link (after trial_id)")
     compare = sub.add_parser("compare", help="the paper's compression tables and gate saturation beside a study's "
                                              "(markdown; docs/fidelity.md)")
     compare.add_argument("names", nargs="+", metavar="NAME")
@@ -96,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     ui = sub.add_parser("ui", help="serve the study's MLflow runs on 127.0.0.1")
     ui.add_argument("name")
     ui.add_argument("--storage", default=DEFAULT_STORAGE)
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--port", type=int, default=UI_PORT)
     export_command.add_parser(sub)
     return parser
 
@@ -162,6 +167,8 @@ def cmd_results(args: argparse.Namespace) -> int:
         return 0
     if args.front:
         df = study_front(df, cfg)
+    if args.ids:
+        df = with_ids(df, trial_ids(cfg, StudyPaths.named(args.storage, args.name).root))
     if args.columns:
         unknown = [c for c in args.columns if c not in df.columns]
         if unknown:
@@ -180,7 +187,11 @@ def cmd_results(args: argparse.Namespace) -> int:
         text = format_front(df, metric) + "\n"
     else:
         text = readable_floats(df).to_string(index=False, max_cols=None if args.columns else 30) + "\n"
-    args.output.write_text(text) if args.output else sys.stdout.write(text)
+    if args.output:
+        args.output.write_text(text)
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()   # a closed pipe fails here, inside main, not in the interpreter's exit
     return 0
 
 
@@ -195,8 +206,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    status = study_status(args.storage, args.name)
-    print(json.dumps(status.to_json(), indent=1) if args.format == "json" else status.to_table())
+    status = study_status(args.storage, args.name, ids=args.ids)
+    print(json.dumps(status.to_json(), indent=1) if args.format == "json" else status.to_table(), flush=True)
     return 0
 
 
@@ -207,9 +218,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
     """
     cfg = saved_config(args.name, args.storage)
     uri = StudyPaths.named(args.storage, args.name).tracking_uri(cfg)
-    server = uri if uri.startswith(("http://", "https://")) else f"http://127.0.0.1:{args.port}"
+    server = ui_server(uri, args.port)
     experiment = find_experiment_id(uri, cfg.name)
-    link = runs_view_url(server, experiment) if experiment is not None else server
+    link = runs_view_url(server, experiment, higher_is_better=HIGHER_IS_BETTER[cfg.task]) if experiment else server
     charts = f"\n  the study converging: {runs_view_url(server, experiment, charts=True)}" if experiment else ""
     if server == uri:
         print(f"study {args.name} is tracked by an MLflow server: open {link}{charts}")
@@ -253,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FilterError, StudyStateError, StudyBusyError) as err:
         print(f"g2-study {args.command}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except BrokenPipeError:   # `g2-study status NAME | head`: the reader took what it wanted and left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit's flush
+        return 0
     except KeyboardInterrupt:   # a second Ctrl-C, or one before Ray Tune took over the signal
         if args.command in ("run", "resume"):
             where = f"{args.name} --storage {args.storage}" if args.command == "resume" else "NAME --storage DIR"

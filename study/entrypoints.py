@@ -24,19 +24,20 @@ from typing import Any
 from trainables.report import ERROR, EpochReport
 
 
-def train_lm(config: dict[str, Any], model_store: str | None = None) -> None:
+def train_lm(config: dict[str, Any], model_store: str | None = None, live_dir: str | None = None) -> None:
     """Ray Tune function trainable for language modelling (`config`: the trial's flat `TrialConfig`)."""
-    run_tune_trial("lm", config, model_store)
+    run_tune_trial("lm", config, model_store, live_dir)
 
 
-def train_nmt(config: dict[str, Any], model_store: str | None = None) -> None:
+def train_nmt(config: dict[str, Any], model_store: str | None = None, live_dir: str | None = None) -> None:
     """Ray Tune function trainable for translation."""
-    run_tune_trial("nmt", config, model_store)
+    run_tune_trial("nmt", config, model_store, live_dir)
 
 
-def run_tune_trial(task: str, config: dict[str, Any], model_store: str | None) -> None:
+def run_tune_trial(task: str, config: dict[str, Any], model_store: str | None, live_dir: str | None = None) -> None:
     """One trial under Tune; `model_store` (a directory shared by the study's trials, `tune.with_parameters`) lets
-    trials with the same training knobs share a model. Its reports become dicts here, and only here."""
+    trials with the same training knobs share a model. Its reports become dicts here, and only here; how far each
+    epoch has got goes to `live_dir` (`study.live`), beside Tune, never as a result."""
     import ray
     from ray import tune
 
@@ -57,6 +58,10 @@ def run_tune_trial(task: str, config: dict[str, Any], model_store: str | None) -
         cfg = TrialConfig.from_flat({**config, "task": task})
         where = {"model_store": Path(model_store) if model_store else None, "gpu_ids": ray.get_gpu_ids(),
                  "node_id": node_id}
+        if live_dir:
+            from study.live import LiveWriter
+
+            where["pulse"] = LiveWriter(Path(live_dir), tune.get_context().get_trial_id())
         checkpoint = tune.get_checkpoint()
         if checkpoint is None:
             run_trial(cfg, work_dir, report=report, **where)

@@ -18,6 +18,7 @@ from study import results
 from study.config import StudyConfig
 from study.results.schema import OBJECTIVE_COLUMN
 from study.tracking import open_tracker
+from study.vocabulary import blank_inapplicable, metric_label
 from trainables.report import (
     FAILED,
     FINISHED_AT,
@@ -65,10 +66,11 @@ def metric_name_of(df: pd.DataFrame) -> str:
 def format_front(front: pd.DataFrame, metric_name: str) -> str:
     if front.empty:
         return "(no finished trial yet: the front is empty)"
-    shown = front[[c for c in SHOWN if c in front.columns]].rename(
-        columns={VAL_METRIC: f"val {metric_name}", TEST_METRIC: f"test {metric_name}",
+    shown = blank_inapplicable(front[[c for c in SHOWN if c in front.columns]]).rename(
+        columns={VAL_METRIC: metric_label(metric_name, compressed=True),
+                 TEST_METRIC: metric_label(metric_name, compressed=True, split="test"),
                  GATE_COMPRESSION: "gate ×", MODEL_COMPRESSION: "model ×"})
-    return readable_floats(shown).to_string(index=False)
+    return readable_floats(shown).to_string(index=False, na_rep="")
 
 
 def readable_floats(df: pd.DataFrame, *, significant: int = 3, most: int = 8) -> pd.DataFrame:

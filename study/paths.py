@@ -6,6 +6,8 @@
                      results/ curves/ gates/   the Parquet datasets (study.results)
                      models/      the best weights of every trained configuration, keyed by its training knobs
                      progress/    one small JSON file per started trial: its plan and last epoch (g2-study status)
+                     live/        one per running trial: batches of its epoch, or settings of its sweep, done
+                     estimate.json  the running driver's ETA (study.board)
                      search.json  what the search answered from the results without a Ray trial (study.search)
                      ray/<experiment>/         Tune's experiment directories (trial checkpoints)
 """
@@ -57,6 +59,16 @@ class StudyPaths:
     def progress(self) -> Path:
         """One JSON file per trial that a driver started: what it does and its last epoch (`study.progress`)."""
         return self.root / "progress"
+
+    @property
+    def live(self) -> Path:
+        """One JSON file per running trial: how far its epoch or sweep has got (`study.live`), every few seconds."""
+        return self.root / "live"
+
+    @property
+    def estimate(self) -> Path:
+        """The running driver's ETA for the study, rewritten every few seconds (`study.board`, `g2-study status`)."""
+        return self.root / "estimate.json"
 
     @property
     def search_log(self) -> Path:

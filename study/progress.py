@@ -1,15 +1,8 @@
-"""What a running study shows on its console, and the per-trial progress it keeps on disk for `g2-study status`.
+"""What a running study says of its trials (the lines `study.console` prints), and the per-trial progress it keeps
+on disk for `g2-study status`.
 
-The driver callback (`study.callbacks`) records; this module presents. Three kinds of lines and one bar:
-
-    start   trial 3f2a_00002 starts: g2 τ=0.52 p=0.31 rank 8 bits 4; trains
-            (or: re-scores the stored model; waits for the model trial 3f2a_00001 is training)
-    epoch   trial 3f2a_00002 epoch 2/6: val ppl 412.31 | 10.4k tok/s | ETA 0:41
-    end     [  3/6] 3f2a_00002 ok  g2 τ=0.52 ... -> val ppl ... | ok 3, running 2 | front: 2 point(s)
-    bar     done 3/6 | running 2, failed 0, pending 1 | front 2 | 1:12 elapsed, ETA 0:51   (a terminal only)
-
-`quiet` keeps only the end lines (and warnings such as a lost worker). Where stdout is no terminal (CI logs,
-nohup, a Ray Job's log) the lines are plain text, one per event, and there is no bar: nothing is redrawn.
+The driver callback (`study.callbacks`) records; this module and `study.console` present, in the words of
+`study.vocabulary`.
 
 Each running trial also has a small JSON file, `<study>/progress/<trial_id>.json` (`TrialProgress`), rewritten
 whole on every report: what it does, its epoch out of how many, its last validation metric and timings. Together
@@ -19,14 +12,14 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from study.paths import StudyPaths, write_json
 from study.trial_end import TrialEnd
+from study.vocabulary import PENDING, count_text, ended_word, front_word, metric_label
 from trainables.config import TrialConfig
 from trainables.report import OK, RUNNING, TRAIN_TOKENS, EpochReport
 
@@ -101,22 +94,38 @@ def describe_plan(plan: str, other: str | None) -> str:
     return "trains"
 
 
+END_LINE = "[{done:>3}/{total}] {trial_id} {word:<8} {knobs} -> {outcome} | {counts} | {front_word}: {front} point(s)"
+EPOCH_LINE = "trial {trial_id} epoch {epoch}/{epochs}: {metric} | {rate}ETA {eta}"
+
+
 def finished_line(end: TrialEnd, config: Mapping[str, Any], *, done: int, total: int,
                   statuses: Mapping[str, int], running: int, front: int) -> str:
-    """The line of a finished trial (its end and config), with the study's counts."""
+    """The line of a finished trial (its end and config), with the study's counts (`study.vocabulary`)."""
     last = end.last
     if end.recorded_before:
         outcome = "recorded before the restart"
     elif end.status == OK and last is not None:
         name = last.metric_name or "metric"
         gate = last.accounting.gate_compression if last.accounting else math.nan
-        outcome = (f"val {name} {last.val_metric:.2f}, compressed {last.compressed_val_metric:.2f} "
-                   f"at gate ×{gate:.1f}" + (" (reused model)" if last.reused_checkpoint else ""))
+        outcome = (f"{metric_label(name, compressed=False)} {last.val_metric:.2f}, "
+                   f"{metric_label(name, compressed=True)} {last.compressed_val_metric:.2f} at gate ×{gate:.1f}")
     else:
         outcome = end.error or end.status
-    counts = ", ".join(f"{k} {v}" for k, v in sorted(statuses.items()))
-    return (f"[{done:>3}/{total}] {end.trial_id} {end.status:<8} {describe_trial(config)} -> {outcome} | "
-            f"{counts}, running {running} | front: {front} point(s)")
+    pending = max(total - done - running, 0)
+    counts = count_text({**statuses, RUNNING: running, PENDING: pending}, keep=(RUNNING,))
+    return END_LINE.format(done=done, total=total, trial_id=end.trial_id, word=ended_word(end.status, end.reused),
+                           knobs=describe_trial(config), outcome=outcome, counts=counts,
+                           front_word=front_word(running == 0 and pending == 0), front=front)
+
+
+def epoch_line(progress: TrialProgress) -> str:
+    """`trial 3f2a_00002 epoch 2/6: val ppl 412.31 | 10.4k tok/s | ETA 0:41`"""
+    label = metric_label(progress.metric_name, compressed=False)
+    value = progress.val_metric
+    metric = f"{label} {value:.2f}" if value is not None and math.isfinite(value) else f"{label} -"
+    rate = f"{format_rate(progress.tokens_per_s)} tok/s | " if progress.tokens_per_s else ""
+    return EPOCH_LINE.format(trial_id=progress.trial_id, epoch=progress.epoch, epochs=progress.epochs or "?",
+                             metric=metric, rate=rate, eta=format_duration(progress.eta_s()))
 
 
 # --------------------------------------------------------------------------- per-trial progress on disk
@@ -182,19 +191,6 @@ def read_progress(study_root: Path) -> dict[str, TrialProgress]:
 
 # --------------------------------------------------------------------------- the study as a whole
 
-def study_eta(elapsed_s: float, total: int, done: int, running: list[float], carried: float = 0.0) -> float | None:
-    """Seconds left at the pace so far: finished trials count whole, running ones by their fraction of epochs.
-
-    `carried` is what earlier drivers trained of the trials this one went on with: it is left out of the pace
-    (a trial resumed at epoch 3 of 4 did not take this driver three epochs' time).
-    """
-    reached = done + sum(running)
-    made = reached - carried
-    if made <= 0 or elapsed_s <= 0:
-        return None
-    return max(total - reached, 0.0) * elapsed_s / made
-
-
 @dataclass(frozen=True)
 class StudyProgress:
     total: int
@@ -204,97 +200,28 @@ class StudyProgress:
     front: int
     elapsed_s: float
     eta_s: float | None
+    counts: tuple[tuple[str, int], ...] = ()   # ended trials by `study.vocabulary` word (ok, reused, error, ...)
 
     @property
     def pending(self) -> int:
         return max(self.total - self.done - self.running, 0)
 
+    @property
+    def finished(self) -> bool:
+        return self.running == 0 and self.pending == 0
+
+    def counts_text(self) -> str:
+        """`ok 1, reused 2, running 1, pending 2 | front so far 12` (study.vocabulary)."""
+        text = count_text({**dict(self.counts), RUNNING: self.running, PENDING: self.pending}, keep=(RUNNING,))
+        return f"{text} | {front_word(self.finished)} {self.front}"
+
+    def timing(self) -> str:
+        """`1:12 elapsed, ETA 0:51` (no ETA once done)."""
+        return f"{format_duration(self.elapsed_s)} elapsed" + ("" if self.finished else
+                                                              f", ETA {format_duration(self.eta_s)}")
+
     def summary(self) -> str:
-        return (f"running {self.running}, failed {self.failed}, pending {self.pending} | front {self.front} | "
-                f"{format_duration(self.elapsed_s)} elapsed, ETA {format_duration(self.eta_s)}")
-
-
-# --------------------------------------------------------------------------- the console
-
-class Console:
-    """The study's console: lines for trial starts, epochs and ends, and a bar on a terminal.
-
-    Args:
-        total: the trials of this run.
-        quiet: only one line per finished trial (and warnings).
-        printer: where lines go where there is no bar (a test passes `list.append`).
-        stream: the terminal of the bar; a bar is drawn only if it is a TTY and `printer` is `print`.
-    """
-
-    def __init__(self, total: int, *, quiet: bool = False, printer: Callable[[str], None] = print,
-                 stream: TextIO | None = None):
-        self.total, self.quiet, self.printer = total, quiet, printer
-        self.stream = stream if stream is not None else sys.stdout
-        self.live = printer is print and not quiet and _isatty(self.stream)
-        self._bar = None
-
-    def _line(self, text: str) -> None:
-        if self._bar is not None:
-            self._bar.write(text, file=self.stream)   # above the bar, which is redrawn below it
-        elif self.printer is print:
-            print(text, file=self.stream, flush=True)
-        else:
-            self.printer(text)
-
-    def trial_started(self, trial_id: str, knobs: str, plan: str, waits_for: str | None) -> None:
-        if not self.quiet:
-            self._line(f"trial {trial_id} starts: {knobs}; {describe_plan(plan, waits_for)}")
-
-    def epoch(self, progress: TrialProgress) -> None:
-        if self.quiet:
-            return
-        parts = [f"trial {progress.trial_id} epoch {progress.epoch}/{progress.epochs or '?'}:"]
-        if progress.val_metric is not None and math.isfinite(progress.val_metric):
-            parts.append(f"val {progress.metric_name or 'metric'} {progress.val_metric:.2f}")
-        else:
-            parts.append(f"val {progress.metric_name or 'metric'} -")
-        if progress.tokens_per_s:
-            parts.append(f"| {format_rate(progress.tokens_per_s)} tok/s")
-        parts.append(f"| ETA {format_duration(progress.eta_s())}")
-        self._line(" ".join(parts))
-
-    def search(self, text: str) -> None:
-        """What the search did without a Ray trial (a suggestion answered from the results)."""
-        if not self.quiet:
-            self._line(text)
-
-    def trial_finished(self, text: str) -> None:
-        self._line(text)
-
-    def notice(self, text: str) -> None:
-        """Printed even when quiet: something the user should know (a lost worker, a retry)."""
-        self._line(text)
-
-    def update(self, progress: StudyProgress) -> None:
-        """Redraw the bar (a terminal only; elsewhere the end lines carry the counts)."""
-        if not self.live:
-            return
-        if self._bar is None:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=progress.total, file=self.stream, dynamic_ncols=True, leave=True,
-                             bar_format="{desc}{bar:20} {n_fmt}/{total_fmt} {postfix}", desc="trials ")
-        self._bar.total = progress.total
-        self._bar.n = progress.done
-        self._bar.set_postfix_str(progress.summary(), refresh=False)
-        self._bar.refresh()
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-
-
-def _isatty(stream: TextIO) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):   # no such method, or a closed stream
-        return False
+        return f"{self.counts_text()} | {self.timing()}"
 
 
 def epoch_progress(progress: TrialProgress, report: EpochReport, now: float) -> TrialProgress:

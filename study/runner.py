@@ -116,7 +116,8 @@ def make_trainable(cfg: StudyConfig, paths: StudyPaths):
     The model store is a parameter of the trainable, not a key of the trial config: it is no knob (no MLflow
     param, results column or trial name), and `Tuner.restore` is given it again with the trainable.
     """
-    trainable = tune.with_parameters(train_lm if cfg.task == "lm" else train_nmt, model_store=str(paths.models))
+    trainable = tune.with_parameters(train_lm if cfg.task == "lm" else train_nmt, model_store=str(paths.models),
+                                     live_dir=str(paths.live))
     return tune.with_resources(trainable, {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
 
 

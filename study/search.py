@@ -254,9 +254,10 @@ class StudySearch(Searcher):
     def on_trial_complete(self, trial_id, result=None, error=False):
         """Tune's call, before the driver callback's: the callback's `tell` closes the Optuna trial."""
 
-    def tell(self, end: TrialEnd, *, mlflow_run_id: str | None = None) -> None:
+    def tell(self, end: TrialEnd, *, mlflow_run_id: str | None = None, mlflow_link: str | None = None) -> None:
         """Close the trial's Optuna trial (COMPLETE with its own row's objectives, else PRUNED or FAIL), add each of
-        its rows that Optuna lacks, and answer the suggestions that waited for them."""
+        its rows that Optuna lacks, and answer the suggestions that waited for them. With `mlflow_link` (the
+        trial's MLflow run on its UI) each of those Optuna trials gets a note that links to it."""
         self.stalled = False
         number, config = self.asked.pop(end.trial_id, None), self.configs.pop(end.trial_id, None)
         self.expected.pop(end.trial_id, None)
@@ -274,23 +275,41 @@ class StudySearch(Searcher):
         if own is not None:
             attrs[ROW_ATTR] = own.key
         self._set_attrs(number, attrs)   # before Optuna closes it: a finished trial takes no attributes
+        note = trial_note(mlflow_link, end.trial_id, self.study_cfg.name) if mlflow_link else None
+        if note is not None:
+            self._note(self._storage_id(number), note(number))
         if own is not None:
             self.study.tell(number, list(own.values), skip_if_finished=True)
             self._told.add(own.key)
         else:
             self.study.tell(number, state=TrialState.FAIL if end.failed else TrialState.PRUNED,
                             skip_if_finished=True)
-        self._derive(new, exclude={own.key} if own else set(), run_id=mlflow_run_id)
+        self._derive(new, exclude={own.key} if own else set(), run_id=mlflow_run_id, note=note)
         self._tell_waiting(failed=end.failed)
         self._record()
 
-    def _derive(self, points: list[ScoredPoint], exclude: set[str], run_id: str | None = None) -> None:
-        """Each point the Optuna study lacks as a completed trial of its own, once."""
+    def _derive(self, points: list[ScoredPoint], exclude: set[str], run_id: str | None = None, note=None) -> None:
+        """Each point the Optuna study lacks as a completed trial of its own, once (with `note(number)`'s note)."""
+        storage = self.study._storage
         for point in points:
             if point.key in self._told or point.key in exclude:
                 continue
-            self.study.add_trial(derived_trial(point, self.space.params, {MLFLOW_RUN_ATTR: run_id} if run_id else {}))
+            frozen = derived_trial(point, self.space.params, {MLFLOW_RUN_ATTR: run_id} if run_id else {})
+            trial_id = storage.create_new_trial(self.study._study_id, template_trial=frozen)   # Study.add_trial's
+            if note is not None:
+                self._note(trial_id, note(storage.get_trial_number_from_id(trial_id)))
             self._told.add(point.key)
+
+    def _note(self, trial_id: int, body: str) -> None:
+        """optuna-dashboard's trial note (Markdown), which it renders on the trial's page."""
+        from optuna_dashboard._note import note_ver_key, save_note_with_version
+
+        storage, study_id = self.study._storage, self.study._study_id
+        version = storage.get_study_system_attrs(study_id).get(note_ver_key(trial_id), 0) + 1
+        save_note_with_version(storage, study_id, trial_id, version, body)
+
+    def _storage_id(self, number: int) -> int:
+        return self.study._storage.get_trial_id_from_study_id_trial_number(self.study._study_id, number)
 
     def _tell_waiting(self, failed: bool) -> None:
         """Suggestions that waited for rows: told the values that landed, or failed with the trial they waited on."""
@@ -316,6 +335,17 @@ class StudySearch(Searcher):
                 storage.set_trial_user_attr(trial_id, key, value)
         except optuna.exceptions.UpdateFinishedTrialError:
             pass
+
+
+def trial_note(mlflow_link: str, ray_trial_id: str, study_name: str):
+    """The note of the Optuna trials one Ray trial made, by Optuna trial number: the three ids and the MLflow link."""
+    local = mlflow_link.startswith("http://127.0.0.1:")
+    serve = f" (serve it with `g2-study ui {study_name}`)" if local else ""
+
+    def body(number: int) -> str:
+        return (f"**MLflow run:** [{mlflow_link}]({mlflow_link}){serve}\n\n"
+                f"Optuna trial {number} · Ray trial `{ray_trial_id}`")
+    return body
 
 
 def score_alone(config: dict[str, Any]) -> dict[str, Any]:

@@ -30,6 +30,8 @@ from study import results
 from study.claim import CLAIM_FILE, DriverInfo
 from study.config import StudyConfig
 from study.front import SHOWN, format_front, study_front
+from study.links import trial_ids
+from study.live import LiveProgress, read_live
 from study.paths import SearchLog, StudyPaths, read_state
 from study.progress import (
     RESCORES,
@@ -39,8 +41,8 @@ from study.progress import (
     describe_trial,
     format_duration,
     read_progress,
-    study_eta,
 )
+from study.vocabulary import PENDING, REUSED, STOPPED, count_order, count_text, front_word, metric_label
 from trainables.report import (
     FINISHED_AT,
     IS_TRIAL_SETTING,
@@ -52,7 +54,10 @@ from trainables.report import (
     VAL_METRIC,
 )
 
-PENDING, STOPPED, REUSED = "pending", "stopped", "reused"   # states a results row does not name
+# The table's head and the front's title (README.md's sample is checked against these, tests/test_readme.py)
+HEAD_LINE = "study {name} ({root}): {state}{driver}"
+COUNTS_LINE = "{total} trial(s): {counts} | time used {elapsed}{eta}"
+FRONT_LINE = "Pareto {front_word} ({points} point(s)):"
 
 
 @dataclass
@@ -70,15 +75,22 @@ class TrialStatus:
     val_metric: float | None = None   # running: the last epoch's (uncompressed); ended: its own setting's row
     eta_s: float | None = None
     error: str | None = None
+    live: str | None = None      # how far its epoch or sweep has got (`study.live`), while it runs
+    optuna_trial: int | None = None   # with `ids`: the Optuna trial the search asked for it, and its MLflow run
+    mlflow_run_id: str | None = None
 
     def detail(self) -> str:
         parts = []
         if self.state in (RUNNING, STOPPED):
-            parts.append(f"epoch {self.epoch or 0}/{self.epochs or '?'}")
-            if self.plan in (RESCORES, WAITS):
+            if self.live and self.state == RUNNING:   # `epoch 1/6: batch 227/1328, 3.6k tok/s` or `scoring 5/24`
+                parts.append(self.live)
+            else:
+                parts.append(f"epoch {self.epoch or 0}/{self.epochs or '?'}")
+            if self.plan in (RESCORES, WAITS) and not (self.live and self.live.startswith("scoring")):
                 parts.append(describe_plan(self.plan, self.waits_for))
-        if self.val_metric is not None:
-            parts.append(f"val {self.metric_name or 'metric'} {self.val_metric:.2f}")
+        if self.val_metric is not None:   # a results row's metric is at the trial's own compression setting
+            label = metric_label(self.metric_name, compressed=self.state not in (RUNNING, STOPPED))
+            parts.append(f"{label} {self.val_metric:.2f}")
         if self.state == RUNNING and self.eta_s is not None:
             parts.append(f"ETA {format_duration(self.eta_s)}")
         if self.error:
@@ -102,10 +114,12 @@ class StudyStatus:
     answered: int = 0            # suggestions of the search the results answered, with no trial (this run)
 
     def counts(self) -> dict[str, int]:
+        """Trials by `study.vocabulary` word, in its order."""
         out: dict[str, int] = {}
         for trial in self.trials:
             out[trial.state] = out.get(trial.state, 0) + 1
-        return dict(sorted(out.items())) | ({PENDING: self.pending} if self.pending else {})
+        out |= {PENDING: self.pending} if self.pending else {}
+        return {word: out[word] for word in sorted(out, key=count_order)}
 
     def to_json(self) -> dict[str, Any]:
         front = json.loads(self.front.to_json(orient="records", date_format="iso")) if len(self.front) else []
@@ -116,27 +130,33 @@ class StudyStatus:
                 "trials": [_plain(asdict(t)) for t in self.trials], "front": front}
 
     def to_table(self) -> str:
-        counts = ", ".join(f"{k} {v}" for k, v in self.counts().items()) or "no trial yet"
-        lines = [f"study {self.name} ({self.root}): {self.state}"
-                 + (f", driver {self.driver}" if self.driver else ""),
-                 f"{self.total} trial(s): {counts} | time used {format_duration(self.elapsed_s)}"
-                 + (f", ETA {format_duration(self.eta_s)}" if self.state == RUNNING else "")]
+        counts = count_text(self.counts()) or "no trial yet"
+        lines = [HEAD_LINE.format(name=self.name, root=self.root, state=self.state,
+                                  driver=f", driver {self.driver}" if self.driver else ""),
+                 COUNTS_LINE.format(total=self.total, counts=counts, elapsed=format_duration(self.elapsed_s),
+                                    eta=f", ETA {format_duration(self.eta_s)}" if self.state == RUNNING else "")]
         if self.state == STOPPED:
             lines.append(f"  no driver runs it: continue with `g2-study resume {self.name} --storage "
                          f"{self.root.parent}`")
         if self.trials:
-            rows = [("trial", "state", "knobs", "detail")] + [(t.trial_id, t.state, t.knobs, t.detail())
-                                                               for t in self.trials]
-            widths = [max(len(row[i]) for row in rows) for i in range(3)]
-            lines += [""] + ["  ".join([*(cell.ljust(w) for cell, w in zip(row, widths)), row[3]]).rstrip()
+            ids = any(t.optuna_trial is not None or t.mlflow_run_id for t in self.trials)
+            head = ("trial", *(("optuna", "mlflow run") if ids else ()), "state", "knobs", "detail")
+            rows = [head] + [(t.trial_id, *((_text(t.optuna_trial), _text(t.mlflow_run_id)) if ids else ()),
+                              t.state, t.knobs, t.detail()) for t in self.trials]
+            widths = [max(len(row[i]) for row in rows) for i in range(len(head) - 1)]
+            lines += [""] + ["  ".join([*(cell.ljust(w) for cell, w in zip(row, widths)), row[-1]]).rstrip()
                              for row in rows]
         if self.pending:
             lines.append(f"  … and {self.pending} pending trial(s), not asked for yet")
         if self.answered:
             lines.append(f"  {self.answered} suggestion(s) of the search answered from the results, with no trial")
-        lines += ["", f"Pareto front so far ({len(self.front)} point(s)):"]
+        lines += ["", FRONT_LINE.format(front_word=front_word(self.state == "finished"), points=len(self.front))]
         lines.append(format_front(self.front, self.metric_name))
         return "\n".join(lines)
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)
 
 
 def _plain(values: dict[str, Any]) -> dict[str, Any]:
@@ -162,8 +182,9 @@ def driver_alive(info: DriverInfo) -> bool:
     return created <= started + 2.0   # a pid reused by a later process started after the driver did
 
 
-def study_status(storage: str, name: str, *, now: float | None = None) -> StudyStatus:
-    """Where study `name` in `storage` stands (raises StudyStateError when there is no study there)."""
+def study_status(storage: str, name: str, *, now: float | None = None, ids: bool = False) -> StudyStatus:
+    """Where study `name` in `storage` stands (raises StudyStateError when there is no study there); with `ids`,
+    each trial's Optuna trial number and MLflow run id (`study.links`), which opens both stores."""
     paths = StudyPaths.named(storage, name)
     state = read_state(paths)
     cfg = StudyConfig.from_json(state.config)
@@ -175,12 +196,20 @@ def study_status(storage: str, name: str, *, now: float | None = None) -> StudyS
 
     trials = _finished_trials(df, progress)
     done = {t.trial_id for t in trials}
+    live = read_live(paths.live) if alive else {}
     for p in progress.values():
         if p.trial_id in done or p.state != RUNNING:
             continue   # an end without a results file: the driver died between the two; resume records it
+        now_at = live.get(p.trial_id)
         trials.append(TrialStatus(p.trial_id, RUNNING if alive else STOPPED, p.knobs, p.epoch, p.epochs, p.plan,
-                                  p.waits_for, p.metric_name, p.val_metric, p.eta_s() if alive else None))
+                                  p.waits_for, p.metric_name, p.val_metric, live=_live_text(now_at, p.epochs)))
     trials.sort(key=lambda t: t.trial_id)
+    if ids:
+        found = trial_ids(cfg, paths.root).set_index(TRIAL_ID)
+        for trial in (t for t in trials if t.trial_id in found.index):
+            number = found.at[trial.trial_id, "optuna_trial"]
+            trial.optuna_trial = None if pd.isna(number) else int(number)
+            trial.mlflow_run_id = found.at[trial.trial_id, "mlflow_run_id"]
     total = state.total_samples
     pending = 0 if state.finished else max(total - len(trials), 0)   # a search with nothing left to ask ends early
     state_word = RUNNING if alive else "finished" if state.finished else STOPPED if trials else PENDING
@@ -189,8 +218,10 @@ def study_status(storage: str, name: str, *, now: float | None = None) -> StudyS
     last = max([p.updated for p in progress.values()] + _ended_by_trial(df), default=None)
     first = min(starts, default=None)
     elapsed = None if first is None else (now if alive else (last or first)) - first
-    running = [p.fraction() for t in trials if t.state == RUNNING for p in [progress[t.trial_id]]]
-    eta = _eta_at_driver_pace(info, df, progress, now, total, len(done), running) if alive else None
+    eta, left = driver_estimate(paths, info, now) if alive else (None, {})
+    for trial in trials:
+        if trial.state == RUNNING:
+            trial.eta_s = left.get(trial.trial_id)
     front = study_front(df, cfg)
     front = front[[c for c in SHOWN if c in front.columns]] if len(front) else front
     metric = str(df["metric_name"].dropna().iloc[0]) if len(df) and df["metric_name"].notna().any() else "metric"
@@ -229,14 +260,25 @@ def _str(value: Any) -> str | None:
     return None if value is None or pd.isna(value) else str(value)
 
 
-def _eta_at_driver_pace(info: DriverInfo, df: pd.DataFrame, progress: dict[str, TrialProgress], now: float,
-                        total: int, done: int, running: list[float]) -> float | None:
-    """Seconds left at the live driver's pace, as its console bar says: what earlier drivers of a resumed study
-    did, and the time nobody ran it, say nothing of how fast this one goes."""
-    since = datetime.fromisoformat(info.started).timestamp()
-    ended_earlier = sum(1 for end in _ended_by_trial(df) if end < since)
-    carried = sum(p.carried() for p in progress.values() if p.started >= since)
-    return study_eta(now - since, total - ended_earlier, done - ended_earlier, running, carried)
+def _live_text(live: LiveProgress | None, epochs: int | None) -> str | None:
+    if live is None:
+        return None
+    return live.describe() if live.phase != "train" else f"epoch {live.epoch}/{epochs or '?'}: {live.describe()}"
+
+
+def driver_estimate(paths: StudyPaths, info: DriverInfo, now: float) -> tuple[float | None, dict[str, float]]:
+    """The ETAs the live driver shows (`study.board` writes them every few seconds), as of now: the study's and
+    each running trial's."""
+    try:
+        estimate = json.loads(paths.estimate.read_text())
+    except (FileNotFoundError, ValueError):
+        return None, {}
+    if estimate.get("pid") != info.pid:   # an earlier driver's
+        return None, {}
+    age = now - float(estimate["at"])
+    trials = {t: max(float(s) - age, 0.0) for t, s in (estimate.get("trials") or {}).items() if s is not None}
+    study = estimate.get("eta_s")
+    return (None if study is None else max(float(study) - age, 0.0)), trials
 
 
 def _ended_by_trial(df: pd.DataFrame) -> list[float]:

@@ -13,6 +13,7 @@ EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_dev
 
 # The study's tags on its runs: the parent run of a study, a child run per trial
 STUDY_TAG, ROLE_TAG, TRIAL_TAG, STATUS_TAG = "g2.study", "g2.role", "g2.trial_id", "g2.status"
+OPTUNA_TRIAL_TAG = "g2.optuna_trial"                  # a child run's Optuna trial number (the search asked for it)
 PARENT_ROLE, TRIAL_ROLE = "parent", "trial"            # the values of ROLE_TAG
 ERROR_TAG = "g2.error"                                 # a failed trial's message (in full: its error.txt)
 STORAGE_TAG = "g2.storage"                             # the study directory, on the parent run

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlencode
 
 import pandas as pd
 from mlflow.entities import Metric, Param, RunTag
@@ -33,6 +34,7 @@ from study.tags import (
     EXPERIMENT_KIND_TAG,
     MODEL_TAG,
     MODEL_TRAINING,
+    OPTUNA_TRIAL_TAG,
     PARENT_ID_TAG,
     PARENT_ROLE,
     REUSED,
@@ -45,7 +47,7 @@ from study.tags import (
     TRIAL_TAG,
 )
 from study.trial_end import TrialEnd
-from trainables.report import FAILED, STATUSES, EpochReport
+from trainables.report import FAILED, STATUSES, VAL_METRIC, EpochReport
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +63,35 @@ def _quoted(value: str) -> str:
     return f"'{value}'"
 
 
-def runs_view_url(server: str, experiment_id: str, *, charts: bool = False) -> str:
-    """The UI's training-runs view of an experiment (parent runs, children folded under them), or its charts.
+def runs_view_url(server: str, experiment_id: str, *, charts: bool = False, higher_is_better: bool = False) -> str:
+    """The UI's training-runs view of an experiment's trials, best model first, or the study's charts.
 
-    MLflow 3.x opens an experiment on its GenAI "Overview / Traces" page whatever its kind: this URL
-    goes straight to the runs table; with `charts`, to the metric charts (the parent's `study/*` curves).
+    MLflow 3.x opens an experiment on its GenAI "Overview / Traces" page whatever its kind: this URL goes straight
+    to the runs table. Filtered to the trials (`g2.role = trial`), the children are listed flat instead of folded
+    under their parent, and sorted by their model's validation metric (`val_metric`), which brings its column into view. Which other columns
+    show, and their widths, the UI keeps per browser, not in the URL. With `charts`, the metric charts of every run
+    (the parent's `study/*` convergence curves among them).
     """
-    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs" + ("?compareRunsMode=CHART" if charts else "")
+    base = f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs"
+    if charts:
+        return base + "?compareRunsMode=CHART"
+    query = urlencode({"searchFilter": f"tags.`{ROLE_TAG}` = '{TRIAL_ROLE}'",
+                       "orderByKey": f"metrics.`{VAL_METRIC}`",
+                       "orderByAsc": "false" if higher_is_better else "true"}, quote_via=quote)
+    return f"{base}?{query}"
+
+
+UI_PORT = 5000   # where `g2-study ui` serves a study's own (SQLite) MLflow store unless told another port
+
+
+def ui_server(tracking_uri: str, port: int = UI_PORT) -> str:
+    """The MLflow UI of a tracking URI: the server itself, or `g2-study ui` on this machine for a local store."""
+    return tracking_uri if tracking_uri.startswith(("http://", "https://")) else f"http://127.0.0.1:{port}"
+
+
+def run_url(server: str, experiment_id: str, run_id: str) -> str:
+    """One run's page on the MLflow UI at `server`."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def find_experiment_id(tracking_uri: str, experiment: str) -> str | None:
@@ -76,19 +100,37 @@ def find_experiment_id(tracking_uri: str, experiment: str) -> str | None:
     return None if found is None else found.experiment_id
 
 
-def trial_run_name(config: Mapping[str, Any]) -> str:
-    """A child run's name, what was trained and how it is compressed: `g2 τ=0.63 p=0.59 · r16 b4`.
+KNOB_LABELS = {"g2.tau": "τ", "g2.p": "p", "g2.sharpen_tau": "τs", "compress.rank": "r", "compress.bits": "b",
+               "seed": "s"}
+MODEL_KNOBS = ("g2.gate_mode", "g2.tau", "g2.p", "g2.sharpen_tau")
+SETTING_KNOBS = ("compress.rank", "compress.bits", "compress.paper")
 
-    `r` is the SVD rank (0: full rank), `b` the bits per weight (32: float); the paper's rounding is named.
+
+def trial_run_name(config: Mapping[str, Any], searched: Iterable[str] = ()) -> str:
+    """A child run's name, what differs between siblings first: `g2 τ0.63 p0.59 · r0 b32`, `lstm · r16 b4`.
+
+    The searched knobs lead (`searched`: the study's space), so that the part that tells trials apart survives
+    the UI cutting the name; the rest says what was trained and how it is compressed. Knobs that do not apply to
+    the gate mode (τ and p outside g2, τs outside sharpened) are left out. `r` is the SVD rank (0: full rank), `b`
+    the bits per weight (32: float); the paper's rounding is named.
     """
+    searched = set(searched)
     mode = config.get("g2.gate_mode", "?")
-    if mode == "g2":
-        mode += f" τ={config['g2.tau']:.2f} p={config['g2.p']:.2f}"
-    elif mode == "sharpened" and "g2.sharpen_tau" in config:
-        mode += f" τs={config['g2.sharpen_tau']:.2f}"
-    paper = config.get("compress.paper", "none")
-    setting = f"r{config.get('compress.rank', '?')} b{config.get('compress.bits', '?')}"
-    return f"{mode} · {setting}" + (f" {paper}" if paper not in ("none", None) else "")
+    applies = {"g2.tau": mode == "g2", "g2.p": mode == "g2", "g2.sharpen_tau": mode == "sharpened",
+               "compress.paper": config.get("compress.paper", "none") not in ("none", None)}
+    order = [*MODEL_KNOBS, *SETTING_KNOBS, *sorted(k for k in searched if k not in MODEL_KNOBS + SETTING_KNOBS)]
+    shown = [k for k in order if k in config and applies.get(k, True)]
+    lead = [_knob(k, config[k]) for k in shown if k in searched]
+    model = [_knob(k, config[k]) for k in shown if k not in searched and k in MODEL_KNOBS]
+    setting = [_knob(k, config[k]) for k in shown if k not in searched and k not in MODEL_KNOBS]
+    return " · ".join(" ".join(group) for group in (lead, model, setting) if group)
+
+
+def _knob(key: str, value: Any) -> str:
+    if key == "g2.gate_mode" or key == "compress.paper":
+        return str(value)
+    text = f"{value:.2f}" if isinstance(value, float) else str(value)
+    return f"{KNOB_LABELS.get(key, key.rsplit('.', 1)[-1] + '=')}{text}"
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:
@@ -99,9 +141,10 @@ def _chunks(items: list, size: int) -> Iterator[list]:
 class StudyTracker:
     """The MLflow side of one study: its parent run and a child run per trial, reused across resumes."""
 
-    def __init__(self, tracking_uri: str, experiment: str, study_name: str, artifact_location: str | None = None):
+    def __init__(self, tracking_uri: str, experiment: str, study_name: str, artifact_location: str | None = None,
+                 searched: tuple[str, ...] = ()):
         self.client = MlflowClient(tracking_uri=tracking_uri)
-        self.tracking_uri, self.study_name = tracking_uri, study_name
+        self.tracking_uri, self.study_name, self.searched = tracking_uri, study_name, searched
         self.experiment_id = self._experiment(experiment, artifact_location)
         self.parent_id: str | None = None
         self._runs: dict[str, str] = {}            # trial id -> child run id, opened by this process
@@ -125,9 +168,8 @@ class StudyTracker:
                 raise
             return found.experiment_id
 
-    def runs_url(self, server: str) -> str:
-        """This study's runs view on the MLflow UI at `server` (http://host:port)."""
-        return runs_view_url(server, self.experiment_id)
+    def run_url(self, server: str, run_id: str) -> str:
+        return run_url(server, self.experiment_id, run_id)
 
     def _search(self, filter_string: str) -> Iterator[Any]:
         token = None
@@ -259,8 +301,10 @@ class StudyTracker:
         found = self._trial_run(trial_id)
         return found is not None and found.info.status != "RUNNING" and STATUS_TAG in found.data.tags
 
-    def trial_run_id(self, trial_id: str, params: Mapping[str, Any] | None = None) -> str:
-        """The trial's child run: the one already tagged with its id under this parent, else a new one with `params`."""
+    def trial_run_id(self, trial_id: str, params: Mapping[str, Any] | None = None, optuna_number: int | None = None
+                     ) -> str:
+        """The trial's child run: the one already tagged with its id under this parent, else a new one with `params`
+        (tagged with the Ray trial id and, where the search asked for it, the Optuna trial number)."""
         if trial_id in self._runs:
             return self._runs[trial_id]
         parent = self._require_parent()
@@ -270,9 +314,11 @@ class StudyTracker:
             if found.info.status != "RUNNING":   # resumed after a crash (KILLED) or retried after an error
                 self.client.update_run(run_id, status="RUNNING")
         else:
-            name = trial_run_name(params) if params and "g2.gate_mode" in params else trial_id
-            run = self.client.create_run(self.experiment_id, run_name=name, tags={
-                PARENT_ID_TAG: parent, TRIAL_TAG: trial_id, STUDY_TAG: self.study_name, ROLE_TAG: TRIAL_ROLE})
+            name = trial_run_name(params, self.searched) if params and "g2.gate_mode" in params else trial_id
+            tags = {PARENT_ID_TAG: parent, TRIAL_TAG: trial_id, STUDY_TAG: self.study_name, ROLE_TAG: TRIAL_ROLE}
+            if optuna_number is not None:
+                tags[OPTUNA_TRIAL_TAG] = str(optuna_number)
+            run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
             run_id = run.info.run_id
             self._log(run_id, params=param_values(params or {}))
         self._runs[trial_id] = run_id
@@ -318,4 +364,5 @@ def open_tracker(cfg: StudyConfig, root: str | Path) -> StudyTracker:
     """The tracker of the study in `root`, on its configured (or default, in-directory) MLflow store."""
     paths = StudyPaths(Path(root))
     return StudyTracker(paths.tracking_uri(cfg), experiment=cfg.name, study_name=cfg.name,
-                        artifact_location=paths.artifact_location(cfg))
+                        artifact_location=paths.artifact_location(cfg),
+                        searched=tuple(p.name for p in cfg.search_space()))

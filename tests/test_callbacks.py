@@ -111,7 +111,7 @@ def test_a_trial_re_entered_at_its_final_checkpoint_is_recorded_once(first_drive
     assert lines[0].split()[1:4] == ["1/4]", "t1", "ok"] and "-> recorded before the restart | " in lines[0]
     rows = results.load(first_driver["root"], filters="trial_id == 't1'")
     front = len(study_front(rows, first_driver["cfg"]))     # its recorded rows count towards the front shown
-    assert front >= 1 and lines[0].endswith(f"front: {front} point(s)")
+    assert front >= 1 and lines[0].endswith(f"front so far: {front} point(s)")
     history = MlflowClient(f"sqlite:///{first_driver['root'] / 'mlflow.db'}").get_metric_history(
         mlflow_runs(first_driver["root"])["t1"].info.run_id, "val_metric")
     assert len(history) == len(first_driver["reports"])        # one value per epoch: nothing was logged twice
@@ -161,9 +161,12 @@ class Told:
 
     def __init__(self):
         self.ends: list = []
+        self.links: list = []
+        self.asked = {"t1": 4}   # Ray trial id -> Optuna trial number
 
-    def tell(self, end, *, mlflow_run_id=None):
+    def tell(self, end, *, mlflow_run_id=None, mlflow_link=None):
         self.ends.append((end, mlflow_run_id))
+        self.links.append(mlflow_link)
 
 
 def test_the_searcher_is_told_each_end_the_files_record(trial, tmp_path):
@@ -184,3 +187,6 @@ def test_the_searcher_is_told_each_end_the_files_record(trial, tmp_path):
     assert ok.objectives(cfg.objectives) == {"compressed_val_metric": reports[-1]["compressed_val_metric"],
                                              "gate_bits": reports[-1]["gate_bits"]}
     assert told.ends[1][0].objectives(cfg.objectives) is None and told.ends[2][0].error == "ValueError: bad knob"
+    # the link optuna-dashboard's note will hold: the run's page on the UI `g2-study ui` serves for this store
+    assert told.links[0] == f"http://127.0.0.1:5000/#/experiments/{mlflow_runs(tmp_path)['ok'].info.experiment_id}" \
+                            f"/runs/{run_id}"

@@ -38,7 +38,8 @@ def test_results_front_is_the_front_of_the_dataset(real_study, tmp_path):
     storage = str(real_study["storage"])
     proc = cli("results", "real", "--storage", storage, "--front", "--format", "csv", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    printed = pd.read_csv(pd.io.common.StringIO(proc.stdout))
+    # trial ids are hex: one of only digits would read as a number
+    printed = pd.read_csv(pd.io.common.StringIO(proc.stdout), dtype={"trial_id": str})
     cfg = StudyConfig.from_json(StudyState.read(real_study["dir"] / STATE_FILE).config)
     front = study_front(results.load(str(real_study["dir"])), cfg)
     assert len(printed) == len(front) > 0

@@ -13,17 +13,16 @@ import pytest
 from study import results
 from study.callbacks import StudyCallback
 from study.config import StudyConfig
+from study.console import Console
 from study.front import readable_floats
 from study.progress import (
     RESCORES,
     TRAINS,
     WAITS,
-    Console,
     StudyProgress,
     TrialProgress,
     format_duration,
     read_progress,
-    study_eta,
     training_plan,
 )
 from study.tracking import open_tracker
@@ -89,9 +88,13 @@ def test_quiet_prints_one_line_per_finished_trial(recorded, tmp_path):
 
 
 def test_a_terminal_gets_a_bar_and_a_log_gets_plain_lines():
-    progress = StudyProgress(total=6, done=2, running=2, failed=1, front=3, elapsed_s=75.0, eta_s=150.0)
+    progress = StudyProgress(total=6, done=2, running=2, failed=1, front=3, elapsed_s=75.0, eta_s=150.0,
+                             counts=(("error", 1), ("reused", 1)))
     assert progress.pending == 2
-    assert progress.summary() == "running 2, failed 1, pending 2 | front 3 | 1:15 elapsed, ETA 2:30"
+    assert progress.summary() == "reused 1, error 1, running 2, pending 2 | front so far 3 | 1:15 elapsed, ETA 2:30"
+    done = StudyProgress(total=2, done=2, running=0, failed=0, front=3, elapsed_s=75.0, eta_s=0.0,
+                         counts=(("ok", 2),))
+    assert done.summary() == "ok 2, running 0 | front 3 | 1:15 elapsed"   # no ETA, and the front is final
     for stream, live in ((io.StringIO(), False), (Terminal(), True)):
         console = Console(6, stream=stream)
         assert console.live is live
@@ -102,7 +105,7 @@ def test_a_terminal_gets_a_bar_and_a_log_gets_plain_lines():
         out = stream.getvalue()
         assert "trial t1 starts: lstm rank 8 bits 4; trains" in out and "[  3/6] t1 ok" in out
         if live:
-            assert "\r" in out and "2/6" in out and progress.summary() in out
+            assert "\r" in out and "trials 2/6 ▕███░░░░░░░▏ 1:15 elapsed, ETA 2:30 | reused 1, error 1" in out
         else:
             assert not CONTROL.search(out) and out.splitlines() == ["trial t1 starts: lstm rank 8 bits 4; trains",
                                                                     "[  3/6] t1 ok"]
@@ -140,8 +143,6 @@ def test_progress_files_round_trip_and_eta(tmp_path):
     assert json.loads((tmp_path / "progress" / "t1.json").read_text())["epoch"] == 2
     (tmp_path / "progress" / "junk.json").write_text("{not json")   # ignored, not an error
     assert list(read_progress(tmp_path)) == ["t1"]
-    assert study_eta(100.0, total=6, done=2, running=[0.5, 0.5]) == pytest.approx(100.0)
-    assert study_eta(0.0, total=6, done=0, running=[]) is None
     assert [format_duration(s) for s in (5, 75, 3725, None)] == ["0:05", "1:15", "1:02:05", "?"]
 
 
@@ -164,11 +165,14 @@ def test_a_study_run_into_a_log_prints_plain_lines(real_study):
     assert re.search(r"^trial \S+ starts: .+; (trains|re-scores the stored model|waits for the model .+)$", out,
                      re.M), out[-3000:]
     assert re.search(r"^trial \S+ epoch 1/2: val ppl \d+\.\d\d \| .* tok/s \| ETA \d+:\d\d$", out, re.M), out[-3000:]
-    # what a start line said the trial would do is what it did: a re-scored model ends "(reused model)"
+    # what the start lines said is what happened: a re-scored model ends "reused", and as many models were
+    # trained as start lines said "trains". Which of two trials of one model trains is the workers' race (the
+    # trainable takes the lock, `trainables.store`): the driver's guess may name the other one.
     plans = dict(re.findall(r"^trial (\S+) starts: .+; (trains|re-scores|waits)", out, re.M))
-    reused = set(re.findall(r"^\[\s*\d+/\d+\] (\S+) ok .*\(reused model\)", out, re.M))
-    assert plans and all((plans[t] == "trains") == (t not in reused) for t in plans if plans[t] != "waits"), out[-3000:]
+    reused = set(re.findall(r"^\[\s*\d+/\d+\] (\S+) reused ", out, re.M))
+    assert plans and all(t in reused for t in plans if plans[t] == "re-scores"), out[-3000:]
     trained = [t for t in plans if t not in reused]
-    assert all(re.search(rf"^trial {t} epoch 2/2: ", out, re.M) for t in trained), out[-3000:]   # the last epoch too
+    assert len(trained) == list(plans.values()).count("trains") > 0, out[-3000:]
+    assert all(re.search(rf"^trial {t} epoch 2/2: ", out, re.M) for t in trained), out[-3000:]
     ends = re.findall(r"^\[\s*\d+/(\d+)\] ", out, re.M)   # one per Ray trial; the search may end before 5
     assert len(ends) == results.load(str(real_study["dir"]))["trial_id"].nunique() >= 3 and set(ends) == {"5"}

@@ -67,3 +67,55 @@ def test_a_readme_block_runs(block, quickstart, request, capsys):
         assert len(namespace["df"]) > 0 and len(namespace["low"]) > 0
     if "small" in namespace:                                   # the layer example compressed a copy
         assert namespace["report"].gate_compression > 1.0 and namespace["gates"]
+
+
+def format_pattern(template: str) -> re.Pattern:
+    """A `str.format` template as a regex: its text literal, each field any text (a field's own `:spec` too)."""
+    parts = re.split(r"\{[^{}]*\}", template)
+    return re.compile("^" + "(.+?)".join(re.escape(part) for part in parts) + "$")
+
+
+def sample(name: str) -> list[str]:
+    """The lines of the README block under `<!-- NAME sample: ... -->`."""
+    found = re.search(rf"^<!-- {name} sample:.*?-->\n```\n(.*?)^```", (REPO_ROOT / "README.md").read_text(),
+                      flags=re.S | re.M)
+    assert found, f"README.md has no {name} sample"
+    return found.group(1).splitlines()
+
+
+def counted_words(text: str) -> set[str]:
+    return {m.group(1) for m in re.finditer(r"([a-z][a-z ]*?) \d+(?:,|$)", text)}
+
+
+def test_the_readme_console_sample_is_what_the_console_prints():
+    from study.console import BAR_HEAD, LIVE_LINE, START_LINE
+    from study.progress import END_LINE, EPOCH_LINE
+    from study.vocabulary import ORDER
+
+    kinds = {"start": START_LINE, "epoch": EPOCH_LINE, "live": LIVE_LINE, "end": END_LINE}
+    seen = set()
+    for line in sample("console"):
+        matched = [kind for kind, template in kinds.items() if format_pattern(template).match(line)]
+        if line.startswith("trials "):   # the bar: its head, then running trials and counts
+            head = format_pattern(BAR_HEAD + " | {rest}").match(line)
+            assert head and re.fullmatch(r"[█░]{10}", head.group(3)), line
+            matched = ["bar"]
+        assert matched, f"README console sample line matches no format the code prints: {line}"
+        seen.add(matched[0])
+        if matched[0] == "end":   # the counts are the vocabulary's words
+            counts = format_pattern(END_LINE).match(line).groups()[6]
+            assert counted_words(counts) <= set(ORDER), line
+    assert {"start", "epoch", "end", "bar"} <= seen
+
+
+def test_the_readme_status_sample_is_what_status_prints():
+    from study.status import COUNTS_LINE, FRONT_LINE, HEAD_LINE
+    from study.vocabulary import ORDER
+
+    lines = sample("status")
+    assert format_pattern(HEAD_LINE).match(lines[0]), lines[0]
+    counts = format_pattern(COUNTS_LINE).match(lines[1])
+    assert counts and counted_words(counts.group(2)) <= set(ORDER), lines[1]
+    assert re.match(r"^trial +state +knobs +detail$", lines[3]), lines[3]
+    assert all(row.split()[1] in ORDER for row in lines[4:lines.index("", 4)])
+    assert any(format_pattern(FRONT_LINE).match(line) for line in lines)

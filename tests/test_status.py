@@ -23,7 +23,6 @@ from study.config import StudyConfig
 from study.convergence import ConvergenceLog
 from study.front import study_front
 from study.paths import Experiment, StudyPaths, StudyState
-from study.progress import read_progress, study_eta
 from study.status import STOPPED, study_status
 from study.tracking import open_tracker
 
@@ -85,20 +84,20 @@ def test_status_while_the_study_runs(half_done):
     assert as_json["state"] == "running" and as_json["pending"] == 2 and len(as_json["front"]) == len(status.front)
 
 
-def test_status_eta_goes_at_the_live_drivers_pace_after_a_resume(half_done):
-    """A driver that went on with t2 from an earlier driver's epoch-1 checkpoint: neither the earlier driver's
-    finished t1, nor t2's carried epoch, nor the hours nobody ran the study, set the pace."""
+def test_status_repeats_the_live_drivers_estimate_and_no_earlier_ones(half_done):
+    """`status` shows the ETA the driver's bar shows (study.board writes it), less the time since it was written;
+    an estimate left by an earlier driver of the study is not this driver's and is not shown."""
     cfg, paths, epochs = half_done
-    since = datetime.now(UTC).timestamp() + 3600   # resumed an hour after t1 ended
-    DriverInfo(host=socket.gethostname(), pid=os.getpid(), started=datetime.fromtimestamp(since, UTC).isoformat(),
-               command="g2-study resume s").write(paths.root / CLAIM_FILE)
-    t2 = read_progress(paths.root)["t2"]
-    t2.started, t2.resumed_at, t2.epoch, t2.epochs = since + 1, 1, 2, 4
-    t2.write(paths.progress)
-    status = study_status(cfg.storage, "s", now=since + 100)
-    # this driver trained a quarter of a trial in 100 s; left: 3 pending or running trials less t2's half
-    assert status.eta_s == pytest.approx((4 - 1 - 0.5) * 100 / 0.25)
-    assert study_eta(100.0, total=4, done=1, running=[0.5], carried=0.25) == pytest.approx(2.5 * 100 / 1.25)
+    claim(paths.root, os.getpid())
+    written = json.loads(paths.estimate.read_text())
+    assert written["pid"] == os.getpid() and written["eta_s"] > 0 and set(written["trials"]) == {"t2"}
+    later = written["at"] + 1.0
+    status = study_status(cfg.storage, "s", now=later)
+    assert status.eta_s == pytest.approx(max(written["eta_s"] - 1.0, 0.0))
+    assert {t.trial_id: t.eta_s for t in status.trials if t.state == "running"} == {
+        "t2": pytest.approx(max(written["trials"]["t2"] - 1.0, 0.0))}
+    paths.estimate.write_text(json.dumps({**written, "pid": os.getpid() + 1}))   # a driver before this one
+    assert study_status(cfg.storage, "s", now=later).eta_s is None
 
 
 def test_status_after_the_driver_was_killed(half_done):
@@ -191,4 +190,4 @@ def test_a_callback_saved_before_it_counted_carried_epochs_resumes(tmp_path):
              "convergence": ConvergenceLog(cfg, root)}   # the state of a version before `_carried`
     restored = StudyCallback.__new__(StudyCallback)
     restored.__setstate__(saved)
-    assert restored.board.carried == 0.0 and restored.total == 2 and restored.board.console.total == 2
+    assert restored.board.statuses == {} and restored.total == 2 and restored.board.console.total == 2

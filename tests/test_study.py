@@ -130,7 +130,9 @@ def test_study_on_a_cluster_with_a_failing_trial(cluster, mlflow_server, tmp_pat
         assert run.info.status == ("FINISHED" if row["status"] == "ok" else "FAILED")
         # named by what it is: gate mode, the searched rank, full precision, whether it re-scored a stored model
         reused = " · reused" if row["status"] == "ok" and row["reused_checkpoint"] else ""
-        assert run.info.run_name == f"g2 τ=0.90 p=0.20 · r{own_rank[trial_id]} b32{reused}"
+        # the searched knobs (rank, corpus) lead: what tells siblings apart survives the UI cutting the name
+        assert run.info.run_name == f"r{own_rank[trial_id]} corpus={row['data.corpus']} · g2 τ0.90 p0.20 · b32{reused}"
+        assert run.data.tags["g2.trial_id"] == trial_id and run.data.tags["g2.optuna_trial"].isdigit()
         if row["status"] == "ok":   # MLflow and Parquet hold the same numbers
             own = ok[(ok["trial_id"] == trial_id) & ok["is_trial_setting"]].iloc[0]
             assert run.data.metrics["compressed_val_metric"] == pytest.approx(own["val_metric"])

@@ -202,11 +202,14 @@ def test_the_experiment_is_model_training_and_runs_are_named_by_what_they_are(st
     client = store["client"]
     experiment = client.get_experiment(t.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
-    assert t.runs_url("http://127.0.0.1:5000/") == f"http://127.0.0.1:5000/#/experiments/{t.experiment_id}/runs"
+    view = tracking.runs_view_url("http://127.0.0.1:5000/", t.experiment_id)
+    assert view == (f"http://127.0.0.1:5000/#/experiments/{t.experiment_id}/runs?searchFilter=tags.%60g2.role%60%20"
+                    "%3D%20%27trial%27&orderByKey=metrics.%60val_metric%60&orderByAsc=true")
+    assert t.run_url("http://h:1", "abc") == f"http://h:1/#/experiments/{t.experiment_id}/runs/abc"
     t.start({}, tags={})
     g2 = {"g2.gate_mode": "g2", "g2.tau": 0.6312, "g2.p": 0.587, "compress.rank": 16, "compress.bits": 4,
           "compress.paper": "none"}
-    trained = t.trial_run_id("trial_00000", g2)
+    trained = t.trial_run_id("trial_00000", g2, optuna_number=7)
     reused = t.trial_run_id("trial_00001", {**g2, "g2.gate_mode": "lstm", "compress.rank": 0, "compress.bits": 32,
                                             "compress.paper": "round_clip"})
     unnamed = t.trial_run_id("trial_00002", {})
@@ -214,8 +217,9 @@ def test_the_experiment_is_model_training_and_runs_are_named_by_what_they_are(st
     t.end_trial(ended("trial_00001", "ok", {**final_report(2), "reused_checkpoint": True}))
     t.end_trial(ended("trial_00001", "ok", {**final_report(2), "reused_checkpoint": True}))   # ended twice: named once
 
-    assert client.get_run(trained).info.run_name == "g2 τ=0.63 p=0.59 · r16 b4"
+    assert client.get_run(trained).info.run_name == "g2 τ0.63 p0.59 · r16 b4"
     assert client.get_run(trained).data.tags["g2.model"] == "trained"
+    assert client.get_run(trained).data.tags["g2.optuna_trial"] == "7"
     assert client.get_run(reused).info.run_name == "lstm · r0 b32 round_clip · reused"
     assert client.get_run(reused).data.tags["g2.model"] == "reused"
     assert client.get_run(reused).data.tags["g2.training_key"] == "abc"
@@ -228,3 +232,36 @@ def test_an_experiment_made_before_the_kind_tag_gets_it(store):
     store["client"].create_experiment("old-experiment")
     t = StudyTracker(store["uri"], "old-experiment", "old", store["artifacts"])
     assert store["client"].get_experiment(t.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_child_names_lead_with_what_differs_and_stay_apart_in_twenty_characters():
+    """Siblings' names differ within what the runs table shows of them (about 20 characters), for the spaces a
+    study searches: the default one (gate mode, τ, p), the quickstart's (the gate mode alone), rank and bits."""
+    import optuna
+
+    from study.config import StudyConfig
+    from study.space import DefineByRun, parse_space
+
+    assert tracking.trial_run_name({"g2.gate_mode": "g2", "g2.tau": 0.9, "g2.p": 0.2, "compress.rank": 16,
+                                    "compress.bits": 2, "compress.paper": "none"},
+                                   searched=("compress.rank", "compress.bits")) == "r16 b2 · g2 τ0.90 p0.20"
+    assert tracking.trial_run_name({"g2.gate_mode": "lstm", "g2.tau": 0.9, "g2.p": 0.2, "compress.rank": 0,
+                                    "compress.bits": 32}, searched=("g2.gate_mode",)) == "lstm · r0 b32"   # no τ, p
+    spaces = {"default": None, "ranks and bits": {"compress.rank": {"choices": [0, 8, 16, 64]},
+                                                  "compress.bits": {"choices": [2, 4, 8]}}}
+    for label, space in spaces.items():
+        cfg = StudyConfig(name="n", preset="tiny", space=parse_space(space or {}))
+        searched = [p.name for p in cfg.search_space()]
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        names, points = set(), set()
+        for _ in range(12):
+            trial = study.ask()
+            DefineByRun(cfg.search_space(), {})(trial)
+            config = {**cfg.base_trial().to_flat(), **trial.params}
+            point = tuple(round(config[k], 2) if isinstance(config[k], float) else config[k] for k in searched)
+            if point in points:
+                continue   # the same searched values: the same model, re-scored, not a sibling to tell apart
+            points.add(point)
+            name = tracking.trial_run_name(config, searched)
+            assert name[:20] not in names, (label, name, names)
+            names.add(name[:20])

@@ -24,6 +24,7 @@ from trainables.corpora import find_corpus
 from trainables.g2lstm import G2LSTM, GateStatistics, evaluation_gates
 from trainables.graphs import WindowGraphs
 from trainables.lm_data import batchify, lm_batch, load_lm_corpus
+from trainables.pulse import TRAIN, Pulse
 from trainables.regularize import (
     NonMonotoneTrigger,
     activation_regularization,
@@ -142,6 +143,11 @@ def variable_bptt(rng: random.Random, bptt: int) -> int:
     return max(5, int(rng.gauss(base, 5)))
 
 
+def mean_window(bptt: int) -> float:
+    """The mean of `variable_bptt` (int() takes half a token off on average): how many batches an epoch has."""
+    return max(0.975 * bptt - 0.5, 5.0)
+
+
 def cache_pointer_logprobs(logits: Tensor, hiddens: Tensor, targets: Tensor, memory: tuple[Tensor, Tensor] | None,
                            window: int, theta: float, lam: float) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """Neural cache (Grave et al. 2017): mix the model with a pointer over the last `window` (hidden, next word)
@@ -227,6 +233,8 @@ class LMTask(Task):
         source = self.data["train"]
         state = model.init_state(source.shape[1])
         total_loss, total_tokens, batches, i = 0.0, 0, 0, 0
+        expected = cfg.train.max_batches or max(round((source.shape[0] - 2) / mean_window(cfg.lm.bptt)), 1)
+        self.pulse(Pulse(TRAIN, 0, expected, 0, epoch))   # the pass starts: its clock too
         while i < source.shape[0] - 2:
             seq_len = variable_bptt(rng, cfg.lm.bptt)
             x, y = lm_batch(source, i, seq_len)                                  # (L, B), (L, B)
@@ -249,6 +257,7 @@ class LMTask(Task):
             total_tokens += y.numel()
             batches += 1
             i += x.shape[0]
+            self.pulse(Pulse(TRAIN, batches, max(expected, batches), total_tokens, epoch))
             if cfg.train.max_batches and batches >= cfg.train.max_batches:
                 break
         for group in self.optimizer.param_groups:

@@ -19,6 +19,7 @@ from trainables.corpora import cache_root, find_corpus
 from trainables.decoding import evaluating, translate
 from trainables.g2lstm import GateStatistics, evaluation_gates
 from trainables.parallel_data import ParallelData, Seq2SeqBatch, load_parallel_data, make_batches, spread
+from trainables.pulse import TRAIN, Pulse
 from trainables.report import TRAIN_TOKENS
 from trainables.seq2seq import Seq2Seq
 from trainables.task import Task, make_optimizer
@@ -92,6 +93,7 @@ class NMTTask(Task):
             batches = batches[:cfg.max_batches]
         self.model.train()
         nll_sum, tokens = 0.0, 0
+        self.pulse(Pulse(TRAIN, 0, len(batches), 0, epoch))   # the pass starts: its clock too
         for i, batch in enumerate(batches):
             batch = batch.to(self.device)
             logits = self.model(batch.src, batch.src_mask, batch.tgt_in)
@@ -107,6 +109,7 @@ class NMTTask(Task):
             self.optimizer.step()
             nll_sum += nll.item()
             tokens += n
+            self.pulse(Pulse(TRAIN, i + 1, len(batches), int(tokens), epoch))
         return {"train_loss": nll_sum / max(tokens, 1), TRAIN_TOKENS: float(tokens)}
 
     def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:

@@ -6,6 +6,7 @@ from torch import nn
 
 from trainables.config import TrainConfig
 from trainables.g2lstm import GateStatistics
+from trainables.pulse import Pulser, silent
 
 ADADELTA_RHO, ADADELTA_EPS = 0.95, 1e-6   # Zeiler (2012), as in the Theano-era NMT recipes the paper follows
 
@@ -32,6 +33,7 @@ class Task:
     device: torch.device
     model: nn.Module
     optimizer: torch.optim.Optimizer
+    pulse: Pulser = staticmethod(silent)   # told after every training batch (`trainables.pulse`); run_trial sets it
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training data; {"train_loss": ...}. Raises FloatingPointError on NaN/inf loss."""

@@ -37,6 +37,7 @@ from trainables.g2lstm import evaluation_gates
 from trainables.lm import LMTask
 from trainables.nmt import NMTTask
 from trainables.presets import DEFAULT_PRESETS
+from trainables.pulse import SCORE, Pulse, Pulser
 from trainables.report import (
     DIVERGED,
     OK,
@@ -64,29 +65,31 @@ def sweep_gates(cfg: TrialConfig) -> list[str]:
     return list(dict.fromkeys([cfg.g2.eval_gate, *(["hard"] if hard else [])]))
 
 
-def sweep_rows(task: Task, model: torch.nn.Module, cfg: TrialConfig) -> list[SweepRow]:
+def sweep_rows(task: Task, model: torch.nn.Module, cfg: TrialConfig, epoch: int = 0) -> list[SweepRow]:
     """Score compressed copies of `model` on validation and test for every setting of the sweep, under every
     evaluation gate of `sweep_gates` (hard 0/1 i/f gates show how far "binary-valued" carries)."""
     settings = cfg.sweep.settings(cfg.compress)
     if cfg.compress not in settings:
         settings.append(cfg.compress)
-    rows = []
+    rows, gates = [], sweep_gates(cfg)
+    task.pulse(Pulse(SCORE, 0, len(settings) * len(gates), epoch=epoch))
     for setting in settings:
         compressed, accounting = compress_model(model, setting)
-        for eval_gate in sweep_gates(cfg):
+        for eval_gate in gates:
             with evaluation_gates(compressed, eval_gate):
                 scores = {k: v for split, prefix in (("valid", "val"), ("test", "test"))
                           for k, v in scored(prefix, task.evaluate(compressed, split), task.metric).items()}
             own = setting == cfg.compress and eval_gate == cfg.g2.eval_gate
             rows.append(SweepRow(rank=setting.rank, bits=setting.bits, paper=setting.paper, method=setting.method,
                                  eval_gate=eval_gate, is_trial_setting=own, accounting=accounting, scores=scores))
+            task.pulse(Pulse(SCORE, len(rows), len(settings) * len(gates), epoch=epoch))
     return rows
 
 
 def final_report(task: Task, model: torch.nn.Module, cfg: TrialConfig, last: EpochReport,
                  best_epoch: int) -> EpochReport:
     """The last report: the sweep, the uncompressed and the trial's own setting's metrics lifted to the top."""
-    done = replace(last, sweep=tuple(sweep_rows(task, model, cfg)))
+    done = replace(last, sweep=tuple(sweep_rows(task, model, cfg, last.epoch or 0)))
     plain, own = done.uncompressed(), done.own_setting()
     return replace(done, done=True, status=OK, best_epoch=best_epoch, val_metric=plain.val_metric,
                    test_metric=plain.test_metric, compressed_val_metric=own.val_metric,
@@ -127,8 +130,8 @@ def choose_plan(resume: Path | None, stored: dict[str, Any] | None, diverged: di
 
 
 def run_trial(cfg: TrialConfig, work_dir: Path, *, report: Reporter | None = None, resume: Path | None = None,
-              model_store: Path | None = None, gpu_ids: list | None = None, node_id: str | None = None
-              ) -> EpochReport:
+              model_store: Path | None = None, gpu_ids: list | None = None, node_id: str | None = None,
+              pulse: Pulser | None = None) -> EpochReport:
     """Train (or resume, or reuse) one configuration, report every epoch, return the final report.
 
     Args:
@@ -140,6 +143,7 @@ def run_trial(cfg: TrialConfig, work_dir: Path, *, report: Reporter | None = Non
             knobs, this one waits for it (`Plan`).
         gpu_ids: the GPUs Ray gave the trial (None outside Ray); `train.device = auto` trains on CUDA only then.
         node_id: the Ray node running the trial, carried by every report.
+        pulse: told how far each training epoch and the sweep have got (`trainables.pulse`), never a report.
     """
     report = report or (lambda epoch_report, ckpt: None)
     device = trial_device(cfg.train, gpu_ids)
@@ -149,6 +153,8 @@ def run_trial(cfg: TrialConfig, work_dir: Path, *, report: Reporter | None = Non
     with store.training(key) if store else contextlib.nullcontext() as stored:   # before the task takes memory
         torch.manual_seed(cfg.seed)
         task = make_task(cfg, device)
+        if pulse is not None:
+            task.pulse = pulse
         base = EpochReport(metric_name=task.metric, device=str(device), training_key=key, node_id=node_id)
         undecided = resume is None and stored is None and store is not None
         diverged = store.diverged(key) if undecided else None
