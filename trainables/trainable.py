@@ -97,14 +97,19 @@ def soft_gate_statistics(task: Task, model: torch.nn.Module) -> GateStatistics:
 def final_report(task: Task, model: torch.nn.Module, cfg: TrialConfig, last: EpochReport,
                  best_epoch: int) -> EpochReport:
     """The last report: the sweep of `model` (the best epoch's weights), the uncompressed and the trial's own
-    setting's metrics lifted to the top, and the gate saturation of that same model (not of the last epoch's)."""
+    setting's metrics lifted to the top, and the gate saturation of that same model (not of the last epoch's).
+
+    A trial that re-scores a stored model reports no gates: the trial that trained it did, and a model's gates
+    are counted once (the gates dataset, the fidelity tables' means over trials).
+    """
     done = replace(last, sweep=tuple(sweep_rows(task, model, cfg, last.epoch or 0)))
     plain, own = done.uncompressed(), done.own_setting()
-    gates = soft_gate_statistics(task, model)
+    if not last.reused_checkpoint:
+        gates = soft_gate_statistics(task, model)
+        done = replace(done, gate_saturation=gates.summary(), gate_histograms=gates.histograms())
     return replace(done, done=True, status=OK, best_epoch=best_epoch, val_metric=plain.val_metric,
                    test_metric=plain.test_metric, compressed_val_metric=own.val_metric,
-                   compressed_test_metric=own.test_metric, accounting=own.accounting,
-                   gate_saturation=gates.summary(), gate_histograms=gates.histograms())
+                   compressed_test_metric=own.test_metric, accounting=own.accounting)
 
 
 @dataclass
