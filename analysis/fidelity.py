@@ -8,7 +8,10 @@ the docs are regenerated, never typed:
 Per task: the paper's table layout (original, round, round & clip, two SVD ranks) plus 4 and 2 bits, our mean ± spread
 over seeds beside the paper's figure and the difference; the same with binary i/f gates at inference (the sweep's
 `g2.eval_gate = hard` rows); what each setting costs against each model's own uncompressed figure (the paper's third
-claim is about that loss, not the absolute numbers); and the gate saturation per layer.
+claim is about that loss, not the absolute numbers), beside what the setting did to the weights: the share of the
+compressed i/f weights it set to 0 and the relative Frobenius error of the compressed blocks (a fixed rounding step
+mostly prunes where a model's weights are small; the `_rel` modes, shown where a study scored them, round every
+block at the same relative step); and the gate saturation per layer.
 """
 from __future__ import annotations
 
@@ -19,10 +22,12 @@ from analysis.paper import GATE_MODES, METRIC_NAME, SETTINGS, compare_saturation
 from analysis.pareto import SAME_MODEL, matches, ok_rows
 from trainables.report import (
     EVAL_GATE,
+    FRACTION_ZEROED,
     GATES,
     HIGH,
     LOW,
     METHOD,
+    RELATIVE_ERROR,
     STATUS,
     TEST_METRIC,
     TRIAL_ID,
@@ -33,6 +38,7 @@ from trainables.report import (
 BITS = (4, 2)   # the columns beyond the paper's: uniform quantisation of the full-rank i/f blocks
 COLUMN_TITLES = {"original": "original", "round": "round", "round_clip": "round & clip", "svd_big": "SVD {rank}",
                  "svd_small": "SVD {rank}"}
+RELATIVE = {"round_rel": "round (rel)", "round_clip_rel": "round & clip (rel)"}   # columns where the study has rows
 
 
 def _models(df: pd.DataFrame) -> pd.DataFrame:
@@ -50,13 +56,33 @@ def bits_table(df: pd.DataFrame, eval_gate: str = "soft", metric: str = TEST_MET
     """Mean and spread over seeds of `metric` at full rank and `BITS` bits, per gate mode."""
     ours = _gates(_models(df), eval_gate)
     quant = ours[matches(ours[METHOD], "quant")]
+    groups = quant.groupby([quant["g2.gate_mode"].astype(object), quant["compress.bits"]])
+    return _summary([(mode, f"{bits} bits", group) for (mode, bits), group in groups if bits in BITS], metric)
+
+
+def relative_table(df: pd.DataFrame, eval_gate: str = "soft", metric: str = TEST_METRIC) -> pd.DataFrame:
+    """Mean and spread over seeds of `metric` of the relative rounding modes (`RELATIVE`) a study scored, per gate
+    mode; the setting is the column title."""
+    ours = _gates(_models(df), eval_gate)
+    ours = ours[ours[METHOD].isin(list(RELATIVE)).fillna(False).astype(bool)]
+    groups = ours.groupby([ours["g2.gate_mode"].astype(object), ours[METHOD].astype(object)])
+    return _summary([(mode, RELATIVE[method], group) for (mode, method), group in groups], metric)
+
+
+def _summary(groups, metric: str) -> pd.DataFrame:
+    """(gate mode, setting, rows) -> the mean, sample std and count of the rows' `metric`."""
     rows = []
-    for (mode, bits), group in quant.groupby([quant["g2.gate_mode"].astype(object), quant["compress.bits"]]):
-        if bits in BITS:
-            values = group[metric].to_numpy(dtype=float, na_value=np.nan)
-            rows.append({"gate_mode": mode, "setting": f"{bits} bits", "ours": np.nanmean(values),
-                         "ours_std": np.nanstd(values, ddof=1) if len(values) > 1 else np.nan, "n": len(values)})
+    for mode, setting, group in groups:
+        values = group[metric].to_numpy(dtype=float, na_value=np.nan)
+        rows.append({"gate_mode": mode, "setting": setting, "ours": _nanmean(values),
+                     "ours_std": np.nanstd(values, ddof=1) if np.isfinite(values).sum() > 1 else np.nan,
+                     "n": len(values)})
     return pd.DataFrame(rows, columns=["gate_mode", "setting", "ours", "ours_std", "n"])
+
+
+def _nanmean(values: np.ndarray) -> float:
+    """The mean of the measured values; NaN where none was (a column an older study's files lack)."""
+    return float(np.nanmean(values)) if np.isfinite(values).any() else np.nan
 
 
 def _cell(mean: float, std: float, n: int) -> str:
@@ -91,12 +117,45 @@ def compression_markdown(df: pd.DataFrame, task: str, eval_gate: str = "soft") -
                                f"{int(paper_ranks['svd_small'])}.")
 
 
+def weight_effects(df: pd.DataFrame, task: str, eval_gate: str = "soft") -> pd.DataFrame:
+    """What each setting did to the compressed i/f weights, per gate mode: the mean over rows of the share set to 0
+    (`fraction_zeroed`) and of the relative Frobenius error (`relative_error`); NaN where not recorded.
+
+    Returns:
+        Columns gate_mode, setting (`SETTINGS`, then "<b> bits" and the `RELATIVE` titles), fraction_zeroed,
+        relative_error.
+    """
+    models = _models(df)
+    tables = {}
+    for column in (FRACTION_ZEROED, RELATIVE_ERROR):
+        paper = compare_with_paper(models, task, metric=column, eval_gate=eval_gate)[["gate_mode", "setting", "ours"]]
+        tables[column] = pd.concat([paper, bits_table(df, eval_gate, column)[["gate_mode", "setting", "ours"]],
+                                    relative_table(df, eval_gate, column)[["gate_mode", "setting", "ours"]]])
+    out = tables[FRACTION_ZEROED].merge(tables[RELATIVE_ERROR], on=["gate_mode", "setting"], how="outer",
+                                        suffixes=("_z", "_e"))
+    return out.rename(columns={"ours_z": FRACTION_ZEROED, "ours_e": RELATIVE_ERROR}).reset_index(drop=True)
+
+
+def _effect(effects: pd.DataFrame, mode: str, setting: str) -> str:
+    """The cell's suffix, e.g. ` · 85.0 % zeroed, err 0.31`; empty where the study recorded neither."""
+    row = effects[(effects["gate_mode"] == mode) & (effects["setting"] == setting)]
+    if not len(row):
+        return ""
+    zeroed, error = float(row[FRACTION_ZEROED].iloc[0]), float(row[RELATIVE_ERROR].iloc[0])
+    if not (np.isfinite(zeroed) or np.isfinite(error)):
+        return ""
+    return f" · {_percent(zeroed)} zeroed, err {error:.2f}" if np.isfinite(error) else f" · {_percent(zeroed)} zeroed"
+
+
 def loss_markdown(df: pd.DataFrame, task: str, eval_gate: str = "soft") -> str:
-    """What each setting costs: setting − original per gate mode, ours beside the paper's (claim 3)."""
+    """What each setting costs: setting − original per gate mode, ours beside the paper's (claim 3), and what the
+    setting did to the weights (`weight_effects`). The relative rounding modes get columns where the study has them."""
     table = compare_with_paper(_models(df), task, eval_gate=eval_gate)
-    bits = bits_table(df, eval_gate)
+    extra = pd.concat([bits_table(df, eval_gate), relative_table(df, eval_gate)])
+    effects = weight_effects(df, task, eval_gate)
+    relative = [title for title in RELATIVE.values() if title in set(extra["setting"])]
     header = ["gate mode", *(COLUMN_TITLES[s].format(rank=int(table.loc[table["setting"] == s, "rank"].max() or 0))
-                             for s in SETTINGS[1:]), *(f"{b} bits" for b in BITS)]
+                             for s in SETTINGS[1:]), *(f"{b} bits" for b in BITS), *relative]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for mode in GATE_MODES:
         mine = table[table["gate_mode"] == mode].set_index("setting")
@@ -104,12 +163,16 @@ def loss_markdown(df: pd.DataFrame, task: str, eval_gate: str = "soft") -> str:
         cells = [mode]
         for setting in SETTINGS[1:]:
             ours, paper = mine.loc[setting, "ours"] - base_ours, mine.loc[setting, "paper"] - base_paper
-            cells.append(f"{ours:+.2f} ({paper:+.2f})" if np.isfinite(ours) else f"– ({paper:+.2f})")
-        for b in BITS:
-            row = bits[(bits["gate_mode"] == mode) & (bits["setting"] == f"{b} bits")]
-            cells.append(f"{row['ours'].iloc[0] - base_ours:+.2f}" if len(row) else "–")
+            cells.append((f"{ours:+.2f} ({paper:+.2f})" if np.isfinite(ours) else f"– ({paper:+.2f})")
+                         + _effect(effects, mode, setting))
+        for setting in [f"{b} bits" for b in BITS] + relative:
+            row = extra[(extra["gate_mode"] == mode) & (extra["setting"] == setting)]
+            cost = row["ours"].iloc[0] - base_ours if len(row) else np.nan
+            cells.append((f"{cost:+.2f}" if np.isfinite(cost) else "–") + _effect(effects, mode, setting))
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + f"\n\nCells: test {METRIC_NAME[task]} of the setting minus the original's, ours (paper's)."
+    return "\n".join(lines) + (f"\n\nCells: test {METRIC_NAME[task]} of the setting minus the original's, ours "
+                               "(paper's); then the share of the compressed i/f weights the setting set to 0 and the "
+                               "relative Frobenius error ‖W − Ŵ‖/‖W‖ of the compressed blocks (means over rows).")
 
 
 def saturation_markdown(df: pd.DataFrame, task: str) -> str:

@@ -22,7 +22,7 @@ Direction = Literal["min", "max"]
 # The columns that name one scored model: its trained weights (the training key digests every knob that changes them)
 # and how they were evaluated and compressed. Trials that re-score a stored model repeat its rows under the same key.
 SAME_MODEL = [TRAINING_KEY, "g2.eval_gate", "compress.rank", "compress.bits", "compress.paper", "compress.step",
-              "compress.clip", "compress.targets"]
+              "compress.clip", "compress.rel_step", "compress.rel_clip", "compress.targets"]
 
 # Rows per block in the k >= 3 filter: a (block, front) boolean matrix stays a few MB, and numpy still gets long loops.
 _BLOCK = 256

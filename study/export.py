@@ -31,7 +31,7 @@ from study.front import front_objectives, study_front
 from study.mlflow_values import code_version, json_safe
 from study.paths import StudyPaths, read_state
 from study.preflight import check_tracking_access
-from trainables.config import EVAL_GATES, TrialConfig
+from trainables.config import EVAL_GATES, ROUND_MODES, TrialConfig
 from trainables.report import (
     ACCOUNTING,
     EVAL_GATE,
@@ -49,7 +49,7 @@ from trainables.report import (
 )
 
 log = logging.getLogger(__name__)
-METHODS = ("none", "svd", "quant", "svd+quant", "round", "round_clip")
+METHODS = ("none", "svd", "quant", "svd+quant", *ROUND_MODES)
 SHOWN = [TRIAL_ID, "g2.gate_mode", METHOD, "compress.rank", "compress.bits", EVAL_GATE, "gate_bits", VAL_METRIC]
 RELATIVE_TOLERANCE = 1e-4          # `--check`: the re-scored metrics against the row's
 EXPORT_TAG = "g2.export.model_id"  # on the trial's run: its latest exported model
@@ -197,8 +197,9 @@ def export_row(paths: StudyPaths, row: pd.Series, output: Path):
     store.load(key, task.model)
     metrics = {k: float(row[k]) for k in (VAL_METRIC, TEST_METRIC, VAL_LOSS, TEST_LOSS)
                if k in row.index and not _missing(row[k])}
-    source = Source(training_key=key, accounting=Accounting(**{k: row[k].item() if hasattr(row[k], "item")
-                                                               else row[k] for k in ACCOUNTING}),
+    recorded = {k: row[k].item() if hasattr(row[k], "item") else row[k] for k in ACCOUNTING
+                if k in row.index and not _missing(row[k])}   # an older study's file may lack a later column
+    source = Source(training_key=key, accounting=Accounting.from_dict(recorded),
                     metrics=metrics, study=str(row["study"]), trial_id=str(row[TRIAL_ID]), code=code_version())
     tokenizer = task.vocab if cfg.task == "lm" else task.data.sp
     return export_model(output, task.model, cfg, tokenizer, source)
@@ -208,8 +209,10 @@ def summary(row: pd.Series, manifest, output: Path) -> str:
     files = {p.name: p.stat().st_size for p in sorted(Path(output).iterdir())}
     tensors, accounted = manifest.sizes["tensors_file_bytes"], manifest.source.accounting.model_bits / 8
     metric = row.get("metric_name", "metric")
-    setting = (f"{row[METHOD]} rank {row['compress.rank']} bits {row['compress.bits']}" if row["compress.paper"] ==
-               "none" else f"{row[METHOD]} step {row['compress.step']}")
+    paper = row["compress.paper"]
+    setting = (f"{row[METHOD]} rank {row['compress.rank']} bits {row['compress.bits']}" if paper == "none"
+               else f"{row[METHOD]} step {row['compress.rel_step']} × RMS" if paper.endswith("_rel")
+               else f"{row[METHOD]} step {row['compress.step']}")
     return "\n".join([
         f"exported trial {row[TRIAL_ID]} ({row['g2.gate_mode']}, {setting}, {row[EVAL_GATE]} gates) to {output}",
         f"  model.safetensors {tensors:,} bytes = {tensors / accounted:.4f} × model_bits/8 ({accounted:,.0f}); "
@@ -260,7 +263,8 @@ def log_export(cfg: StudyConfig, paths: StudyPaths, row: pd.Series, export_dir: 
     client = tracker.client
     name = f"{cfg.task}-{row[METHOD]}-r{row['compress.rank']}-b{row['compress.bits']}-{row[EVAL_GATE]}"
     setting = {k: str(manifest.config[k]) for k in ("compress.rank", "compress.bits", "compress.paper",
-                                                     "compress.step", "compress.clip", "compress.targets",
+                                                     "compress.step", "compress.clip", "compress.rel_step",
+                                                     "compress.rel_clip", "compress.targets",
                                                      "g2.gate_mode", "g2.tau", "g2.p", "g2.eval_gate")}
     tags = {"g2.study": cfg.name, "g2.trial_id": str(row[TRIAL_ID]), "g2.training_key": manifest.source.training_key}
     try:

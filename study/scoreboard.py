@@ -38,6 +38,9 @@ NOT_SCORING = frozenset({"train.device", "train.impl", "train.precision", "train
                          "data.cache_dir"})
 SETTING = ("compress.rank", "compress.bits", "compress.paper", "compress.step", "compress.clip", "compress.targets",
            EVAL_GATE)
+# The steps of the relative rounding modes count only in their rows' keys: the keys of rows scored before those modes
+# existed (without these columns) stay what they were, so a resumed older study finds its rows.
+RELATIVE_SETTING = ("compress.rel_step", "compress.rel_clip")
 
 
 def scoring_knobs(task: str) -> tuple[str, ...]:
@@ -74,7 +77,8 @@ def scoring_key(flat: Mapping[str, Any], task: str) -> str:
 
 def row_key(flat: Mapping[str, Any], task: str) -> str:
     """The key of one scored point: its model, the knobs it was scored under, its setting (module docstring)."""
-    return f"{scoring_key(flat, task)}-{_digest(flat, SETTING)}"
+    relative = str(_plain(flat.get("compress.paper"))).endswith("_rel")
+    return f"{scoring_key(flat, task)}-{_digest(flat, SETTING + (RELATIVE_SETTING if relative else ()))}"
 
 
 def distribution(param: Param) -> BaseDistribution:

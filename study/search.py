@@ -377,7 +377,7 @@ def expected_rows(config: dict[str, Any], task: str) -> list[str]:
     if cfg.compress not in settings:
         settings.append(cfg.compress)
     return [row_key({**flat, **{f"compress.{f}": getattr(s, f) for f in ("rank", "bits", "paper", "step", "clip",
-                                                                       "targets")},
+                                                                       "rel_step", "rel_clip", "targets")},
                      EVAL_GATE: gate, TRAINING_KEY: key}, task)
             for s in settings for gate in sweep_gates(cfg)]
 

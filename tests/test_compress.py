@@ -1,6 +1,8 @@
 import math
+import re
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -14,9 +16,11 @@ from trainables.compress import (
     low_rank_factors,
     quantize,
     round_to_step,
+    rounding,
 )
 from trainables.config import CompressConfig, G2Config, NMTConfig, TrialConfig
 from trainables.g2lstm import G2LSTM
+from trainables.lm import RNNLM
 from trainables.parallel_data import BOS_ID, EOS_ID, PAD_ID
 from trainables.seq2seq import Seq2Seq
 
@@ -99,7 +103,7 @@ def test_accounting_matches_hand_computed_figures():
     assert report.model_bits == gate_bits + 32 * (total - gate_params)
     assert report.gate_compression == pytest.approx(32 * 42 / 832)
     assert report.model_compression == pytest.approx(32 * total / report.model_bits)
-    assert account(gate_params, gate_bits, total) == replace(report, relative_error=0.0)
+    assert account(gate_params, gate_bits, total) == replace(report, relative_error=0.0, fraction_zeroed=0.0)
 
 
 def test_targets_restrict_the_compressed_matrices():
@@ -217,3 +221,119 @@ def test_recurrent_and_context_is_refused_without_context_inputs():
     with pytest.raises(ValueError, match=r"compress.targets must be one of 'both', 'recurrent', 'input', "
                                          r"'recurrent\+context', got 'context'"):
         CompressConfig(targets="context")
+
+
+def test_relative_step_is_a_multiple_of_the_blocks_rms_and_scales_with_it():
+    torch.manual_seed(0)
+    w = torch.randn(16, 24) * 0.02
+    rms = float(np.sqrt(np.mean(w.double().numpy() ** 2)))
+    cfg = CompressConfig(paper="round_clip_rel", rel_step=0.5, rel_clip=2.0)
+    step, clip = rounding(w, cfg)
+    assert step == pytest.approx(0.5 * rms, rel=1e-12) and clip == pytest.approx(2.0 * rms, rel=1e-12)
+    assert rounding(w, CompressConfig(paper="round_rel"))[1] is None                  # no clip without _clip
+    assert rounding(w, CompressConfig(paper="round", step=0.2)) == (0.2, None)        # the paper's: absolute
+    small, bits = compress_block(w, cfg)
+    big, big_bits = compress_block(w * 64, cfg)          # ×64: a power of two, so every quotient is the same
+    assert torch.equal(big, small * 64) and big_bits == bits
+    assert small.unique().numel() == 9 and bits == 16 * 24 * 4    # levels −4..4 steps: 4 bits a weight
+    # the paper's absolute step does not scale: at 0.2 these small weights all round to 0, at ×64 few do
+    assert compress_block(w, CompressConfig(paper="round"))[0].count_nonzero() == 0
+    assert compress_block(w * 64, CompressConfig(paper="round"))[0].count_nonzero() > 0.8 * w.numel()
+
+
+def test_relative_clip_below_the_blocks_max_changes_the_largest_weights():
+    torch.manual_seed(1)
+    w = torch.randn(32, 32)
+    rms = float(w.double().pow(2).mean().sqrt())
+    assert 1.5 * rms < float(w.abs().max())
+    clipped, _ = compress_block(w, CompressConfig(paper="round_clip_rel", rel_step=0.25, rel_clip=1.5))
+    rounded, _ = compress_block(w, CompressConfig(paper="round_rel", rel_step=0.25))
+    step, top = 0.25 * rms, round(1.5 / 0.25) * 0.25 * rms                # the largest level: 6 steps
+    large = w.abs() > 1.5 * rms + step / 2
+    assert large.sum() > 0
+    torch.testing.assert_close(clipped[large], torch.sign(w[large]) * top)   # every large weight sits at ±clip
+    assert (rounded[large].abs() > top + step / 2).all()                       # unclipped, they would not
+    assert float((rounded - w).abs().max()) <= step / 2 * (1 + 1e-6)           # round_rel: half a step at most
+    assert torch.equal(clipped[~large], rounded[~large])
+    # the paper's absolute clip (0.4) binds on these N(0, 1) weights but not on weights 100× smaller; the relative
+    # one binds on both
+    absolute = {m: [compress_block(x, CompressConfig(paper=m))[0] for x in (w, w / 100)] for m in ("round", "round_clip")}
+    assert not torch.equal(absolute["round"][0], absolute["round_clip"][0])
+    assert torch.equal(absolute["round"][1], absolute["round_clip"][1])
+    cfg = CompressConfig(paper="round_clip_rel", rel_step=0.25, rel_clip=1.5)
+    torch.testing.assert_close(compress_block(w / 100, cfg)[0], clipped / 100)
+
+
+def small_trained_lm() -> RNNLM:
+    """The `tiny` preset's G2-LSTM language model (2 layers, 24/32 wide), 15 Adam steps on a repeating sequence."""
+    torch.manual_seed(0)
+    cfg = TrialConfig.preset("lm", "tiny")
+    model = RNNLM(cfg.lm, cfg.g2, vocab_size=20)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    tokens = torch.arange(20)[:, None].repeat(1, 4)                           # (20, 4)
+    for _ in range(15):
+        out = model(tokens[:-1], model.init_state(4))
+        loss = nn.functional.cross_entropy(out.logits.flatten(0, 1), tokens[1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model
+
+
+def numpy_weight_effects(before: nn.Module, after: nn.Module, matrices: tuple[str, ...] = ("ih", "hh")):
+    """fraction_zeroed and relative_error recomputed from the two models' parameters with numpy alone: the i/f rows
+    (0:2H of the [i, f, g, o] layout) of every `weight_{ih|hh}_l{k}`, each block once."""
+    old, new = dict(before.named_parameters()), dict(after.named_parameters())
+    zeroed = nonzero = 0
+    err_sq = norm_sq = 0.0
+    for name, p in old.items():
+        m = re.search(r"weight_(ih|hh)_l\d+(_reverse)?$", name)
+        if not m or m[1] not in matrices:
+            continue
+        hidden = p.shape[0] // 4
+        w, w_hat = (t.detach().numpy()[: 2 * hidden].astype(np.float64) for t in (p, new[name]))
+        zeroed += int(np.sum((w_hat == 0) & (w != 0)))
+        nonzero += int(np.sum(w != 0))
+        err_sq += float(np.sum((w_hat - w) ** 2))
+        norm_sq += float(np.sum(w ** 2))
+    return zeroed / nonzero, math.sqrt(err_sq / norm_sq)
+
+
+@pytest.mark.parametrize("cfg", [
+    CompressConfig(paper="round", step=0.2), CompressConfig(paper="round_clip", step=0.2, clip=0.4),
+    CompressConfig(paper="round_rel"), CompressConfig(paper="round_clip_rel", rel_step=1.0, rel_clip=1.5),
+    CompressConfig(bits=2), CompressConfig(rank=4), CompressConfig(paper="round", step=0.2, targets="recurrent")],
+    ids=lambda c: f"{c.method}-{c.targets}")
+def test_fraction_zeroed_and_relative_error_agree_with_numpy_on_a_trained_lm(trained_lm, cfg):
+    compressed, report = compress_model(trained_lm, cfg)
+    zeroed, error = numpy_weight_effects(trained_lm, compressed, ("hh",) if cfg.targets == "recurrent" else
+                                         ("ih", "hh"))
+    assert report.fraction_zeroed == pytest.approx(zeroed, abs=1e-12)
+    assert report.relative_error == pytest.approx(error, rel=1e-9)
+    if cfg.paper in ("round", "round_clip"):
+        # the paper's rounding in numpy: the blocks the copy holds, so the numbers above measure the right thing
+        for name, p in trained_lm.named_parameters():
+            if re.search(r"weight_hh_l\d+$", name):
+                h = p.shape[0] // 4
+                w = p.detach().numpy()[: 2 * h]
+                w = np.clip(w, -cfg.clip, cfg.clip) if cfg.paper == "round_clip" else w
+                np.testing.assert_allclose(dict(compressed.named_parameters())[name].detach().numpy()[: 2 * h],
+                                           np.round(w / cfg.step) * cfg.step, atol=1e-6)
+    if cfg.method in ("round", "round_rel", "round_clip_rel"):
+        assert 0.05 < report.fraction_zeroed < 0.95     # rounding prunes some weights, not none or all
+    if cfg.method == "svd":
+        assert report.fraction_zeroed == 0.0            # a low-rank product has no exact zeros to speak of
+
+
+@pytest.fixture(scope="module")
+def trained_lm() -> RNNLM:
+    return small_trained_lm()
+
+
+def test_fraction_zeroed_counts_each_block_on_a_seq2seq_with_a_bidirectional_encoder():
+    model = small_seq2seq()
+    compressed, report = compress_model(model, CompressConfig(paper="round", step=0.5 / 8))
+    zeroed, error = numpy_weight_effects(model, compressed)
+    assert report.fraction_zeroed == pytest.approx(zeroed, abs=1e-12) and 0 < zeroed < 1
+    assert report.relative_error == pytest.approx(error, rel=1e-9)
+    assert compress_model(model, CompressConfig())[1].fraction_zeroed == 0.0

@@ -1,6 +1,6 @@
 import pytest
 
-from trainables.config import CompressConfig, G2Config
+from trainables.config import CompressConfig, G2Config, TrialConfig
 
 
 def test_defaults_are_the_papers():
@@ -38,6 +38,9 @@ def test_g2_config_refuses_bad_values(field, value, allowed):
     ("paper", "svd", "'none', 'round', 'round_clip'"),
     ("step", 0.0, "(0.0, 100.0]"),
     ("clip", -0.4, "(0.0, 100.0]"),
+    ("paper", "rel", "'round_rel', 'round_clip_rel'"),
+    ("rel_step", 0.0, "(0.0, 100.0]"),
+    ("rel_clip", -2.0, "(0.0, 100.0]"),
     ("targets", "all", "'both', 'recurrent', 'input'"),
 ])
 def test_compress_config_refuses_bad_values(field, value, allowed):
@@ -57,9 +60,26 @@ def test_paper_rounding_stands_alone():
 @pytest.mark.parametrize("cfg, label", [
     (CompressConfig(), "none"), (CompressConfig(rank=8), "svd"), (CompressConfig(bits=4), "quant"),
     (CompressConfig(rank=8, bits=4), "svd+quant"), (CompressConfig(paper="round_clip"), "round_clip"),
+    (CompressConfig(paper="round_rel"), "round_rel"), (CompressConfig(paper="round_clip_rel"), "round_clip_rel"),
 ])
 def test_method_label(cfg, label):
     assert cfg.method == label
+
+
+def test_relative_rounding_is_chosen_as_the_papers_modes_are():
+    """compress.paper for the trial's own setting, sweep.paper for the grid, with its relative step and clip."""
+    cfg = TrialConfig.from_flat({"compress.paper": "round_clip_rel", "compress.rel_step": 0.25,
+                                 "compress.rel_clip": 3, "sweep.paper": ["round", "round_rel", "round_clip_rel"]})
+    assert (cfg.compress.method, cfg.compress.rel_step, cfg.compress.rel_clip) == ("round_clip_rel", 0.25, 3.0)
+    grid = cfg.sweep.settings(cfg.compress)
+    rounding = [s for s in grid if s.paper != "none"]
+    assert [s.paper for s in rounding] == ["round", "round_rel", "round_clip_rel"]
+    assert all((s.rel_step, s.rel_clip, s.rank, s.bits) == (0.25, 3.0, 0, 32) for s in rounding)
+    assert cfg.to_flat()["compress.rel_step"] == 0.25
+    with pytest.raises(ValueError, match="compress.paper='round_rel' stands alone"):
+        CompressConfig(paper="round_rel", rank=4)
+    with pytest.raises(ValueError, match=r"sweep.paper\[\] must be one of 'round', 'round_clip', 'round_rel'"):
+        TrialConfig.from_flat({"sweep.paper": ["none"]})
 
 
 def test_configs_are_frozen():

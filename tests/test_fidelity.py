@@ -62,3 +62,46 @@ def test_binary_gate_table_leaves_missing_rows_empty_and_saturation_is_in_percen
 def test_compare_refuses_an_unknown_study(tmp_path, capsys):
     assert main(["compare", "nope", "--storage", str(tmp_path)]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_each_settings_cost_says_what_it_did_to_the_weights(study):
+    """Beside each cost: the mean share of compressed i/f weights set to 0 and the blocks' relative error."""
+    loss = fidelity.loss_markdown(study, "lm")
+    ok = study[(study["status"] == "ok") & (study["g2.gate_mode"] == "lstm")].drop_duplicates(fidelity.SAME_MODEL)
+    for column, method in ((0, "round"), (1, "round_clip"), (3, "svd")):   # round, round & clip, SVD small
+        rows = ok[(ok["method"] == method) & ((ok["compress.rank"] == 64) if method == "svd" else True)]
+        zeroed, error = rows["fraction_zeroed"].mean(), rows["relative_error"].mean()
+        printed = re.search(r"· ([\d.]+) % zeroed, err ([\d.]+)", cells(loss, "lstm")[column]).groups()
+        assert float(printed[0]) == pytest.approx(100 * zeroed, abs=0.051)
+        assert float(printed[1]) == pytest.approx(error, abs=0.0051)
+    assert 0 < ok.loc[ok["method"] == "round", "fraction_zeroed"].mean() < 1      # a real model's weights, rounded
+    assert "round (rel)" not in loss.splitlines()[0]                              # the study scored no _rel mode
+
+
+def test_relative_rounding_gets_columns_where_the_study_scored_it(study):
+    rel = study[study["method"] == "round_clip"].copy()
+    rel["method"] = rel["compress.paper"] = "round_clip_rel"
+    rel["test_metric"] += 1.0
+    loss = fidelity.loss_markdown(pd.concat([study, rel], ignore_index=True), "lm")
+    header = [c.strip() for c in loss.splitlines()[0].strip("|").split("|")]
+    assert header[-1] == "round & clip (rel)" and "round (rel)" not in header
+    clip, clip_rel = cells(loss, "g2")[1], cells(loss, "g2")[-1]
+    cost = float(clip.split()[0]) + 1.0
+    assert float(clip_rel.split()[0]) == pytest.approx(cost, abs=0.011)
+    assert clip_rel.split("·")[1] == clip.split("·")[1]                           # the same rows' weights
+
+
+def test_an_older_study_without_the_weight_columns_still_reports(tmp_path):
+    """Results files written before fraction_zeroed (and the _rel knobs) existed load, and the tables say '–'."""
+    import pyarrow.parquet as pq
+
+    study_dir = write_synthetic_study(tmp_path / "old", tasks=("lm",), seeds=(1,))
+    for path in (study_dir / "results").glob("*.parquet"):
+        table = pq.read_table(path)
+        pq.write_table(table.drop_columns([c for c in ("fraction_zeroed", "compress.rel_step", "compress.rel_clip")
+                                           if c in table.column_names]), path)
+    df = results.load(study_dir)
+    assert df["fraction_zeroed"].isna().all() and df["relative_error"].notna().any()
+    loss = fidelity.loss_markdown(df, "lm")
+    assert "% zeroed" not in loss and "– zeroed, err" in cells(loss, "lstm")[0]
+    assert fidelity.report(df, "old").startswith("## old (lm;")

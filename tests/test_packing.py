@@ -11,7 +11,8 @@ from trainables.packing import BlockCode, decode_block, encode_block, pack_bits,
 SETTINGS = [CompressConfig(bits=b) for b in (1, 2, 3, 4, 5, 8, 16)] + [
     CompressConfig(rank=4), CompressConfig(rank=4, bits=4), CompressConfig(rank=4, bits=1),
     CompressConfig(rank=64, bits=2),                         # a rank above min(m, n) keeps min(m, n) triplets
-    CompressConfig(paper="round"), CompressConfig(paper="round", step=0.05), CompressConfig(paper="round_clip")]
+    CompressConfig(paper="round"), CompressConfig(paper="round", step=0.05), CompressConfig(paper="round_clip"),
+    CompressConfig(paper="round_rel"), CompressConfig(paper="round_clip_rel", rel_step=0.3, rel_clip=1.5)]
 
 
 @pytest.mark.parametrize("bits", range(1, 17))

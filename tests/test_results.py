@@ -16,7 +16,7 @@ import pytest
 
 from study import results
 from study.results.filters import FilterError
-from study.results.rows import gate_rows, trial_rows
+from study.results.rows import curve_rows, gate_rows, trial_rows
 from study.results.schema import gates_schema, results_schema
 from study.trial_end import TrialLedger
 from trainables.config import SMOKE, TrialConfig
@@ -415,3 +415,17 @@ def test_a_truncated_file_is_an_error_naming_it(tmp_path, cut):
             read(tmp_path)
         assert isinstance(caught.value, ValueError) and "truncated or corrupt, move it aside" in str(caught.value)
     assert DriverRecords(tmp_path, "s").recorded_rows("t1")[0]["error"] == "boom"   # the others still read
+
+
+@pytest.mark.parametrize("best_epoch", [2, 3])
+def test_the_last_curve_point_keeps_gates_only_when_the_final_report_measured_that_epochs_model(best_epoch):
+    """A final report's saturation is the best epoch's model's (the one the sweep scores): the last epoch's curve
+    point shows it only when the best epoch is the last, and is null otherwise rather than another model's."""
+    flat = TrialConfig.from_flat({"lm.num_layers": 1}).to_flat()
+    gates = {f"gate_l0_{g}_{s}": 0.1 for g in "if" for s in ("lt01", "gt09")}
+    reports = [EpochReport(epoch=e, gate_saturation={k: v * e for k, v in gates.items()}) for e in (1, 2)]
+    reports.append(EpochReport(epoch=3, status="ok", done=True, best_epoch=best_epoch, sweep=(),
+                               gate_saturation={k: v * best_epoch for k, v in gates.items()}))
+    rows = curve_rows("s", "t", flat, reports)
+    assert [r["gate_l0_i_lt01"] for r in rows[:2]] == pytest.approx([0.1, 0.2])
+    assert rows[2]["gate_l0_i_lt01"] == (pytest.approx(0.3) if best_epoch == 3 else None)

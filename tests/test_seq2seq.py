@@ -11,7 +11,7 @@ from trainables.nmt import sequence_loss
 from trainables.parallel_data import make_batches
 from trainables.seq2seq import reverse_index
 
-from tiny_seq2seq import VOCAB, random_examples, run, small_model
+from tiny_seq2seq import PAD, VOCAB, random_examples, run, small_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -99,3 +99,24 @@ def test_every_recurrent_layer_is_a_g2lstm_and_compress_finds_them():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())   # the original is untouched
     batch = make_batches(random_examples(3), 3, shuffle=False)[0]
     assert torch.isfinite(run(compressed.eval(), batch)).all()
+
+
+def test_shared_embedding_starts_at_the_authors_scale_and_the_knob_sets_it():
+    """nmt.embed_init_std: N(0, 0.01²) by default (the authors'), the padding row 0; 1.0 is PyTorch's N(0, 1)."""
+    from trainables.config import NMTConfig, TrialConfig
+    from trainables.lm import RNNLM
+
+    assert NMTConfig().embed_init_std == 0.01
+    torch.manual_seed(0)
+    for std in (0.01, 1.0):
+        weight = small_model(embed_init_std=std).embed.weight.detach()            # (30, 16)
+        assert torch.equal(weight[PAD], torch.zeros(16))
+        rows = torch.cat([weight[:PAD], weight[PAD + 1:]])
+        assert rows.std().item() == pytest.approx(std, rel=0.1) and abs(rows.mean().item()) < 0.1 * std
+    cfg = TrialConfig.from_flat({"task": "nmt", "nmt.embed_init_std": 0.1})
+    assert cfg.nmt.embed_init_std == 0.1 and cfg.training_key() != TrialConfig.from_flat({"task": "nmt"}).training_key()
+    with pytest.raises(ValueError, match=r"nmt.embed_init_std must be a number in \(0.0, 10.0\]"):
+        NMTConfig(embed_init_std=0.0)
+    lm = TrialConfig.preset("lm", "tiny")                       # the language model keeps AWD's U(±0.1)
+    embedding = RNNLM(lm.lm, lm.g2, 50).embedding.weight
+    assert 0.09 < embedding.abs().max().item() <= 0.1

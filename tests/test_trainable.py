@@ -298,3 +298,38 @@ def test_evaluation_only_knobs_do_not_change_what_is_trained(tmp_path, scoring):
     assert plain_weights.keys() == weights.keys()
     for key in weights:
         assert torch.equal(weights[key], plain_weights[key]), key
+
+
+def test_gate_saturation_is_the_scored_best_models_under_soft_gates(tmp_path, monkeypatch):
+    """The results' saturation columns describe the model the sweep scores: the best epoch's weights (here epoch 1,
+    the last is 3) under soft gates, though the trial evaluates with binary ones."""
+    from trainables.g2lstm import G2LSTM
+    from trainables.lm import LMTask
+
+    losses = iter([1.0, 2.0, 3.0])                           # the first epoch is the best
+    monkeypatch.setattr(LMTask, "selection_loss", lambda self, model, val: next(losses))
+    measured, gate_statistics = [], LMTask.gate_statistics
+
+    def recording(self, model):
+        stats = gate_statistics(self, model)
+        gates = {m.g2.eval_gate for m in model.modules() if isinstance(m, G2LSTM)}
+        measured.append(({k: v.clone() for k, v in model.state_dict().items()}, gates,
+                         {**stats.summary(), **stats.histograms()}))
+        return stats
+    monkeypatch.setattr(LMTask, "gate_statistics", recording)
+    cfg = smoke_cfg(tmp_path, **{"g2.eval_gate": "hard", "sweep.ranks": [0], "sweep.bits": [32], "sweep.paper": [],
+                                 "train.max_batches": 4, "train.max_eval_batches": 2})
+    rec = Recorder()
+    final = run_typed_trial(cfg, tmp_path / "work", report=rec)
+    assert final.best_epoch == 1 and final.epoch == 3 and len(measured) == 4     # each epoch, then the final model
+    (epoch1, *_), (epoch3, *_), (scored, *_) = measured[0], measured[2], measured[3]
+    assert all(gates == {"soft"} for _, gates, _ in measured)
+    best = torch.load(tmp_path / "work" / "checkpoint" / "best_model.pt", weights_only=True)["model"]
+    assert all(torch.equal(scored[k], best[k]) and torch.equal(scored[k], epoch1[k]) for k in best)
+    assert any(not torch.equal(scored[k], epoch3[k]) for k in best)               # the last model is another
+    reported = {**final.gate_saturation, **final.gate_histograms}
+    assert reported == measured[3][2] == measured[0][2] != measured[2][2]       # histograms tell them apart
+    first = rec.reports[0]["gate_histograms"]
+    assert first == {k: measured[0][2][k] for k in first}      # each epoch's curve: that epoch's model
+    inner = sum(sum(h[1:-1]) for h in final.gate_histograms.values())
+    assert inner > 0                                          # soft gates: not only the 0/1 bins of hard ones

@@ -63,11 +63,20 @@ def round_to_step(w: Tensor, step: float, clip: float | None = None) -> Tensor:
     return torch.round(w / step) * step
 
 
+def rounding(w: Tensor, cfg: CompressConfig) -> tuple[float, float | None]:
+    """(step, clip or None) of a rounding mode on block w: absolute, or relative to the block's RMS (`_rel`)."""
+    clips = cfg.paper.startswith("round_clip")
+    if not cfg.paper.endswith("_rel"):
+        return cfg.step, cfg.clip if clips else None
+    rms = float(w.double().pow(2).mean().sqrt()) or 1.0          # an all-zero block stays zero at any step
+    return cfg.rel_step * rms, cfg.rel_clip * rms if clips else None
+
+
 def compress_block(w: Tensor, cfg: CompressConfig) -> tuple[Tensor, int]:
     """One m×n block compressed as `cfg` says, and the bits needed to store it (docs/design.md §3 table)."""
     m, n = w.shape
     if cfg.paper != "none":
-        out = round_to_step(w, cfg.step, cfg.clip if cfg.paper == "round_clip" else None)
+        out = round_to_step(w, *rounding(w, cfg))
         levels = torch.unique(out).numel()
         return out, m * n * max(1, math.ceil(math.log2(levels)))
     if cfg.rank:
@@ -87,7 +96,7 @@ def account(gate_params: int, gate_bits: int, model_params: int) -> Accounting:
     return Accounting(
         gate_params=gate_params, gate_bits=gate_bits, model_params=model_params, model_bits=model_bits,
         gate_compression=FLOAT_BITS * gate_params / gate_bits,
-        model_compression=FLOAT_BITS * model_params / model_bits, relative_error=0.0)
+        model_compression=FLOAT_BITS * model_params / model_bits, relative_error=0.0, fraction_zeroed=0.0)
 
 
 def recurrent_layers(model: nn.Module):
@@ -119,6 +128,7 @@ def compress_model(model: nn.Module, cfg: CompressConfig) -> tuple[nn.Module, Ac
     compressed = copy.deepcopy(model)
     gate_params = gate_bits = 0
     err_sq = norm_sq = 0.0
+    zeroed = nonzero = 0
     with torch.no_grad():
         for prefix, module in recurrent_layers(compressed):
             suffixes = ("", "_reverse") if getattr(module, "bidirectional", False) else ("",)
@@ -136,10 +146,13 @@ def compress_model(model: nn.Module, cfg: CompressConfig) -> tuple[nn.Module, Ac
                     new_part, bits = compress_block(part, cfg)
                     err_sq += float((new_part - part).double().pow(2).sum())
                     norm_sq += float(part.double().pow(2).sum())
+                    zeroed += int(((new_part == 0) & (part != 0)).sum())
+                    nonzero += int((part != 0).sum())
                     gate_bits += bits + (block.numel() - part.numel()) * FLOAT_BITS
                     w[rows, cols] = new_part
     if gate_params == 0:
         raise ValueError("compress_model found no LSTM layer (no `weight_hh_l0`) in the model")
     model_params = sum(p.numel() for p in compressed.parameters())
     report = account(gate_params, gate_bits, model_params)
-    return compressed, replace(report, relative_error=math.sqrt(err_sq / norm_sq) if norm_sq else 0.0)
+    return compressed, replace(report, relative_error=math.sqrt(err_sq / norm_sq) if norm_sq else 0.0,
+                               fraction_zeroed=zeroed / nonzero if nonzero else 0.0)

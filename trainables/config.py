@@ -19,7 +19,11 @@ from trainables.presets import PRESETS
 
 GATE_MODES = ("lstm", "sharpened", "g2")
 EVAL_GATES = ("soft", "tempered", "hard")
-PAPER_MODES = ("none", "round", "round_clip")
+# The paper's rounding at absolute steps, and the same at steps relative to each block's RMS (`_rel`): a fixed step
+# means another relative error for each gate mode's weight scale (and mostly pruning where weights are small); a step
+# at a multiple of the block's RMS quantises every block at one relative error, and its clip binds on every block.
+ROUND_MODES = ("round", "round_clip", "round_rel", "round_clip_rel")
+PAPER_MODES = ("none", *ROUND_MODES)
 TARGETS = ("both", "recurrent", "input", "recurrent+context")
 FULL_PRECISION_BITS = 32
 
@@ -80,14 +84,19 @@ class CompressConfig:
     """One post-training compression setting of the i/f gate blocks (docs/design.md §3).
 
     `rank` = 0 keeps full rank, `bits` = 32 keeps full precision; both may be combined (SVD, then the
-    factors quantised). The paper's `round` / `round_clip` modes stand alone.
+    factors quantised). The rounding modes (`paper`) stand alone: the paper's `round` / `round_clip` at the absolute
+    `step` / `clip`, and `round_rel` / `round_clip_rel` at `rel_step` / `rel_clip` times each block's RMS.
     """
 
     rank: int = 0               # truncated-SVD rank of each i/f block; 0 = no low-rank factorisation
     bits: int = 32              # bits per stored weight (per-row symmetric quantisation); 32 = float
-    paper: Literal["none", "round", "round_clip"] = "none"   # the paper's rounding (Li et al. §5)
+    paper: Literal["none", "round", "round_clip", "round_rel", "round_clip_rel"] = "none"   # rounding (ROUND_MODES)
     step: float = 0.2           # rounding step r of the paper's modes (LM 0.2, NMT 0.5)
     clip: float = 0.4           # clip c of round_clip (LM 0.4, NMT 1.0)
+    # The `_rel` modes: step and clip as multiples of each block's RMS. At 0.5 / 2.0 a Gaussian block keeps 9
+    # levels (4 bits), about 20 % of its weights round to 0 and 5 % are clipped
+    rel_step: float = 0.5       # rounding step of round_rel / round_clip_rel, in units of the block's RMS
+    rel_clip: float = 2.0       # clip of round_clip_rel, in units of the block's RMS
     # Which matrices' i/f blocks: W_ih and W_hh, one of them, or (the authors' NMT choice, the NMT presets'
     # default) W_hh plus the input columns a translation decoder reads its attention context through.
     targets: Literal["both", "recurrent", "input", "recurrent+context"] = "both"
@@ -100,6 +109,8 @@ class CompressConfig:
         check_choice("compress.paper", self.paper, PAPER_MODES)
         check_range("compress.step", self.step, 0.0, 100.0, lo_open=True)
         check_range("compress.clip", self.clip, 0.0, 100.0, lo_open=True)
+        check_range("compress.rel_step", self.rel_step, 0.0, 100.0, lo_open=True)
+        check_range("compress.rel_clip", self.rel_clip, 0.0, 100.0, lo_open=True)
         check_choice("compress.targets", self.targets, TARGETS)
         if self.paper != "none" and (self.rank or self.bits != FULL_PRECISION_BITS):
             raise ValueError(f"compress.paper={self.paper!r} stands alone: set compress.rank=0 and "
@@ -111,7 +122,7 @@ class CompressConfig:
 
     @property
     def method(self) -> str:
-        """A short label for tables and plots: none, svd, quant, svd+quant, round, round_clip."""
+        """A short label for tables and plots: none, svd, quant, svd+quant, or the rounding mode (ROUND_MODES)."""
         if self.paper != "none":
             return self.paper
         parts = (["svd"] if self.rank else []) + (["quant"] if self.bits != FULL_PRECISION_BITS else [])
@@ -125,7 +136,7 @@ EVAL_ONLY = {"eval_only": True}
 
 @dataclass(frozen=True)
 class SweepConfig:
-    """The compression grid every trained model is scored on: ranks × bits, plus the paper's modes."""
+    """The compression grid every trained model is scored on: ranks × bits, plus rounding modes (ROUND_MODES)."""
 
     ranks: tuple[int, ...] = (0, 16, 32, 64, 128)
     bits: tuple[int, ...] = (32, 8, 4, 2, 1)
@@ -138,10 +149,11 @@ class SweepConfig:
         for b in self.bits:
             CompressConfig(bits=b)  # same rule as compress.bits
         for m in self.paper:
-            check_choice("sweep.paper[]", m, PAPER_MODES[1:])
+            check_choice("sweep.paper[]", m, ROUND_MODES)
 
     def settings(self, base: CompressConfig) -> list[CompressConfig]:
-        """Every setting of the grid, the uncompressed one first; step/clip/targets come from `base`."""
+        """Every setting of the grid, the uncompressed one first; step, clip (absolute and relative) and targets
+        come from `base`."""
         grid = [replace(base, rank=r, bits=b, paper="none") for r in self.ranks for b in self.bits]
         grid += [replace(base, rank=0, bits=FULL_PRECISION_BITS, paper=m) for m in self.paper]
         unique = list(dict.fromkeys([replace(base, rank=0, bits=FULL_PRECISION_BITS, paper="none"), *grid]))
@@ -197,6 +209,10 @@ class NMTConfig:
     dropout: float = 0.2
     weight_drop: float = 0.0
     label_smoothing: float = 0.0
+    # Std σ of the shared embedding's N(0, σ²) init. 0.01 is the authors' NMT scale (their `normal_weight(V, E,
+    # scale=0.01)`, after dl4mt's 0.01·N(0, 1); their copy in fact orthonormalises the columns: std 1/√V, 0.006 at
+    # V = 30k); 1.0 is PyTorch's nn.Embedding default. The LM keeps AWD's U(±0.1).
+    embed_init_std: float = 0.01
     beam_size: int = field(default=5, metadata=EVAL_ONLY)
     length_penalty: float = field(default=1.0, metadata=EVAL_ONLY)   # score / length^α
     max_decode_ratio: float = field(default=1.5, metadata=EVAL_ONLY)  # output length ≤ ratio·source + 10
@@ -209,6 +225,7 @@ class NMTConfig:
         check_range("nmt.dropout", self.dropout, 0.0, 1.0, hi_open=True)
         check_range("nmt.weight_drop", self.weight_drop, 0.0, 1.0, hi_open=True)
         check_range("nmt.label_smoothing", self.label_smoothing, 0.0, 1.0, hi_open=True)
+        check_range("nmt.embed_init_std", self.embed_init_std, 0.0, 10.0, lo_open=True)
         check_range("nmt.beam_size", self.beam_size, 1, 100, integer=True)
         check_range("nmt.length_penalty", self.length_penalty, 0.0, 10.0)
         check_range("nmt.max_decode_ratio", self.max_decode_ratio, 0.1, 10.0)

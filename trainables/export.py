@@ -34,7 +34,7 @@ from trainables.durable import writing_directory
 from trainables.g2lstm import G2LSTM
 from trainables.gates import GateMath
 from trainables.packing import BlockCode, decode_block, encode_block
-from trainables.report import ACCOUNTING, Accounting
+from trainables.report import Accounting
 
 EXPORT_FORMAT = "g2-study packed LSTM"
 FORMAT_VERSION = 1            # bumped when the files' layout changes; `load` refuses versions it does not know
@@ -222,7 +222,7 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
                           f"{data.get('source', {}).get('code') or 'unknown code'}")
     try:
         src = dict(data["source"])
-        src["accounting"] = Accounting(**{k: src["accounting"][k] for k in ACCOUNTING})
+        src["accounting"] = Accounting.from_dict(src["accounting"])
         return Manifest(task=data["task"], config=data["config"], gates=data["gates"], source=Source(**src),
                         tokenizer=data["tokenizer"], parameters=data["parameters"], blocks=data["blocks"],
                         tensors=data["tensors"], sizes=data["sizes"])

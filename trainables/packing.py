@@ -8,6 +8,7 @@ stores an m×n block in exactly those bits, so that an exported model is as smal
     svd, rank r         a (m, r) fp32 + b (n, r) fp32            w = a bᵀ
     svd + quant         a and b each quantised as above (per-row scales: m + n of them)
     round, round_clip   codes (m·n·⌈log2 L⌉ bits) + levels (L,)  w = levels[code] · step
+    (and their _rel)    the same, `step` being the block's own (a multiple of its RMS, kept in its BlockCode)
 
 Codes are unsigned and packed least significant bit first into one uint8 stream per tensor, padded to a whole byte
 at its end; round's `levels` (the L multiples of the step that the block uses, int32) are the one part the
@@ -23,8 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from trainables.compress import FLOAT_BITS, low_rank_factors
-from trainables.config import FULL_PRECISION_BITS, CompressConfig
+from trainables.compress import FLOAT_BITS, low_rank_factors, rounding
+from trainables.config import FULL_PRECISION_BITS, ROUND_MODES, CompressConfig
 
 MAX_CODE_BITS = 16   # compress.bits goes up to 16
 
@@ -80,12 +81,12 @@ def decode_quant(tensors: Mapping[str, Tensor], bits: int, shape: tuple[int, int
 class BlockCode:
     """How one compressed block is stored: what decodes it and the bits it is charged (DESIGN §3)."""
 
-    method: str                 # quant | svd | svd+quant | round | round_clip
+    method: str                 # quant | svd | svd+quant | one of ROUND_MODES
     shape: tuple[int, int]      # (m, n) of the block
     bits: int = FULL_PRECISION_BITS   # bits per weight of quant codes (and of svd factors; 32 = fp32 factors)
     rank: int = 0               # singular triplets kept (svd, svd+quant)
-    code_bits: int = 0          # bits per code of round / round_clip: ⌈log2 levels⌉, at least 1
-    step: float = 0.0           # the rounding step of round / round_clip
+    code_bits: int = 0          # bits per code of the rounding modes: ⌈log2 levels⌉, at least 1
+    step: float = 0.0           # the rounding step of the block (absolute, or its RMS times rel_step)
     stored_bits: int = 0        # the accounting's bits for the block
 
     def to_json(self) -> dict:
@@ -103,11 +104,12 @@ def encode_block(w: Tensor, cfg: CompressConfig) -> tuple[BlockCode, dict[str, T
     m, n = w.shape
     w = w.detach().float().contiguous()
     if cfg.paper != "none":
-        clipped = w.clamp(-cfg.clip, cfg.clip) if cfg.paper == "round_clip" else w
-        multiples = torch.round(clipped / cfg.step)
+        step, clip = rounding(w, cfg)
+        clipped = w.clamp(-clip, clip) if clip is not None else w
+        multiples = torch.round(clipped / step)
         levels, index = torch.unique(multiples, sorted=True, return_inverse=True)
         code_bits = max(1, math.ceil(math.log2(levels.numel())))
-        code = BlockCode(cfg.paper, (m, n), code_bits=code_bits, step=cfg.step, stored_bits=m * n * code_bits)
+        code = BlockCode(cfg.paper, (m, n), code_bits=code_bits, step=step, stored_bits=m * n * code_bits)
         return code, {"codes": pack_bits(index, code_bits), "levels": levels.to(torch.int32)}
     if cfg.rank:
         a, b = low_rank_factors(w, cfg.rank)                                # (m, r), (n, r)
@@ -139,7 +141,7 @@ def low_rank_of(code: BlockCode, tensors: Mapping[str, Tensor]) -> tuple[Tensor,
 def decode_block(code: BlockCode, tensors: Mapping[str, Tensor]) -> Tensor:
     """The float32 block (m, n) that `compress_block` computed for the setting `code` was encoded under."""
     m, n = code.shape
-    if code.method in ("round", "round_clip"):
+    if code.method in ROUND_MODES:
         index = unpack_bits(tensors["codes"], code.code_bits, m * n).view(m, n)
         return tensors["levels"].to(torch.float32)[index] * code.step
     if code.method in ("svd", "svd+quant"):
@@ -147,5 +149,5 @@ def decode_block(code: BlockCode, tensors: Mapping[str, Tensor]) -> Tensor:
         return a @ b.t()
     if code.method == "quant":
         return decode_quant(tensors, code.bits, (m, n))
-    raise ValueError(f"unknown block method {code.method!r}: this code decodes quant, svd, svd+quant, round, "
-                     "round_clip")
+    raise ValueError(f"unknown block method {code.method!r}: this code decodes quant, svd, svd+quant, "
+                     f"{', '.join(ROUND_MODES)}")

@@ -124,13 +124,23 @@ class Accounting:
     gate_compression: float    # 32 · gate_params / gate_bits
     model_compression: float   # 32 · model_params / model_bits
     relative_error: float      # ‖W − Ŵ‖_F / ‖W‖_F over the compressed blocks (0 when nothing changed)
+    fraction_zeroed: float     # share of the compressed blocks' nonzero weights that became exactly 0
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Accounting:
+        """Read the fields back from a report, a results row or an export manifest; a field added after the record
+        was written (`ADDED_LATER`) reads as NaN, never as a measured 0."""
+        return cls(**{k: values.get(k, math.nan) if k in ADDED_LATER else values[k] for k in ACCOUNTING})
 
 
 ACCOUNTING = tuple(f.name for f in fields(Accounting))
+ADDED_LATER = ("fraction_zeroed",)   # absent from the reports, stored divergences and exports of older code
 EVAL_GATE = "g2.eval_gate"   # a knob, set per sweep row like compress.*: the row's gates at inference
 GATE_PARAMS, MODEL_PARAMS, GATE_BITS, MODEL_BITS = "gate_params", "model_params", "gate_bits", "model_bits"
 GATE_COMPRESSION, MODEL_COMPRESSION = "gate_compression", "model_compression"   # with the bits: the size objectives
-assert {GATE_PARAMS, MODEL_PARAMS, GATE_BITS, MODEL_BITS, GATE_COMPRESSION, MODEL_COMPRESSION} <= set(ACCOUNTING)
+RELATIVE_ERROR, FRACTION_ZEROED = "relative_error", "fraction_zeroed"            # what a setting did to the weights
+assert {GATE_PARAMS, MODEL_PARAMS, GATE_BITS, MODEL_BITS, GATE_COMPRESSION, MODEL_COMPRESSION, RELATIVE_ERROR,
+        FRACTION_ZEROED} <= set(ACCOUNTING) and set(ADDED_LATER) <= set(ACCOUNTING)
 
 
 def scored(split: str, scores: Mapping[str, float], metric: str) -> dict[str, float]:
@@ -145,7 +155,7 @@ class SweepRow:
     rank: int
     bits: int
     paper: str
-    method: str                # none, svd, quant, svd+quant, round, round_clip
+    method: str                # none, svd, quant, svd+quant, or a rounding mode (round, round_clip, *_rel)
     eval_gate: str             # the g2.eval_gate it was scored with: the trial's own, or hard (binary i/f gates)
     is_trial_setting: bool     # the trial's own `compress.*` and `g2.eval_gate`, the setting its objectives name
     accounting: Accounting
@@ -170,7 +180,7 @@ class SweepRow:
         setting = ("compress.rank", "compress.bits", "compress.paper", EVAL_GATE, METHOD, IS_TRIAL_SETTING)
         return cls(rank=row["compress.rank"], bits=row["compress.bits"], paper=row["compress.paper"],
                    eval_gate=row.get(EVAL_GATE, "soft"), method=row[METHOD], is_trial_setting=row[IS_TRIAL_SETTING],
-                   accounting=Accounting(**{k: row[k] for k in ACCOUNTING}),
+                   accounting=Accounting.from_dict(row),
                    scores={k: v for k, v in row.items() if k not in setting and k not in ACCOUNTING})
 
 
@@ -227,8 +237,8 @@ class EpochReport:
         values = {k: report[k] for k in known if k in report}
         if report.get("sweep") is not None:
             values["sweep"] = tuple(SweepRow.from_dict(r) for r in report["sweep"])
-        if all(k in report for k in ACCOUNTING):
-            values["accounting"] = Accounting(**{k: report[k] for k in ACCOUNTING})
+        if all(k in report for k in ACCOUNTING if k not in ADDED_LATER):
+            values["accounting"] = Accounting.from_dict(report)
         return cls(**values, train={k: v for k, v in report.items() if k.startswith("train_") and k != "train_time_s"},
                    val={k: v for k, v in report.items() if k.startswith("val_") and k != VAL_METRIC},
                    gate_saturation={k: v for k, v in report.items() if is_gate_column(k)})

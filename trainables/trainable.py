@@ -2,9 +2,10 @@
 call it and pass its reports on to `tune.report`).
 
 Per epoch a trial reports train loss, the validation metric, the validation metric of a compressed copy under
-the trial's own `compress.*` setting with its storage accounting, gate saturation per layer and wall time, so
-every report carries every objective. After the last epoch the best weights are scored on the whole
-compression sweep (validation and test) and those rows ride in the final report under `sweep`.
+the trial's own `compress.*` setting with its storage accounting, gate saturation per layer (soft gates) and wall
+time, so every report carries every objective. After the last epoch the best weights are scored on the whole
+compression sweep (validation and test) and those rows ride in the final report under `sweep`, with the gate
+saturation of those same weights: the results' saturation columns describe the model the sweep scored.
 
 One trial from the command line, no study:
 
@@ -33,7 +34,7 @@ from trainables.compress import compress_model
 from trainables.config import SMOKE, TrialConfig, parse_override
 from trainables.corpora import cache_root
 from trainables.device import rng_state, set_rng_state, trial_device, use_ieee_fp32
-from trainables.g2lstm import evaluation_gates
+from trainables.g2lstm import GateStatistics, evaluation_gates
 from trainables.lm import LMTask
 from trainables.nmt import NMTTask
 from trainables.presets import DEFAULT_PRESETS
@@ -86,11 +87,26 @@ def sweep_rows(task: Task, model: torch.nn.Module, cfg: TrialConfig, epoch: int 
     return rows
 
 
+def soft_gate_statistics(task: Task, model: torch.nn.Module) -> GateStatistics:
+    """Gate saturation of `model` under soft gates σ(a), whatever the trial evaluates with: under `eval_gate = hard`
+    every gate would be 0 or 1 by construction (the sweep's hard-gate rows say what binary gates score)."""
+    with evaluation_gates(model, "soft"):
+        return task.gate_statistics(model)
+
+
 def final_report(task: Task, model: torch.nn.Module, cfg: TrialConfig, last: EpochReport,
                  best_epoch: int) -> EpochReport:
-    """The last report: the sweep, the uncompressed and the trial's own setting's metrics lifted to the top."""
+    """The last report: the sweep of `model` (the best epoch's weights), the uncompressed and the trial's own
+    setting's metrics lifted to the top, and the gate saturation of that same model (not of the last epoch's).
+
+    A trial that re-scores a stored model reports no gates: the trial that trained it did, and a model's gates
+    are counted once (the gates dataset, the fidelity tables' means over trials).
+    """
     done = replace(last, sweep=tuple(sweep_rows(task, model, cfg, last.epoch or 0)))
     plain, own = done.uncompressed(), done.own_setting()
+    if not last.reused_checkpoint:
+        gates = soft_gate_statistics(task, model)
+        done = replace(done, gate_saturation=gates.summary(), gate_histograms=gates.histograms())
     return replace(done, done=True, status=OK, best_epoch=best_epoch, val_metric=plain.val_metric,
                    test_metric=plain.test_metric, compressed_val_metric=own.val_metric,
                    compressed_test_metric=own.test_metric, accounting=own.accounting)
@@ -230,7 +246,7 @@ def _train_epoch(cfg: TrialConfig, task: Task, ckpt_dir: Path, base: EpochReport
     val = task.evaluate(model, "valid")
     compressed, accounting = compress_model(model, cfg.compress)
     compressed_val = val if cfg.compress.is_identity else task.evaluate(compressed, "valid")
-    gate_stats = task.gate_statistics(model)
+    gate_stats = soft_gate_statistics(task, model)   # the epoch's curve; the final report measures the best model
     selection_loss = task.selection_loss(model, val)   # not `val`: evaluation-only knobs must not steer training
     task.end_epoch(selection_loss)
     if loop.best_loss is None or selection_loss < loop.best_loss:

@@ -121,7 +121,8 @@ def curve_rows(study: str, trial_id: str, config: Mapping[str, Any], reports: It
     """One row per epoch reported, the last report of an epoch winning (a trial re-entered at its end says it again).
 
     A reused checkpoint did not train, so it has no curve. Every row has every gate column of the model (null in a
-    diverged epoch), so every curves file has the same columns.
+    diverged epoch, and in the last epoch when a final report measured the best epoch's model in its place), so
+    every curves file has the same columns.
     """
     gates = dict.fromkeys(all_gate_columns(gate_layers(config) or 0))
     by_epoch: dict[int, dict[str, Any]] = {}
@@ -131,7 +132,9 @@ def curve_rows(study: str, trial_id: str, config: Mapping[str, Any], reports: It
         row = {name: getattr(report, name) for name in CURVE_FIELDS}
         row |= {TRAIN_LOSS: report.train.get(TRAIN_LOSS), VAL_LOSS: report.val.get(VAL_LOSS),
                 GATE_COMPRESSION: report.accounting.gate_compression if report.accounting else None}
-        by_epoch[report.epoch] = {"study": study, TRIAL_ID: trial_id, **row, **gates, **report.gate_saturation}
+        other_model = report.sweep is not None and report.best_epoch not in (None, report.epoch)
+        by_epoch[report.epoch] = {"study": study, TRIAL_ID: trial_id, **row, **gates,
+                                  **({} if other_model else report.gate_saturation)}
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
