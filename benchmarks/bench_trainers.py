@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from trainables.config import TrialConfig, parse_override
+from trainables.config import TrialConfig
+from trainables.fields import parse_override
 from trainables.lm import LMTask
 from trainables.nmt import NMTTask
 

@@ -29,14 +29,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from study.space import Param, default_space, parse_space
-from trainables.config import (
-    TASKS,
-    TrialConfig,
-    check_choice,
-    check_range,
-    parse_override,
-    reject_unknown,
-)
+from trainables.config import TASKS, TrialConfig
+from trainables.fields import check_choice, check_range, parse_override, reject_unknown
 from trainables.presets import DEFAULT_PRESETS, PRESETS
 from trainables.report import (
     COMPRESSED_VAL_METRIC,

@@ -16,7 +16,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from trainables.config import TrialConfig, check_choice
+from trainables.config import TrialConfig
+from trainables.fields import check_choice
 
 KINDS = ("float", "int", "categorical")
 

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainables import g2lstm_cpu, g2lstm_kernels
-from trainables.config import IMPLS, PRECISIONS, G2Config, check_choice, check_range
+from trainables.config import IMPLS, PRECISIONS, G2Config
+from trainables.fields import check_choice, check_range
 from trainables.gates import GateMath, logistic_noise
 from trainables.report import GATES, HIGH, HIST_BINS, LOW, gate_column, histogram_key
 

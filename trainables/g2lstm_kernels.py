@@ -36,7 +36,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from trainables.config import PRECISIONS, check_choice
+from trainables.config import PRECISIONS
+from trainables.fields import check_choice
 from trainables.gates import NOISE_EPS, GateMath
 
 MAX_BLOCK = 256        # state elements per program: enough programs to fill an H100 at B·H ≈ 16k

@@ -31,9 +31,10 @@ import torch
 
 from trainables.checkpoint import BEST_MODEL_FILE, load_checkpoint, load_model, save_checkpoint, save_model
 from trainables.compress import compress_model
-from trainables.config import SMOKE, TrialConfig, parse_override
+from trainables.config import SMOKE, TrialConfig
 from trainables.corpora import cache_root
 from trainables.device import rng_state, set_rng_state, trial_device, use_ieee_fp32
+from trainables.fields import parse_override
 from trainables.g2lstm import GateStatistics, evaluation_gates
 from trainables.lm import LMTask
 from trainables.nmt import NMTTask
