@@ -93,20 +93,39 @@ def healthy(url: str) -> bool:
 @contextlib.contextmanager
 def mlflow_server_at(root: Path):
     """A real `mlflow server` on 127.0.0.1 with its store and artifacts under `root`; yields its URI."""
-    port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+    with serving(lambda port: [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                                "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
                                "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-                              env=env, stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
-                              start_new_session=True)   # its own process group: teardown stops its workers too
+                 env, root / "server.log", "mlflow server") as (uri, _):
+        yield uri
+
+
+def g2_mlflow_server(storage: Path, env: dict[str, str], *extra: str):
+    """`g2-study mlflow-server` as the README's cluster recipe starts it (credentials in `env`), its store in
+    `storage`; a context of (URI, process)."""
+    bin_dir = Path(sys.executable).parent
+    return serving(lambda port: [str(bin_dir / "g2-study"), "mlflow-server", "--storage", str(storage),
+                                 "--port", str(port), *extra],
+                   env, storage / "server.log", "the authenticated mlflow server")
+
+
+@contextlib.contextmanager
+def serving(argv_at, env: dict[str, str], log: Path, what: str):
+    """The server `argv_at(port)` starts on a free port of 127.0.0.1, until its /health answers; yields (URI,
+    process). Its own process group: teardown stops its workers too."""
+    port = free_port()
+    proc = subprocess.Popen(argv_at(port), env=env, stdout=open(log, "a"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: healthy(f"{uri}/health"), 120, "mlflow server")
-        yield uri
+        wait_for(lambda: healthy(f"{uri}/health") or proc.poll() is not None, 120, what)
+        assert proc.poll() is None, f"{what} exited: {log.read_text()[-3000:]}"
+        yield uri, proc
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(30)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
 
 
 def real_data_dir() -> Path | None:

@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from study import results
 
 import conftest
-from conftest import alive, free_port, healthy, wait_for
+from conftest import alive, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -229,22 +229,6 @@ def test_a_lost_node_s_trial_finishes_on_the_other_node_from_its_checkpoint(clus
     print(f"\nlost node: {len(killed)} process(es) killed, none left; trial {lost} retried once; {counts}")
 
 
-@contextmanager
-def mlflow_server(storage: Path, env: dict[str, str]):
-    """The cluster recipe's `g2-study mlflow-server` on loopback, its store in the shared storage; yields its URI."""
-    port = free_port()
-    proc = subprocess.Popen([str(BIN / "g2-study"), "mlflow-server", "--storage", str(storage), "--port", str(port)],
-                            env=env, stdout=open(storage / f"mlflow-{port}.log", "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: healthy(f"{uri}/health"), 120, "the authenticated mlflow server")
-        yield uri
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
-
-
 def test_a_study_whose_whole_cluster_died_completes_on_a_new_cluster(tmp_path):
     """Head, worker, driver and MLflow server all SIGKILLed mid-study; new ones (ports, token) resume it."""
     storage, name = tmp_path / "shared", "outlived"
@@ -255,7 +239,7 @@ def test_a_study_whose_whole_cluster_died_completes_on_a_new_cluster(tmp_path):
     log = tmp_path / "driver.log"
     with ray_cluster() as first:
         env = {**first["env"], **credentials}
-        with mlflow_server(storage, env) as uri:
+        with conftest.g2_mlflow_server(storage, env) as (uri, _):
             driver = subprocess.Popen([str(BIN / "g2-study"), "run", str(config), "--address", first["address"],
                                        "--storage", str(storage), "--tracking-uri", uri], env=env, cwd=tmp_path,
                                       stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -278,7 +262,7 @@ def test_a_study_whose_whole_cluster_died_completes_on_a_new_cluster(tmp_path):
 
     with ray_cluster() as second:
         env = {**second["env"], **credentials}
-        with mlflow_server(storage, env) as new_uri:
+        with conftest.g2_mlflow_server(storage, env) as (new_uri, _):
             assert new_uri != uri and second["address"] != first["address"]
             proc = subprocess.run([str(BIN / "g2-study"), "resume", name, "--storage", str(storage), "--address",
                                    second["address"], "--tracking-uri", new_uri], env=env, cwd=tmp_path,

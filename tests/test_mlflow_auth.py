@@ -3,7 +3,6 @@ loopback that refuses requests without credentials, a study tracked to it, and w
 anything is written."""
 import os
 import re
-import signal
 import stat
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from study.mlflow_server import PASSWORD_VAR, USERNAME_VAR, server_launch
 from study.tags import ROLE_TAG, STUDY_TAG
 
-from conftest import free_port, healthy, study_file, wait_for
+from conftest import free_port, g2_mlflow_server, study_file
 
 BIN = Path(sys.executable).parent
 ADMIN, PASSWORD = "g2admin", "a-long-test-password-7"
@@ -40,17 +39,8 @@ def credentials(user: str | None, password: str | None) -> dict[str, str]:
 def server(tmp_path_factory):
     """`g2-study mlflow-server` as the README's cluster recipe starts it, credentials from the environment."""
     storage = tmp_path_factory.mktemp("auth_storage")
-    port = free_port()
-    proc = subprocess.Popen([str(BIN / "g2-study"), "mlflow-server", "--storage", str(storage), "--port", str(port)],
-                            env=credentials(ADMIN, PASSWORD), stdout=open(storage / "server.log", "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: healthy(f"{uri}/health"), 120, "authenticated mlflow server")
+    with g2_mlflow_server(storage, credentials(ADMIN, PASSWORD)) as (uri, proc):
         yield {"uri": uri, "pid": proc.pid, "storage": storage}
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
 
 
 def test_the_server_refuses_requests_without_credentials_and_listens_on_loopback_only(server):

@@ -26,7 +26,7 @@ from study.mlflow_server import PASSWORD_VAR, USERNAME_VAR
 from study.tags import PARENT_ROLE, ROLE_TAG
 
 import conftest
-from conftest import alive, free_port, healthy, wait_for
+from conftest import alive, free_port
 from test_interruptions import experiments, ray_descendants, study_counts, wait_for_results
 
 BIN = Path(sys.executable).parent
@@ -79,19 +79,8 @@ def postgres():
 def mlflow_server(postgres, tmp_path_factory):
     """`g2-study mlflow-server` as the README's cluster recipe starts it, its runs in the `mlflow` database."""
     storage = tmp_path_factory.mktemp("mlflow_storage")
-    port = free_port()
-    server = subprocess.Popen([str(BIN / "g2-study"), "mlflow-server", "--storage", str(storage), "--port", str(port),
-                               "--backend-store-uri", postgres("mlflow")], env=ENV,
-                              stdout=open(storage / "server.log", "w"), stderr=subprocess.STDOUT,
-                              start_new_session=True)   # its own process group: teardown stops its workers too
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: healthy(f"{uri}/health") or server.poll() is not None, 120, "mlflow server on PostgreSQL")
-        assert server.poll() is None, (storage / "server.log").read_text()[-3000:]
+    with conftest.g2_mlflow_server(storage, ENV, "--backend-store-uri", postgres("mlflow")) as (uri, _):
         yield uri
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(30)
 
 
 def g2_study(args, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
