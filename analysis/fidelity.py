@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.paper import GATE_MODES, METRIC_NAME, SETTINGS, compare_saturation, compare_with_paper
-from analysis.pareto import SAME_MODEL, matches, ok_rows
+from analysis.pareto import matches, ok_rows, same_model_columns
 from trainables.report import (
     EVAL_GATE,
     FRACTION_ZEROED,
@@ -44,7 +44,7 @@ RELATIVE = {"round_rel": "round (rel)", "round_clip_rel": "round & clip (rel)"} 
 def _models(df: pd.DataFrame) -> pd.DataFrame:
     """Ok rows, each scored model once (trials that re-score a stored model repeat its rows)."""
     ok = ok_rows(df)
-    return ok.drop_duplicates([c for c in SAME_MODEL if c in ok.columns])
+    return ok.drop_duplicates(same_model_columns(ok))
 
 
 def _gates(df: pd.DataFrame, eval_gate: str) -> pd.DataFrame:

@@ -24,6 +24,12 @@ Direction = Literal["min", "max"]
 SAME_MODEL = [TRAINING_KEY, "g2.eval_gate", "compress.rank", "compress.bits", "compress.paper", "compress.step",
               "compress.clip", "compress.rel_step", "compress.rel_clip", "compress.targets"]
 
+
+def same_model_columns(df) -> list[str]:
+    """The SAME_MODEL columns `df` has: a table written before a knob existed lacks its column."""
+    return [c for c in SAME_MODEL if c in df.columns]
+
+
 # Rows per block in the k >= 3 filter: a (block, front) boolean matrix stays a few MB, and numpy still gets long loops.
 _BLOCK = 256
 _FRONT_CHUNK = 16384
@@ -289,7 +295,7 @@ def model_ids(df: pd.DataFrame, extra_cols: Sequence[str] = ()) -> np.ndarray:
     n = len(df)
     if TRAINING_KEY not in df.columns or n == 0:
         return np.arange(n)
-    key_cols = list(dict.fromkeys([c for c in SAME_MODEL if c in df.columns] + list(extra_cols)))
+    key_cols = list(dict.fromkeys(same_model_columns(df) + list(extra_cols)))
     ids = df.groupby(key_cols, sort=False, dropna=False).ngroup().to_numpy().copy()
     unknown = df[TRAINING_KEY].isna().to_numpy()
     ids[unknown] = ids.max() + 1 + np.arange(unknown.sum())

@@ -151,9 +151,9 @@ def select_row(study_dir: str, cfg: StudyConfig, selection: Selection) -> pd.Ser
                           (METHOD, selection.method), (EVAL_GATE, selection.eval_gate)):
         if value is not None:
             df = df[(df[column] == value).fillna(False).astype(bool)]
-    from analysis.pareto import SAME_MODEL, knee_point
+    from analysis.pareto import knee_point, same_model_columns
 
-    df = df.sort_values([FINISHED_AT, TRIAL_ID], kind="stable").drop_duplicates(SAME_MODEL)
+    df = df.sort_values([FINISHED_AT, TRIAL_ID], kind="stable").drop_duplicates(same_model_columns(df))
     if selection.knee and not df.empty:
         objectives = front_objectives(cfg)
         if len(objectives) != 2:

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import plots
-from analysis.pareto import SAME_MODEL, pareto_front
+from analysis.pareto import pareto_front, same_model_columns
 from study import results
 from study.config import StudyConfig
 from study.results.schema import OBJECTIVE_COLUMN
@@ -53,7 +53,8 @@ def study_front(df: pd.DataFrame, cfg: StudyConfig) -> pd.DataFrame:
     if df.empty:
         return df
     front = pareto_front(df, front_objectives(cfg))
-    return front.sort_values([FINISHED_AT, TRIAL_ID], kind="stable").drop_duplicates(SAME_MODEL).sort_values(
+    return front.sort_values([FINISHED_AT, TRIAL_ID], kind="stable").drop_duplicates(
+        same_model_columns(front)).sort_values(
         list(front_objectives(cfg)), kind="stable")
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from analysis import fidelity
 from analysis.paper import paper_compression
+from analysis.pareto import same_model_columns
 from study import results
 from study.cli import main
 
@@ -67,7 +68,7 @@ def test_compare_refuses_an_unknown_study(tmp_path, capsys):
 def test_each_settings_cost_says_what_it_did_to_the_weights(study):
     """Beside each cost: the mean share of compressed i/f weights set to 0 and the blocks' relative error."""
     loss = fidelity.loss_markdown(study, "lm")
-    ok = study[(study["status"] == "ok") & (study["g2.gate_mode"] == "lstm")].drop_duplicates(fidelity.SAME_MODEL)
+    ok = study[(study["status"] == "ok") & (study["g2.gate_mode"] == "lstm")].drop_duplicates(same_model_columns(study))
     for column, method in ((0, "round"), (1, "round_clip"), (3, "svd")):   # round, round & clip, SVD small
         rows = ok[(ok["method"] == method) & ((ok["compress.rank"] == 64) if method == "svd" else True)]
         zeroed, error = rows["fraction_zeroed"].mean(), rows["relative_error"].mean()
