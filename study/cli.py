@@ -237,8 +237,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.address:
         extra = ["--format", args.format, *(["--ids"] if args.ids else [])]
         job, output = jobs.remote_status(args.address, args.name, args.executable, extra)
-        print(job.line() + ("" if args.format == "json" else "\n"), file=sys.stderr if args.format == "json" else
-              sys.stdout, flush=True)
+        if args.format == "json":   # stdout stays one JSON document
+            print(job.line(), file=sys.stderr, flush=True)
+        else:
+            print(job.line() + "\n", flush=True)
         sys.stdout.write(output)
         sys.stdout.flush()
         return 0

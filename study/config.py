@@ -209,7 +209,8 @@ def flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def load_study_config(path: Path | None, overrides: list[str] = (), **cli: Any) -> StudyConfig:
-    """Read a TOML file (None: the defaults; "-": standard input), apply `--set key=value` overrides and explicit CLI options.
+    """Read a TOML file (None: the defaults; "-": standard input), apply `--set key=value` overrides and explicit
+    CLI options.
 
     Overrides address any field: `study.num_samples=4`, `trial.g2.p=0.5`, `space.g2.tau.high=2.0`; a bare
     TrialConfig field (`g2.p=0.5`) is a fixed trial override.

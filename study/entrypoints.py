@@ -10,8 +10,8 @@ error, whatever the cause. Two causes look alike to it and must not be treated a
 
 So an exception of the trial's own code becomes its final report, `status="error"` with its message, and the
 function returns normally. A file the trial cannot write (a full disk) is neither: the trial reports `NOT_WRITTEN`
-and waits, and the driver stops the study as Ctrl-C does (`study.callbacks`), so `resume` continues the trial. Tune then sees only real losses as failures, and `study.max_failures` retries exactly
-those. `BaseException`s pass: Tune stops a trial's thread with `SystemExit`, and a KeyboardInterrupt is not the
+and waits, and the driver stops the study as Ctrl-C does (`study.callbacks`), so `resume` continues the trial.
+Tune then sees only real losses as failures, and `study.max_failures` retries exactly those. `BaseException`s pass: Tune stops a trial's thread with `SystemExit`, and a KeyboardInterrupt is not the
 trial's failure.
 """
 from __future__ import annotations

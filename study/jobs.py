@@ -7,8 +7,8 @@
 The job runs `g2-study run` on the head with the g2-study installed there (the nodes need the package anyway, for
 their trials); only the study's TOML travels, inside the entrypoint as a here-document read from standard input
 (Ray 2.60 removes a job's uploaded working directory from under its driver once the driver joins the cluster). The
-config is validated here first, and again on the head. Each job carries the study's name, storage and tracking URI as metadata, so `status` and
-`logs` find a study's newest job by name. `status` runs `g2-study status` on the head as a short job of its own:
+config is validated here first, and again on the head. Each job carries the study's name, storage and tracking URI
+as metadata, so `status` and `logs` find a study's newest job by name. `status` runs `g2-study status` on the head as a short job of its own:
 the storage is the head's, not the laptop's. The job inherits the environment of the head's `ray start`, so
 credentials such as MLFLOW_TRACKING_PASSWORD stay on the head and never pass through Ray's job table.
 """
@@ -35,10 +35,7 @@ class StudyJob:
     submission_id: str
     status: str                       # PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED
     storage: str
-    tracking_uri: str
     start_time: float | None          # seconds since the epoch
-    end_time: float | None
-    message: str
 
     def line(self) -> str:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.start_time)) if self.start_time else "-"
@@ -105,27 +102,25 @@ def _while_agent_starts(call, timeout_s: float = AGENT_WAIT_S):
             time.sleep(2)
 
 
-def newest_job(address: str, name: str) -> StudyJob:
-    jobs = [job for job in client(address).list_jobs() if (job.metadata or {}).get(STUDY_KEY) == name]
-    if not jobs:
-        raise ValueError(f"no Ray Job of study {name!r} at {address}: submit it with `g2-study submit`")
-    job = max(jobs, key=lambda j: j.start_time or 0)
-    ms = 1e-3
-    return StudyJob(job.submission_id, str(job.status.value if hasattr(job.status, "value") else job.status),
-                    job.metadata[STORAGE_KEY], job.metadata.get(TRACKING_KEY, ""),
-                    job.start_time * ms if job.start_time else None, job.end_time * ms if job.end_time else None,
-                    job.message or "")
+def newest_job(jobs, name: str) -> StudyJob:
+    """The newest job of study `name` that the job client `jobs` lists."""
+    ours = [job for job in jobs.list_jobs() if (job.metadata or {}).get(STUDY_KEY) == name]
+    if not ours:
+        raise ValueError(f"no Ray Job of study {name!r} at {jobs.get_address()}: submit it with `g2-study submit`")
+    job = max(ours, key=lambda j: j.start_time or 0)
+    return StudyJob(job.submission_id, job.status.value, job.metadata[STORAGE_KEY],
+                    job.start_time / 1000 if job.start_time else None)   # Ray gives milliseconds
 
 
 def remote_status(address: str, name: str, executable: str, extra: list[str]) -> tuple[StudyJob, str]:
     """The study's job, and what `g2-study status` prints on the head."""
-    job = newest_job(address, name)
     jobs = client(address)
+    job = newest_job(jobs, name)
     probe = _while_agent_starts(lambda: jobs.submit_job(
         entrypoint=shlex.join([executable, "status", name, "--storage", job.storage, *extra]),
         metadata={"g2.status_of": name}))
     deadline = time.monotonic() + STATUS_TIMEOUT_S
-    while str(jobs.get_job_status(probe).value) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+    while jobs.get_job_status(probe).value not in ("SUCCEEDED", "FAILED", "STOPPED"):
         if time.monotonic() > deadline:
             jobs.stop_job(probe)
             raise ValueError(f"`g2-study status` did not finish on the cluster in {STATUS_TIMEOUT_S} s "
@@ -143,8 +138,8 @@ def driver_output(logs: str) -> str:
 
 
 def print_logs(address: str, name: str, follow: bool) -> int:
-    job = newest_job(address, name)
     jobs = client(address)
+    job = newest_job(jobs, name)
     if not follow:
         sys.stdout.write(jobs.get_job_logs(job.submission_id))
         sys.stdout.flush()
